@@ -146,3 +146,25 @@ def test_errors_are_clear() -> None:
     with pytest.raises(InputError, match="chunk_size"):
         ExactIndex(8, chunk_size=0)
     assert index.ntotal == 3  # failed adds added nothing
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_placement_gives_cpu_results_equal_to_brute_force(tmp_path, device: str) -> None:
+    keys, q = _unit(500, 16, 0, torch.float16), _unit(40, 16, 1)
+    index = ExactIndex(16, chunk_size=128, device=device)
+    index.add(keys[:300])
+    index.add(keys[300:])
+    assert all(block.device.type == device for block in index._blocks)
+    sims, ids = index.search(q, 7)
+    assert sims.device.type == ids.device.type == "cpu"
+    want_sims, want_ids = _brute_force(keys, q, 7)
+    torch.testing.assert_close(sims, want_sims)
+    assert torch.equal(ids, want_ids)
+    assert index.keys.device.type == "cpu"
+    # the device is a placement, not saved: a reload lands on the CPU by default
+    reloaded = load_index(index.save(tmp_path / "idx"))
+    assert reloaded.device.type == "cpu" and "device" not in reloaded.params()
+    assert torch.equal(reloaded.search(q, 7)[1], want_ids)

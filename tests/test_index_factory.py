@@ -11,6 +11,7 @@ from hbird import _optional
 from hbird.errors import InputError
 from hbird.index import (
     AUTO_EXACT_MAX,
+    AUTO_EXACT_MAX_GPU,
     AUTO_FLAT_MAX,
     INDEXES,
     ExactIndex,
@@ -133,3 +134,9 @@ def test_recall_at_k() -> None:
         recall_at_k(approx[:2], exact)
     with pytest.raises(InputError, match="no neighbours"):
         recall_at_k(approx, torch.full((3, 4), -1))
+
+
+def test_choose_kind_on_gpu_stays_exact_longer() -> None:
+    assert choose_kind(AUTO_FLAT_MAX + 1, faiss_available=True, device="cuda") == "exact"
+    assert choose_kind(AUTO_EXACT_MAX_GPU + 1, faiss_available=True, device="cuda") == "ivfpq"
+    assert choose_kind(AUTO_EXACT_MAX + 1, faiss_available=True, device="cpu") == "flat"

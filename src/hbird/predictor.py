@@ -129,7 +129,9 @@ class InContextPredictor:
         sampling: ``"rarity"`` or ``"random"`` (default: rarity for classes, random otherwise).
         index: ``auto``, ``exact``, ``flat``, ``ivfpq``, ``hnsw`` (``scann`` if installed).
         key_dtype: ``float16`` or ``float32`` storage of the keys.
-        batch_size: images per encoder forward. device: where the encoder runs.
+        batch_size: images per encoder forward.
+        device: where the encoder runs and the exact index keeps and scores its keys (on a
+            GPU ``auto`` stays exact up to ``AUTO_EXACT_MAX_GPU`` keys).
         seed: seeds augmentation and sampling. progress: show progress bars.
         features: ``"patch"`` (the encoder's patch features) or ``"fungi"`` (dense FUNGI,
             Simoncini et al. 2024 appendix B.2: each patch feature concatenated with its
@@ -413,6 +415,7 @@ class InContextPredictor:
             self.config.index,
             self.bank_.feature_dim,
             expected_size=len(self.bank_),
+            device=self.device,
             **self.index_params,
         )
         self.index_.add(self.bank_.keys)
