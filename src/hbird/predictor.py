@@ -29,11 +29,15 @@ from hbird.decode import DensePrediction, aggregate, decode_dense, neighbour_att
 from hbird.encoders import Encoder, create_encoder, encode_batches
 from hbird.errors import BankError, InputError
 from hbird.index import create_index
+from hbird.index.cache import cache_path, load_or_build
 from hbird.labelspec import LabelSpec
 from hbird.memory.augment import PromptAugmentation, image_generator
-from hbird.memory.bank import BankWriter, MemoryBank
+from hbird.memory.bank import BankWriter, MemoryBank, content_id
 from hbird.memory.labels import pool_labels
 from hbird.memory.sampling import default_sampler, per_image_budget, sample_patches
+
+INDEX_CACHE = "indexes"
+"""Sub-folder of a saved bank holding its built approximate indexes (see ``index.cache``)."""
 
 
 class Timings:
@@ -410,15 +414,19 @@ class InContextPredictor:
                 f"the prompt has no {what}; check the labels and the ignore index / valid range"
             )
 
-    def _build_index(self) -> None:
-        self.index_ = create_index(
+    def _build_index(self, bank_path: Path | None = None) -> None:
+        """Index the bank's keys; a saved bank keeps its built index in ``indexes/``."""
+        empty = create_index(
             self.config.index,
             self.bank_.feature_dim,
             expected_size=len(self.bank_),
             device=self.device,
             **self.index_params,
         )
-        self.index_.add(self.bank_.keys)
+        source = content_id(MemoryBank.read_manifest(bank_path)) if bank_path else None
+        cache = bank_path / INDEX_CACHE if bank_path else None
+        with self.timings.measure("index"):
+            self.index_ = load_or_build(empty, lambda: self.bank_.keys, cache, source)
 
     def _check_fitted(self) -> None:
         if getattr(self, "bank_", None) is None:
@@ -494,7 +502,11 @@ class InContextPredictor:
         self._check_fitted()
         self.bank_.config.update(self.config.to_dict())
         self.bank_.attachments = self._attachments()
-        return self.bank_.save(path, overwrite=overwrite)
+        path = self.bank_.save(path, overwrite=overwrite)
+        source = content_id(MemoryBank.read_manifest(path))
+        if self.index_.kind != "exact" and self.index_.ntotal == len(self.bank_):
+            self.index_.save(cache_path(path / INDEX_CACHE, source, self.index_))
+        return path
 
     def _attachments(self) -> dict[str, torch.Tensor]:
         if self.config.features == "fungi":
@@ -535,5 +547,5 @@ class InContextPredictor:
             if "fungi_support" not in predictor.bank_.attachments:
                 raise BankError(f"{path} is a FUNGI bank without its support set; rebuild it")
             predictor._fit_fungi(None, support=predictor.bank_.attachments["fungi_support"])
-        predictor._build_index()
+        predictor._build_index(Path(path))
         return predictor

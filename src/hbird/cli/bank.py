@@ -16,6 +16,7 @@ from hbird.cli.common import (
 from hbird.data.pairs import DatasetPairs
 from hbird.eval.report import layers_text
 from hbird.memory.bank import MemoryBank
+from hbird.predictor import INDEX_CACHE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +62,9 @@ def format_info(path: Path, manifest: dict) -> str:
         f"retrieval   k {cfg.get('k')}, temperature {cfg.get('temperature')}, index {cfg.get('index')}",
         f"created     {manifest.get('created', 'unknown')}",
     ]
+    cached = sorted(p.name for p in (path / INDEX_CACHE).glob("*") if p.is_dir())
+    if cached:
+        lines.append(f"indexes     {', '.join(cached)} (built, reused on load)")
     return "\n".join(lines)
 
 

@@ -244,6 +244,14 @@ class MemoryBank:
         return bank
 
 
+def content_id(manifest: dict[str, Any]) -> str:
+    """A hash of a saved bank's keys and values (its shard checksums, in order)."""
+    digest = hashlib.sha256()
+    for shard in manifest["shards"]:
+        digest.update(shard["sha256"].encode())
+    return digest.hexdigest()
+
+
 def read_attachments(
     path: Path, manifest: dict[str, Any], verify: bool = True
 ) -> dict[str, torch.Tensor]:
