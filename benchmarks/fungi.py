@@ -13,7 +13,9 @@ the same images, it measures
   ``naive_full_backward``: the model's parameters all trainable, ``loss.backward()`` and
   ``layer.weight.grad`` (what a straightforward implementation does);
 - the floor no implementation can beat: the forward passes of all the views alone, under
-  no_grad (``forward_only_floor``; ``batched_over_floor`` is the batched time over it);
+  no_grad (``forward_only_floor``; ``batched_over_floor`` is the batched time over it;
+  each naive loop's ``speedup_ceiling`` is its time over the floor, the largest speed-up
+  any implementation could show against it on this machine);
 - that all give the same features (largest absolute difference of the L2-normalised
   parts);
 - peak memory: growth of the process RSS during each run (sampled every 2 ms; glibc is
@@ -210,6 +212,7 @@ def measure(
             "images_per_second": n / stats["seconds"],
             **stats,
             "batched_speedup": stats["seconds"] / batched_stats["seconds"],
+            "speedup_ceiling": stats["seconds"] / floor_stats["seconds"],
             "max_abs_feature_difference": max(
                 float((batched[name] - features[name]).abs().max()) for name in batched
             ),
