@@ -72,3 +72,16 @@ def test_exact_index_and_no_cache_dir_just_add(tmp_path, keys) -> None:
     assert exact.ntotal == keys.shape[0] and not any(tmp_path.iterdir())
     flat = load_or_build(create_index("flat", DIM), CountingKeys(keys), None, None)
     assert flat.ntotal == keys.shape[0]
+
+
+def test_search_time_parameters_reuse_the_built_index(tmp_path, keys, monkeypatch) -> None:
+    load_or_build(FaissHNSWIndex(DIM, m=8, ef_search=16), CountingKeys(keys), tmp_path, "bank-a")
+
+    def no_add(self, x):
+        raise AssertionError("the cached index was rebuilt")
+
+    monkeypatch.setattr(FaissHNSWIndex, "_add", no_add)
+    tuned = load_or_build(
+        FaissHNSWIndex(DIM, m=8, ef_search=200), CountingKeys(keys), tmp_path, "bank-a"
+    )
+    assert tuned.ef_search == 200 and len(list(tmp_path.iterdir())) == 1

@@ -221,3 +221,27 @@ def test_dim_mismatch(ivfpq) -> None:
         ivfpq.search(torch.zeros(2, 32), 5)
     with pytest.raises(InputError, match="dimension 32 .*dim=64"):
         FaissFlatIndex(DIM).add(torch.zeros(2, 32))
+
+
+def test_ivfpq_float16_keys_refine_in_float16_exactly_at_half_the_size(tmp_path, data) -> None:
+    keys16, queries = data["keys"][:8000].half(), data["queries"][:100]
+    half = FaissIVFPQIndex(DIM)
+    half.add(keys16)
+    assert half.refine == "float16" and half.factory_string.endswith(",Refine(SQfp16)")
+    full = FaissIVFPQIndex(DIM, refine="float32")
+    full.add(keys16)
+    assert full.factory_string.endswith(",RFlat")
+    sims, ids = half.search(queries, K)
+    # the float16 copy holds float16 keys exactly: sims are the keys' exact cosines
+    torch.testing.assert_close(sims, _true_sims(keys16.float(), queries, ids), atol=1e-5, rtol=0)
+    oracle = ExactIndex(DIM)
+    oracle.add(keys16)
+    assert recall_at_k(ids, oracle.search(queries, K)[1]) >= 0.9
+    assert torch.equal(ids, full.search(queries, K)[1])
+    half_bytes = (half.save(tmp_path / "half") / "index.faiss").stat().st_size
+    full_bytes = (full.save(tmp_path / "full") / "index.faiss").stat().st_size
+    assert half_bytes < 0.7 * full_bytes
+    reloaded = load_index(tmp_path / "half")
+    assert reloaded.refine == "float16" and torch.equal(reloaded.search(queries, K)[1], ids)
+    with pytest.raises(InputError, match="refine"):
+        FaissIVFPQIndex(DIM, refine="int8")

@@ -49,6 +49,9 @@ class VectorIndex(abc.ABC):
     kind: ClassVar[str]
     uses_expected_size: ClassVar[bool] = False
     """True if the constructor takes ``expected_size`` (the factory passes it on)."""
+    search_time_params: ClassVar[tuple[str, ...]] = ()
+    """Parameters read at search time only (``nprobe``...): setting the attribute on a
+    built index takes effect at the next search, no rebuild needed."""
 
     def __init__(self, dim: int) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:

@@ -27,13 +27,18 @@ __all__ = ["cache_path", "load_or_build"]
 
 
 def cache_path(cache_dir: Path, source_id: str, index: VectorIndex) -> Path:
-    """``cache_dir/<kind>-<fingerprint>``: where ``index`` built over ``source_id`` is kept."""
+    """``cache_dir/<kind>-<fingerprint>``: where ``index`` built over ``source_id`` is kept.
+
+    Search-time parameters (``nprobe``, ``ef_search``...) are not part of the fingerprint:
+    a cached index is reused with the new values.
+    """
+    build_params = {k: v for k, v in index.params().items() if k not in index.search_time_params}
     identity = {
         "format_version": FORMAT_VERSION,
         "source": source_id,
         "kind": index.kind,
         "dim": index.dim,
-        "params": index.params(),
+        "params": build_params,
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / f"{index.kind}-{digest}"
@@ -66,6 +71,8 @@ def load_or_build(
             )
         else:
             if cached.ntotal == keys_now.shape[0]:
+                for name in empty.search_time_params:
+                    setattr(cached, name, getattr(empty, name))
                 return cached
     empty.add(keys_now if keys_now is not None else keys())
     try:

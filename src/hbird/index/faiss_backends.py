@@ -21,6 +21,8 @@ from hbird.errors import InputError
 from hbird.index.base import VectorIndex, as_float32_numpy
 
 INDEX_FILE = "index.faiss"
+REFINE_FACTORY = {"float16": "Refine(SQfp16)", "float32": "RFlat"}
+"""``refine`` option → the faiss factory suffix of the re-ranking stage."""
 
 
 def _faiss(feature: str) -> ModuleType:
@@ -125,6 +127,7 @@ class FaissHNSWIndex(_FaissIndex):
     """
 
     kind = "hnsw"
+    search_time_params = ("ef_search",)
 
     def __init__(
         self, dim: int, m: int = 32, ef_construction: int = 80, ef_search: int = 128
@@ -150,12 +153,16 @@ class FaissHNSWIndex(_FaissIndex):
 
 
 class FaissIVFPQIndex(_FaissIndex):
-    """IVF with 4-bit PQ fast-scan codes, re-ranked exactly (``IndexRefineFlat``).
+    """IVF with 4-bit PQ fast-scan codes, re-ranked exactly (``IndexRefine``).
 
     The first pass scans ``nprobe`` of ``nlist`` inverted lists with PQ fast-scan
     (``"IVF{nlist},PQ{m}x4fs"``) and keeps ``k · k_factor`` candidates; these are then
-    re-scored against the stored float32 keys, so the returned sims are exact inner
-    products and recall is limited only by the first pass.
+    re-scored against a stored copy of the keys, so the returned sims are exact inner
+    products of the stored keys and recall is limited only by the first pass.
+
+    The copy is float16 (``Refine(SQfp16)``) when the keys arrive as float16 — exact for
+    them, and half the memory of float32 (a 10M × 768 bank: 15 GB instead of 30 GB) —
+    and float32 (``RFlat``) otherwise; ``refine`` forces either.
 
     Training: ``train(x)`` fits the coarse centroids and codebooks on ``x``, sub-sampled
     to ``train_size`` rows. If ``add`` is called first, it trains on that first batch, so
@@ -176,9 +183,12 @@ class FaissIVFPQIndex(_FaissIndex):
             points per centroid; more costs build time for little gain).
         expected_size: number of keys the index will hold, to size ``nlist``.
         seed: seed for the training sub-sample.
+        refine: ``"auto"`` (the dtype of the training keys), ``"float16"`` or ``"float32"``:
+            the precision of the re-ranking copy of the keys.
     """
 
     kind = "ivfpq"
+    search_time_params = ("nprobe", "k_factor")
     uses_expected_size = True
 
     def __init__(
@@ -191,9 +201,14 @@ class FaissIVFPQIndex(_FaissIndex):
         train_size: int | None = None,
         expected_size: int | None = None,
         seed: int = 0,
+        refine: str = "auto",
     ) -> None:
         super().__init__(dim)
         owner = "FaissIVFPQIndex"
+        if refine not in REFINE_FACTORY and refine != "auto":
+            raise InputError(
+                f"{owner}: refine must be 'auto', 'float16' or 'float32', got {refine!r}"
+            )
         for name, value in (("nlist", nlist), ("m", m), ("train_size", train_size)):
             _positive_int(owner, name, value, allow_none=True)
         _positive_int(owner, "nprobe", nprobe)
@@ -209,6 +224,7 @@ class FaissIVFPQIndex(_FaissIndex):
         self.train_size = train_size
         self.expected_size = expected_size
         self.seed = seed
+        self.refine = refine
 
     def params(self) -> dict[str, Any]:
         return {
@@ -219,12 +235,15 @@ class FaissIVFPQIndex(_FaissIndex):
             "train_size": self.train_size,
             "expected_size": self.expected_size,
             "seed": self.seed,
+            "refine": self.refine,
         }
 
     @property
     def factory_string(self) -> str | None:
-        """The faiss ``index_factory`` string, once ``nlist`` is known."""
-        return None if self.nlist is None else f"IVF{self.nlist},PQ{self.m}x4fs,RFlat"
+        """The faiss ``index_factory`` string, once ``nlist`` and the refine dtype are known."""
+        if self.nlist is None or self.refine == "auto":
+            return None
+        return f"IVF{self.nlist},PQ{self.m}x4fs,{REFINE_FACTORY[self.refine]}"
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "factory": self.factory_string}
@@ -238,6 +257,8 @@ class FaissIVFPQIndex(_FaissIndex):
         n = x.shape[0]
         if self.nlist is None:
             self.nlist = default_nlist(self.expected_size or n)
+        if self.refine == "auto":
+            self.refine = "float16" if x.dtype == torch.float16 else "float32"
         needed = max(self.nlist, 16)  # 16 = centroids of a 4-bit PQ codebook
         if n < needed:
             raise InputError(
