@@ -28,7 +28,7 @@ from hbird.data.transforms import resize_for_encoder, resize_label
 from hbird.decode import DensePrediction, aggregate, decode_dense, neighbour_attention
 from hbird.encoders import Encoder, create_encoder, encode_batches
 from hbird.errors import BankError, InputError
-from hbird.index import create_index
+from hbird.index import VectorIndex, create_index
 from hbird.index.cache import cache_path, load_or_build
 from hbird.labelspec import LabelSpec
 from hbird.memory.augment import PromptAugmentation, image_generator
@@ -414,19 +414,22 @@ class InContextPredictor:
                 f"the prompt has no {what}; check the labels and the ignore index / valid range"
             )
 
-    def _build_index(self, bank_path: Path | None = None) -> None:
-        """Index the bank's keys; a saved bank keeps its built index in ``indexes/``."""
-        empty = create_index(
+    def _empty_index(self) -> VectorIndex:
+        """The configured index for the current bank, before any key is added."""
+        return create_index(
             self.config.index,
             self.bank_.feature_dim,
             expected_size=len(self.bank_),
             device=self.device,
             **self.index_params,
         )
+
+    def _build_index(self, bank_path: Path | None = None) -> None:
+        """Index the bank's keys; a saved bank keeps its built index in ``indexes/``."""
         source = content_id(MemoryBank.read_manifest(bank_path)) if bank_path else None
         cache = bank_path / INDEX_CACHE if bank_path else None
         with self.timings.measure("index"):
-            self.index_ = load_or_build(empty, lambda: self.bank_.keys, cache, source)
+            self.index_ = load_or_build(self._empty_index(), lambda: self.bank_.keys, cache, source)
 
     def _check_fitted(self) -> None:
         if getattr(self, "bank_", None) is None:
@@ -503,9 +506,11 @@ class InContextPredictor:
         self.bank_.config.update(self.config.to_dict())
         self.bank_.attachments = self._attachments()
         path = self.bank_.save(path, overwrite=overwrite)
-        source = content_id(MemoryBank.read_manifest(path))
-        if self.index_.kind != "exact" and self.index_.ntotal == len(self.bank_):
-            self.index_.save(cache_path(path / INDEX_CACHE, source, self.index_))
+        # keep the built index where the next load looks for it (keyed like a fresh build)
+        empty = self._empty_index()
+        if empty.kind == self.index_.kind != "exact" and self.index_.ntotal == len(self.bank_):
+            source = content_id(MemoryBank.read_manifest(path))
+            self.index_.save(cache_path(path / INDEX_CACHE, source, empty))
         return path
 
     def _attachments(self) -> dict[str, torch.Tensor]:
