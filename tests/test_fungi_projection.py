@@ -48,10 +48,22 @@ def test_large_projection_never_materialises_the_matrix(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch, "randint", spy)
-    proj.block(0)
+    first = proj.block(0)
     proj.block(proj.num_blocks - 1)
     assert all(rows * cols <= (1 << 21) for rows, cols in shapes)
-    assert not proj._cache
+    # blocks used are kept as int8 (1 byte per entry), handed out in the asked dtype
+    assert first.dtype == torch.float32 and set(first.unique().tolist()) == {-1.0, 1.0}
+    assert len(proj._cache) == 2
+    assert all(block.dtype == torch.int8 for block in proj._cache.values())
+    assert torch.equal(proj.block(0), first) and len(shapes) == 2  # no new draw
+
+
+def test_cached_and_uncached_projections_agree():
+    x = torch.randn(3, 700, dtype=torch.float64)
+    cached = RandomProjection(700, 12, seed=9, block_rows=100)
+    uncached = RandomProjection(700, 12, seed=9, block_rows=100, cache_bytes=0)
+    assert torch.equal(cached(x), uncached(x)) and torch.equal(cached(x), uncached(x))
+    assert len(cached._cache) == cached.num_blocks and not uncached._cache
 
 
 def test_norms_are_preserved_in_expectation():
