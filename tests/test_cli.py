@@ -125,6 +125,14 @@ def test_bank_build_info_then_predict_from_bank(folders, tmp_path, capsys):
         == 0
     )
     assert len(list(out.glob("*_overlay.png"))) == 8
+    # search settings not given on the command line are the bank's, not the CLI defaults
+    settings = json.loads((out / "settings.json").read_text())["predictor"]
+    assert (settings["k"], settings["temperature"]) == (10, 0.05)
+    out = tmp_path / "retuned"
+    argv = ["predict", "--bank", str(bank), "--query", str(folders / "query" / "images")]
+    assert main([*argv, "--out", str(out), "--k", "5", "--quiet"]) == 0
+    settings = json.loads((out / "settings.json").read_text())["predictor"]
+    assert (settings["k"], settings["temperature"]) == (5, 0.05)
 
 
 def test_errors_are_reported_not_raised(folders, tmp_path, capsys):

@@ -47,9 +47,13 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("memory and retrieval")
-    group.add_argument("--k", type=int, default=30, help="neighbours per query patch (default 30)")
     group.add_argument(
-        "--temperature", type=float, default=0.02, help="softmax temperature β (default 0.02)"
+        "--k", type=int, help="neighbours per query patch (default 30; with --bank: the bank's)"
+    )
+    group.add_argument(
+        "--temperature",
+        type=float,
+        help="softmax temperature β (default 0.02; with --bank: the bank's)",
     )
     group.add_argument(
         "--memory-size", type=int, help="total memory budget |M| (default: keep every patch)"
@@ -59,9 +63,8 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--index",
-        default="auto",
         choices=["auto", "exact", "flat", "ivfpq", "hnsw", "scann"],
-        help="search backend",
+        help="search backend (default auto; with --bank: the bank's)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed for augmentation and sampling")
     group.add_argument(
@@ -87,6 +90,13 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def search_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The search settings given on the command line (others keep their defaults, or a
+    loaded bank's values)."""
+    given = {"k": args.k, "temperature": args.temperature, "index": args.index}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:
     return InContextPredictor(
         encoder=args.encoder or DEFAULT_ENCODER,
@@ -94,11 +104,9 @@ def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:
         pretrained=args.pretrained,
         layers=parse_layers(args.layers),
         image_size=args.image_size,
-        k=args.k,
-        temperature=args.temperature,
         memory_size=args.memory_size,
         aug_epochs=args.aug_epochs,
-        index=args.index,
+        **search_overrides(args),
         batch_size=args.batch_size,
         device=args.device,
         seed=args.seed,

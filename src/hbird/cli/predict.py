@@ -14,6 +14,7 @@ from hbird.cli.common import (
     add_memory_arguments,
     predictor_from_args,
     prompt_dataset,
+    search_overrides,
     write_json,
 )
 from hbird.data.io import IMAGE_SUFFIXES, list_images, load_image
@@ -71,12 +72,7 @@ def query_files(paths: list[Path]) -> list[Path]:
 
 def load_predictor(args: argparse.Namespace) -> InContextPredictor:
     if args.bank is not None:
-        overrides = {
-            "k": args.k,
-            "temperature": args.temperature,
-            "index": args.index,
-            "batch_size": args.batch_size,
-        }
+        overrides = {**search_overrides(args), "batch_size": args.batch_size}
         return InContextPredictor.load(
             args.bank,
             encoder=args.encoder,
