@@ -130,9 +130,9 @@ def test_bank_build_info_then_predict_from_bank(folders, tmp_path, capsys):
     assert (settings["k"], settings["temperature"]) == (10, 0.05)
     out = tmp_path / "retuned"
     argv = ["predict", "--bank", str(bank), "--query", str(folders / "query" / "images")]
-    assert main([*argv, "--out", str(out), "--k", "5", "--quiet"]) == 0
+    assert main([*argv, "--out", str(out), "--k", "5", "--autocast", "bf16", "--quiet"]) == 0
     settings = json.loads((out / "settings.json").read_text())["predictor"]
-    assert (settings["k"], settings["temperature"]) == (5, 0.05)
+    assert (settings["k"], settings["temperature"], settings["autocast"]) == (5, 0.05, "bf16")
 
 
 def test_errors_are_reported_not_raised(folders, tmp_path, capsys):
@@ -201,6 +201,18 @@ def test_eval_retrieval_from_the_command_line(tmp_path, folder_dataset, capsys):
         and metrics["config"]["layers"] == 0
         and metrics["metrics"]["miou"] > 0.7
     )
+
+
+def test_eval_under_autocast_is_recorded_and_guards_its_run_folder(
+    tmp_path, folder_dataset, capsys
+):
+    out = tmp_path / "run"
+    assert run_eval(folder_dataset, out, "--autocast", "bf16") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["autocast"] == "bf16" and metrics["metrics"]["miou"] > 0.7
+    capsys.readouterr()
+    assert run_eval(folder_dataset, out) != 0  # float32 numbers must not mix into this run
+    assert "autocast" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -53,3 +53,21 @@ def test_progress_bar_and_input_checks(vit, capsys) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         encode_batches(vit, [torch.rand(3, 16, 16)], batch_size=0)
     assert encode_batches(vit, []) == []
+
+
+def test_autocast_runs_the_forward_in_reduced_precision(vit) -> None:
+    torch.manual_seed(0)
+    images = [torch.rand(3, 40, 56) for _ in range(3)]
+    full = encode_batches(vit, images)
+    half = encode_batches(vit, images, autocast="bf16")
+    # oracle: the same forward under torch.autocast by hand
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        manual = vit.forward_patches(vit.normalize(torch.stack(images)))
+    for f, h, m in zip(full, half, manual):
+        assert h.dtype == torch.float32 and h.shape == f.shape
+        torch.testing.assert_close(h, m.float())
+        assert not torch.equal(h, f)  # bf16 really ran
+        cosine = torch.nn.functional.cosine_similarity(h, f, dim=-1)
+        assert float(cosine.min()) > 0.98
+    with pytest.raises(ValueError, match="autocast"):
+        encode_batches(vit, images, autocast="int8")

@@ -234,3 +234,23 @@ def test_saved_bank_keeps_its_approximate_index(tmp_path, scenes, monkeypatch, k
     # other search settings build (and keep) their own index next to the first
     InContextPredictor.load(path, progress=False, index="flat")
     assert len(list((path / "indexes").iterdir())) == 2
+
+
+def test_autocast_is_close_to_float32_and_saved_with_the_bank(tmp_path, scenes, fitted):
+    prompt, queries = scenes
+    bf16 = predictor(autocast="bf16").fit(
+        [s.image for s in prompt], [s.mask for s in prompt], num_classes=4
+    )
+    assert not torch.equal(bf16.bank_.keys, fitted.bank_.keys)  # reduced precision really ran
+    images = [s.image for s in queries]
+    agree = torch.cat(
+        [(a == b).flatten() for a, b in zip(bf16.predict(images), fitted.predict(images))]
+    )
+    assert float(agree.float().mean()) > 0.9
+    loaded = InContextPredictor.load(bf16.save(tmp_path / "bank"), progress=False)
+    assert loaded.config.autocast == "bf16"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.predict(images), bf16.predict(images)))
+    with pytest.raises(ValueError, match="full precision"):
+        predictor(autocast="bf16", features="fungi", layers=None).fit(
+            [s.image for s in prompt], [s.mask for s in prompt], num_classes=4
+        )

@@ -27,6 +27,7 @@ from hbird.data.pairs import DatasetPairs, Pairs, PromptPairs
 from hbird.data.transforms import resize_for_encoder, resize_label
 from hbird.decode import DensePrediction, aggregate, decode_dense, neighbour_attention
 from hbird.encoders import Encoder, create_encoder, encode_batches
+from hbird.encoders.precision import parse_autocast
 from hbird.errors import BankError, InputError
 from hbird.index import VectorIndex, create_index
 from hbird.index.cache import cache_path, load_or_build
@@ -81,8 +82,10 @@ class PredictorConfig:
     seed: int = 0
     features: str = "patch"
     fungi_support: int = 100_000
+    autocast: str | None = None
 
     def validate(self) -> None:
+        parse_autocast(self.autocast)
         checks = [
             (self.k >= 1, f"k must be >= 1, got {self.k}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
@@ -97,6 +100,10 @@ class PredictorConfig:
             (
                 self.features == "patch" or self.layers is None,
                 "features='fungi' uses the last block's features; leave layers unset",
+            ),
+            (
+                self.features == "patch" or self.autocast is None,
+                "features='fungi' runs in full precision; leave autocast unset",
             ),
         ]
         for ok, message in checks:
@@ -141,6 +148,9 @@ class InContextPredictor:
             Simoncini et al. 2024 appendix B.2: each patch feature concatenated with its
             projected SimCLR gradient; negatives come from a support set of up to
             ``fungi_support`` prompt patch features, fixed at ``fit`` and saved with the bank).
+        autocast: ``"bf16"`` or ``"fp16"`` runs the encoder under autocast (about 2x faster
+            on a GPU; features change slightly, so the setting is saved with the bank and
+            used for queries too); ``None`` (default) for float32.
     """
 
     def __init__(
@@ -165,6 +175,7 @@ class InContextPredictor:
         augment_first_epoch: bool = False,
         features: str = "patch",
         fungi_support: int = 100_000,
+        autocast: str | None = None,
     ) -> None:
         self.encoder = encoder
         self.config = PredictorConfig(
@@ -185,6 +196,7 @@ class InContextPredictor:
             seed=seed,
             features=features,
             fungi_support=fungi_support,
+            autocast=autocast,
         )
         self.index_params = dict(index_params or {})
         self.device = device
@@ -215,7 +227,9 @@ class InContextPredictor:
         """Views ``(3, H, W)`` → one ``(h, w, D)`` feature map each (patch or dense FUNGI)."""
         if self.config.features == "fungi":
             return self.fungi_.transform_patches(views)
-        return encode_batches(encoder, views, layers=layers, batch_size=batch_size)
+        return encode_batches(
+            encoder, views, layers=layers, batch_size=batch_size, autocast=self.config.autocast
+        )
 
     def _fit_fungi(self, pairs: Pairs, support: torch.Tensor | None = None) -> None:
         """Fix dense FUNGI's support set: a seeded sample of the prompt's patch features."""

@@ -21,6 +21,12 @@ def parse_layers(text: str | None) -> int | tuple[int, ...] | None:
 DEFAULT_ENCODER = "vit_small_patch14_dinov2.lvd142m"
 
 
+AUTOCAST_HELP = (
+    "run the encoder under autocast: about 2x faster on a GPU, features change slightly "
+    "(default float32; with --bank: the bank's)"
+)
+
+
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("encoder")
     group.add_argument(
@@ -43,6 +49,7 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--batch-size", type=int, default=16, help="images per encoder forward")
     group.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1...)")
+    group.add_argument("--autocast", choices=["bf16", "fp16"], help=AUTOCAST_HELP)
 
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
@@ -90,10 +97,15 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def search_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The search settings given on the command line (others keep their defaults, or a
-    loaded bank's values)."""
-    given = {"k": args.k, "temperature": args.temperature, "index": args.index}
+def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings a bank records that were given on the command line; the others keep the
+    predictor's defaults, or a loaded bank's values."""
+    given = {
+        "k": args.k,
+        "temperature": args.temperature,
+        "index": args.index,
+        "autocast": args.autocast,
+    }
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -106,7 +118,7 @@ def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:
         image_size=args.image_size,
         memory_size=args.memory_size,
         aug_epochs=args.aug_epochs,
-        **search_overrides(args),
+        **explicit_settings(args),
         batch_size=args.batch_size,
         device=args.device,
         seed=args.seed,

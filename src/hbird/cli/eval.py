@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hbird.cli.common import parse_layers
+from hbird.cli.common import AUTOCAST_HELP, parse_layers
 from hbird.eval.config import parse_overrides, preset_names
 
 
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, type=kind)
     parser.add_argument("--index", choices=["auto", "exact", "flat", "ivfpq", "hnsw", "scann"])
     parser.add_argument("--device", help="torch device")
+    parser.add_argument("--autocast", choices=["bf16", "fp16"], help=AUTOCAST_HELP)
     parser.add_argument("--epochs", type=int, default=10, help="linear probe: training epochs")
     parser.add_argument("--lr", type=float, default=0.01, help="linear probe: SGD learning rate")
     parser.add_argument(
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Explicit flags (only those given); ``KEY=VALUE`` overrides are applied after them."""
     names = ("weights", "pretrained", "image_size", "k", "temperature", "memory_size", "aug_epochs",
-             "batch_size", "seed", "max_queries", "index", "device", "features")  # fmt: skip
+             "batch_size", "seed", "max_queries", "index", "device", "features", "autocast")  # fmt: skip
     config = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.layers is not None:
         config["layers"] = parse_layers(args.layers)

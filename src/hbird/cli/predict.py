@@ -12,9 +12,9 @@ from hbird.cli.common import (
     add_encoder_arguments,
     add_label_arguments,
     add_memory_arguments,
+    explicit_settings,
     predictor_from_args,
     prompt_dataset,
-    search_overrides,
     write_json,
 )
 from hbird.data.io import IMAGE_SUFFIXES, list_images, load_image
@@ -72,7 +72,7 @@ def query_files(paths: list[Path]) -> list[Path]:
 
 def load_predictor(args: argparse.Namespace) -> InContextPredictor:
     if args.bank is not None:
-        overrides = {**search_overrides(args), "batch_size": args.batch_size}
+        overrides = {**explicit_settings(args), "batch_size": args.batch_size}
         return InContextPredictor.load(
             args.bank,
             encoder=args.encoder,

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hbird.encoders.base import Encoder, Layers
+from hbird.encoders.precision import autocast_context, parse_autocast
 
 
 def _check_image(i: int, image: torch.Tensor) -> None:
@@ -39,6 +40,7 @@ def encode_batches(
     layers: Layers = None,
     batch_size: int = 16,
     progress: bool | str = False,
+    autocast: str | torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """Patch features of every image, computed in batches.
 
@@ -50,6 +52,8 @@ def encode_batches(
         layers: blocks to take (see ``Encoder.forward_patches``).
         batch_size: most images per forward pass.
         progress: show a tqdm bar; a string is used as its description.
+        autocast: ``"bf16"`` or ``"fp16"`` to run the forward passes under autocast
+            (features still come back float32); ``None`` for full precision.
 
     Returns:
         One ``(h, w, D)`` float32 CPU tensor per image, in input order.
@@ -58,6 +62,7 @@ def encode_batches(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     for i, image in enumerate(images):
         _check_image(i, image)
+    autocast_dtype = parse_autocast(autocast)
     param = next(encoder.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
@@ -66,7 +71,7 @@ def encode_batches(
     with tqdm(total=len(images), desc=description, disable=not progress, unit="img") as bar:
         for run in runs_of_equal_size(images, batch_size):
             batch = torch.stack([images[i] for i in run]).to(device=device, dtype=torch.float32)
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast_context(device, autocast_dtype):
                 x = encoder.normalize(batch).to(dtype)
                 feats = encoder.forward_patches(x, layers).to("cpu", torch.float32)  # (B, h, w, D)
             # clone outside inference mode so callers get ordinary, independent tensors

@@ -30,6 +30,8 @@ class EvalConfig:
         max_queries: score only the first N queries (smoke tests; None = all).
         overlays: how many image | ground truth | prediction pictures to write.
         features: ``"patch"`` (encoder features) or ``"fungi"`` (dense FUNGI).
+        autocast: ``"bf16"``/``"fp16"`` to encode under autocast (GPU speed; changes the
+            numbers slightly), ``None`` for float32.
     """
 
     encoder: str = "vit_small_patch16_224.dino"
@@ -51,6 +53,7 @@ class EvalConfig:
     max_queries: int | None = None
     overlays: int = 6
     features: str = "patch"
+    autocast: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -61,7 +64,8 @@ class EvalConfig:
     def predictor_kwargs(self) -> dict[str, Any]:
         """Arguments for :class:`~hbird.predictor.InContextPredictor`."""
         keys = ("encoder", "weights", "pretrained", "layers", "image_size", "k", "temperature", "memory_size",
-                "aug_epochs", "index", "sampling", "batch_size", "device", "seed", "features")  # fmt: skip
+                "aug_epochs", "index", "sampling", "batch_size", "device", "seed", "features",
+                "autocast")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
 

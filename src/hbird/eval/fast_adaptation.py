@@ -261,7 +261,7 @@ def _linear_point(
 def _warm_up(encoder: Encoder, queries: Any, cfg: EvalConfig) -> None:
     """One forward pass before anything is timed (first calls pay one-off costs)."""
     view = resize_for_encoder(queries[0].image, cfg.image_size, encoder.patch_size)
-    encode_batches(encoder, [view], layers=cfg.layers)
+    encode_batches(encoder, [view], layers=cfg.layers, autocast=cfg.autocast)
 
 
 def fast_adaptation(

@@ -170,7 +170,9 @@ def extract_patch_table(
         t0 = time.perf_counter()
         samples = [prompt[i] for i in range(start, min(start + cfg.batch_size, len(prompt)))]
         views = [resize_for_encoder(s.image, cfg.image_size, encoder.patch_size) for s in samples]
-        feats = encode_batches(encoder, views, layers=cfg.layers, batch_size=cfg.batch_size)
+        feats = encode_batches(
+            encoder, views, layers=cfg.layers, batch_size=cfg.batch_size, autocast=cfg.autocast
+        )
         for offset, (sample, view, feat) in enumerate(zip(samples, views, feats)):
             label = resize_label(sample.label, tuple(view.shape[-2:]))
             try:
@@ -352,7 +354,9 @@ def score_linear_head(
         batch = [queries[i] for i in range(start, min(start + cfg.batch_size, n))]
         t1 = time.perf_counter()
         views = [resize_for_encoder(s.image, cfg.image_size, encoder.patch_size) for s in batch]
-        feats = encode_batches(encoder, views, layers=cfg.layers, batch_size=cfg.batch_size)
+        feats = encode_batches(
+            encoder, views, layers=cfg.layers, batch_size=cfg.batch_size, autocast=cfg.autocast
+        )
         t2 = time.perf_counter()
         predictions = [
             predict_linear(head, f, tuple(s.image.shape[-2:]), spec) for s, f in zip(batch, feats)

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from hbird._fs import atomic_folder
 from hbird.encoders.base import Encoder
+from hbird.encoders.precision import AUTOCAST_NAMES, autocast_context, parse_autocast
 from hbird.errors import InputError
 from hbird.fungi.backbones import FungiBackbone, as_backbone
 from hbird.fungi.gradients import (
     PASS_ELEMENTS,
-    autocast_context,
     batch_size_of,
     batched_gradients_and_embeddings,
     gradient_dim,
@@ -47,28 +47,6 @@ EMBEDDING = "embedding"
 FORMAT_VERSION = 1
 CONFIG_FILE = "fungi.json"
 TENSORS_FILE = "tensors.safetensors"
-
-AUTOCAST_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
-
-AUTOCAST_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def parse_autocast(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"``/``"fp16"`` (or a dtype) → the autocast dtype; ``None`` → full precision."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in AUTOCAST_DTYPES:
-        raise ValueError(
-            f"autocast must be one of {sorted(AUTOCAST_DTYPES)} or None, got {value!r}"
-        )
-    return AUTOCAST_DTYPES[value]
-
 
 def combine_parts(parts: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
     """Concatenate the L2-normalised parts ``names`` (each ``(N, D)``) → ``(N, len(names)·D)``."""

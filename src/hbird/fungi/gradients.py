@@ -21,12 +21,13 @@ Gradient vectors are laid out per output row as ``[W_o, b_o]``, i.e. the flatten
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from hbird.encoders.precision import autocast_context
 from hbird.fungi.backbones import FungiBackbone
 from hbird.fungi.losses.base import GradientLoss
 from hbird.fungi.views import ViewGroup
@@ -143,13 +144,6 @@ class LinearTap:
         if self.layer.bias is not None:
             u = torch.cat([u, torch.ones_like(u[..., :1])], dim=-1)
         return grads.to(acc), u
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
-    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op for ``None``."""
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def batch_size_of(batch: torch.Tensor | list[str]) -> int:
