@@ -245,3 +245,18 @@ def test_ivfpq_float16_keys_refine_in_float16_exactly_at_half_the_size(tmp_path,
     assert reloaded.refine == "float16" and torch.equal(reloaded.search(queries, K)[1], ids)
     with pytest.raises(InputError, match="refine"):
         FaissIVFPQIndex(DIM, refine="int8")
+
+
+def test_fill_in_chunks_equals_one_add_and_shows_progress(data, capsys) -> None:
+    keys, queries = data["keys"][:6000], data["queries"][:50]
+    whole = FaissIVFPQIndex(DIM)
+    whole.add(keys)  # trains on this (only) batch: all keys
+    chunked = FaissIVFPQIndex(DIM).fill(keys, chunk_size=1000, progress=True)
+    assert "indexing (ivfpq)" in capsys.readouterr().err
+    assert chunked.ntotal == 6000 and chunked.nlist == whole.nlist
+    assert all(
+        torch.equal(a, b) for a, b in zip(chunked.search(queries, K), whole.search(queries, K))
+    )
+    exact_chunked, exact_whole = ExactIndex(DIM).fill(keys, chunk_size=1000), ExactIndex(DIM)
+    exact_whole.add(keys)
+    assert torch.equal(exact_chunked.search(queries, K)[1], exact_whole.search(queries, K)[1])

@@ -443,7 +443,9 @@ class InContextPredictor:
         source = content_id(MemoryBank.read_manifest(bank_path)) if bank_path else None
         cache = bank_path / INDEX_CACHE if bank_path else None
         with self.timings.measure("index"):
-            self.index_ = load_or_build(self._empty_index(), lambda: self.bank_.keys, cache, source)
+            self.index_ = load_or_build(
+                self._empty_index(), lambda: self.bank_.keys, cache, source, self.progress
+            )
 
     def _check_fitted(self) -> None:
         if getattr(self, "bank_", None) is None:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from hbird._fs import atomic_folder
 from hbird.errors import HbirdError, InputError
@@ -107,6 +108,24 @@ class VectorIndex(abc.ABC):
     @abc.abstractmethod
     def _add(self, x: torch.Tensor) -> None:
         """Backend hook; ``x`` is a validated non-empty ``(N, D)`` float tensor."""
+
+    def fill(self, x: ArrayLike, chunk_size: int = 1 << 20, progress: bool = False) -> VectorIndex:
+        """Add many keys ``x (N, D)``: train on all of them first if the backend needs it,
+        then add them ``chunk_size`` at a time, with a progress bar when ``progress`` and
+        there is more than one chunk. Same result as ``add(x)``; returns ``self``."""
+        keys = as_key_matrix(x, self.dim, "fill(x)")
+        if not self.is_trained and keys.shape[0] > 0:
+            self.train(keys)
+        n = keys.shape[0]
+        with tqdm(
+            total=n, desc=f"indexing ({self.kind})", unit="key", unit_scale=True,
+            disable=not progress or n <= chunk_size,
+        ) as bar:  # fmt: skip
+            for start in range(0, n, chunk_size):
+                chunk = keys[start : start + chunk_size]
+                self._add(chunk)
+                bar.update(chunk.shape[0])
+        return self
 
     # --- searching -------------------------------------------------------------------
     def search(self, q: ArrayLike, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,5 +271,3 @@ def read_meta(folder: Path) -> dict[str, Any]:
             f"reads ({FORMAT_VERSION}); upgrade hbird"
         )
     return meta
-
-

@@ -49,16 +49,17 @@ def load_or_build(
     keys: Callable[[], torch.Tensor],
     cache_dir: str | Path | None,
     source_id: str | None,
+    progress: bool = False,
 ) -> VectorIndex:
     """The index ``empty`` filled with ``keys() (N, D)``, from the cache when it is there.
 
-    A cache miss builds the index and saves it (a read-only or full disk only warns);
-    a cached index whose size disagrees with the keys is rebuilt. With no ``cache_dir``
-    or ``source_id``, or for the exact index, this just adds the keys.
+    A cache miss builds the index (``VectorIndex.fill``, with a progress bar if asked)
+    and saves it (a read-only or full disk only warns); a cached index whose size
+    disagrees with the keys is rebuilt. With no ``cache_dir`` or ``source_id``, or for
+    the exact index, this just fills the index.
     """
     if cache_dir is None or source_id is None or empty.kind == "exact":
-        empty.add(keys())
-        return empty
+        return empty.fill(keys(), progress=progress)
     folder = cache_path(Path(cache_dir), source_id, empty)
     keys_now = None
     if (folder / META_FILE).is_file():
@@ -74,7 +75,7 @@ def load_or_build(
                 for name in empty.search_time_params:
                     setattr(cached, name, getattr(empty, name))
                 return cached
-    empty.add(keys_now if keys_now is not None else keys())
+    empty.fill(keys_now if keys_now is not None else keys(), progress=progress)
     try:
         empty.save(folder)
     except OSError as err:
