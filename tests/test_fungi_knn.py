@@ -53,14 +53,20 @@ def test_softmax_vote_matches_its_definition():
         vote(sims, labels, 2, "mean")
 
 
-def test_knn_predict_matches_brute_force_cosine():
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_knn_predict_matches_brute_force_cosine(device):
     gen = np.random.default_rng(1)
     train = gen.normal(size=(60, 8)).astype(np.float32)
     labels = gen.integers(0, 4, 60)
     query = gen.normal(size=(15, 8)).astype(np.float32)
     pred = knn_predict(
-        torch.from_numpy(train * 3.0), torch.from_numpy(labels), torch.from_numpy(query), k=7
+        torch.from_numpy(train * 3.0),
+        torch.from_numpy(labels),
+        torch.from_numpy(query),
+        k=7,
+        device=device,
     )
+    assert pred.device.type == "cpu"
     tn = train / np.linalg.norm(train, axis=1, keepdims=True)
     qn = query / np.linalg.norm(query, axis=1, keepdims=True)
     for i, q in enumerate(qn):

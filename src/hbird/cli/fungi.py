@@ -140,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         pca_dim=args.pca_dim,
         seed=args.seed,
         retrieval=args.retrieval,
+        device=args.device,
     )
     print(
         f"{encoder.name} on {args.dataset}: {len(train)} train / {len(test)} test images, "

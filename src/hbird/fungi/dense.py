@@ -91,7 +91,7 @@ class DenseFungi:
         self.backbone_ = ImageBackbone(self.encoder)
         self.layer_name_, self.layer_ = self.backbone_.resolve_layer(self.layer)
         self.support_ = support.reshape(-1, dim).detach().to(torch.float32).cpu()
-        self.index_ = create_index("exact", dim)
+        self.index_ = create_index("exact", dim, device=self.backbone_.device)
         self.index_.add(F.normalize(self.support_, dim=-1))
         self.head_ = RandomHead(dim, self.head_dim, self.seed, "dense.simclr")
         self.projection_ = RandomProjection(

@@ -41,6 +41,7 @@ def knn_table(
     pca_dim: int | None = None,
     seed: int = 0,
     retrieval: bool = False,
+    device: str | torch.device = "cpu",
 ) -> list[dict[str, Any]]:
     """One row per (feature set, setting): accuracies of both votes, optional mAP.
 
@@ -51,6 +52,7 @@ def knn_table(
         k: neighbours. shots: k-shot subset size per class (``None``: full data only).
         pca_dim: PCA dimension per setting (capped by the number of training samples).
         seed: seeds the k-shot subset. retrieval: also compute retrieval mAP.
+        device: where the neighbour search runs.
     """
     train_labels = torch.as_tensor(train_labels).long()
     test_labels = torch.as_tensor(test_labels).long()
@@ -74,7 +76,7 @@ def knn_table(
                 "setting": setting,
                 "train_size": int(chosen.numel()),
                 "dim": int(train.shape[1]),
-                **knn_evaluate(train, labels, test, test_labels, k=k),
+                **knn_evaluate(train, labels, test, test_labels, k=k, device=device),
             }
             if retrieval:
                 row["retrieval_map"] = retrieval_map(test, test_labels, train, labels)
