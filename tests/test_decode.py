@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from hbird.decode import aggregate, decode_dense, neighbour_attention, upsample
+from hbird.decode import (
+    aggregate,
+    decode_dense,
+    neighbour_attention,
+    softmax_over_neighbours,
+    upsample,
+)
 
 
 def test_eq1_weights_by_hand():
@@ -16,6 +22,17 @@ def test_eq1_weights_by_hand():
     assert w[0].tolist() == pytest.approx([e2 / (e2 + 1), 1 / (e2 + 1)])
     values = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     assert aggregate(w, values)[0].tolist() == pytest.approx([e2 / (e2 + 1), 1 / (e2 + 1)])
+
+
+def test_eq1_from_cosines_by_hand():
+    """softmax_k(cos / β) (eq. 1) from given cosines 0.9 and 0.5 at β = 0.1."""
+    w = softmax_over_neighbours(torch.tensor([[0.9, 0.5]]), temperature=0.1)
+    e4 = math.exp(4.0)
+    assert w[0].tolist() == pytest.approx([e4 / (e4 + 1), 1 / (e4 + 1)])
+    masked = softmax_over_neighbours(torch.tensor([[0.9, 0.5]]), 0.1, torch.tensor([[False, True]]))
+    assert masked.tolist() == [[0.0, 1.0]]
+    with pytest.raises(ValueError, match="temperature"):
+        softmax_over_neighbours(torch.tensor([[0.9]]), 0.0)
 
 
 def test_eq1_temperature_limits():

@@ -254,3 +254,25 @@ def test_autocast_is_close_to_float32_and_saved_with_the_bank(tmp_path, scenes, 
         predictor(autocast="bf16", features="fungi", layers=None).fit(
             [s.image for s in prompt], [s.mask for s in prompt], num_classes=4
         )
+
+
+@pytest.mark.parametrize("kind", ["exact", "flat", "hnsw", "ivfpq"])
+def test_eq1_weights_from_index_scores_equal_recomputed_cosines(scenes, kind):
+    """Fast path: indexes with exact scores skip regathering keys; the oracle recomputes
+    eq. 1 from the stored keys (decode.neighbour_attention)."""
+    if kind != "exact":
+        pytest.importorskip("faiss")
+    from hbird.decode import neighbour_attention
+
+    prompt, queries = scenes
+    p = predictor(index=kind, k=10).fit(
+        [s.image for s in prompt], [s.mask for s in prompt], num_classes=4
+    )
+    assert p.index_.exact_scores
+    feats = p._encode(p.encoder_, [queries[0].image], layers=0, batch_size=1)[0]
+    q = feats.reshape(-1, feats.shape[-1]) * 3.0  # unnormalised queries: cosines, not dots
+    weights, values = p.attend(q)
+    _, ids = p.index_.search(q, 10)
+    oracle = neighbour_attention(q, p.bank_.keys[ids], p.config.temperature)
+    torch.testing.assert_close(weights, oracle, rtol=1e-4, atol=1e-5)
+    assert torch.equal(values, p.bank_.values[ids])

@@ -36,11 +36,28 @@ def neighbour_attention(
     Returns:
         ``(Q, k)`` float32 weights summing to 1 over ``k``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     q = F.normalize(queries.to(torch.float32), dim=-1)
     keys = F.normalize(neighbour_keys.to(torch.float32), dim=-1)
-    logits = torch.einsum("qd,qkd->qk", q, keys) / temperature  # (Q, k) cosine / β
+    cosines = torch.einsum("qd,qkd->qk", q, keys)  # (Q, k)
+    return softmax_over_neighbours(cosines, temperature, valid)
+
+
+def softmax_over_neighbours(
+    cosines: torch.Tensor, temperature: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Eq. 1's weights from the cosines themselves: ``softmax_k(cos / β)``.
+
+    Args:
+        cosines: ``(Q, k)`` cosine similarity of each query to each of its neighbours.
+        temperature: β > 0.
+        valid: optional ``(Q, k)`` bool; False entries (padding) get zero weight.
+
+    Returns:
+        ``(Q, k)`` float32 weights summing to 1 over ``k``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = cosines.to(torch.float32) / temperature
     if valid is not None:
         logits = logits.masked_fill(~valid, float("-inf"))
     return torch.softmax(logits, dim=-1)

@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 from hbird.data.inputs import as_image, as_images
 from hbird.data.pairs import DatasetPairs, Pairs, PromptPairs
 from hbird.data.transforms import resize_for_encoder, resize_label
-from hbird.decode import DensePrediction, aggregate, decode_dense, neighbour_attention
+from hbird.decode import (
+    DensePrediction,
+    aggregate,
+    decode_dense,
+    neighbour_attention,
+    softmax_over_neighbours,
+)
 from hbird.encoders import Encoder, create_encoder, encode_batches
 from hbird.encoders.precision import parse_autocast
 from hbird.errors import BankError, InputError
@@ -505,15 +511,34 @@ class InContextPredictor:
         return soft, top
 
     def attend(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q, D)`` query features → eq.-1 weights ``(Q, k)`` and neighbour values ``(Q, k, C)``."""
+        """``(Q, D)`` query features → eq.-1 weights ``(Q, k)`` and neighbour values ``(Q, k, C)``.
+
+        Cosines are exact whatever the index: from its scores when they are the exact inner
+        products of the stored keys (divided by both norms), else recomputed from the keys.
+        """
         with self.timings.measure("search"):
-            _, ids = self.index_.search(queries, self.config.k)  # (Q, k)
+            sims, ids = self.index_.search(queries, self.config.k)  # (Q, k)
         with self.timings.measure("decode"):
             valid = ids >= 0
             safe = ids.clamp_min(0)
-            keys = self.bank_.keys[safe]  # (Q, k, D): exact cosines even after approximate search
-            weights = neighbour_attention(queries, keys, self.config.temperature, valid)
+            beta = self.config.temperature
+            if self.index_.exact_scores:
+                q_norms = torch.linalg.vector_norm(queries.to(torch.float32), dim=-1)  # (Q,)
+                cosines = sims / (q_norms[:, None] * self._key_norms()[safe]).clamp_min(1e-12)
+                weights = softmax_over_neighbours(cosines.masked_fill(~valid, 0.0), beta, valid)
+            else:
+                keys = self.bank_.keys[safe]  # (Q, k, D)
+                weights = neighbour_attention(queries, keys, beta, valid)
             return weights, self.bank_.values[safe]
+
+    def _key_norms(self) -> torch.Tensor:
+        """``(N,)`` float32 norms of the stored keys (1 up to their storage rounding)."""
+        norms = getattr(self, "key_norms_", None)
+        if norms is None or norms.shape[0] != len(self.bank_):
+            keys = self.bank_.keys
+            norms = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
+            self.key_norms_ = norms
+        return norms
 
     # -- persistence ------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

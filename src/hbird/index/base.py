@@ -50,6 +50,9 @@ class VectorIndex(abc.ABC):
     kind: ClassVar[str]
     uses_expected_size: ClassVar[bool] = False
     """True if the constructor takes ``expected_size`` (the factory passes it on)."""
+    exact_scores: ClassVar[bool] = False
+    """True if the sims ``search`` returns are the exact inner products of the stored keys
+    (brute force, flat storage, or exact re-ranking), so callers need not recompute them."""
     search_time_params: ClassVar[tuple[str, ...]] = ()
     """Parameters read at search time only (``nprobe``...): setting the attribute on a
     built index takes effect at the next search, no rebuild needed."""

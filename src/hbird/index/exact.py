@@ -35,6 +35,7 @@ class ExactIndex(VectorIndex):
     """
 
     kind = "exact"
+    exact_scores = True
 
     def __init__(
         self,

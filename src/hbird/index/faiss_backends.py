@@ -106,6 +106,7 @@ class FaissFlatIndex(_FaissIndex):
     """Exact search with ``faiss.IndexFlatIP`` (float32 keys, BLAS + fused top-k)."""
 
     kind = "flat"
+    exact_scores = True
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
@@ -127,6 +128,7 @@ class FaissHNSWIndex(_FaissIndex):
     """
 
     kind = "hnsw"
+    exact_scores = True  # graph walk over float32 keys: found neighbours are scored exactly
     search_time_params = ("ef_search",)
 
     def __init__(
@@ -188,6 +190,7 @@ class FaissIVFPQIndex(_FaissIndex):
     """
 
     kind = "ivfpq"
+    exact_scores = True  # re-ranked against a float32 copy, or float16 for float16 keys
     search_time_params = ("nprobe", "k_factor")
     uses_expected_size = True
 

@@ -1,0 +1,225 @@
+"""Benchmark one query image through the predictor: encoder time against search + decode
+time, for memory banks of 10k, 100k and 1M entries.
+
+The encoder is a real architecture with random weights (default ViT-B/16 at 512 px, the
+paper's evaluation setting: 1024 patches of 768-d features). The bank holds synthetic
+clustered keys of the encoder's feature width, stored float16 as banks are, with one-hot
+values over ``--classes`` classes; each query image's patches are drawn from the same
+distribution (``hbird.index.synthetic``). For every bank size and index kind, the
+predictor's own code path is timed per query image (best of ``--repeats``):
+
+- ``encode``: ``encode_batches`` on one image (independent of the bank);
+- ``search``: the index's top-k for every patch (``InContextPredictor.attend``);
+- ``decode``: exact cosines from the stored keys, eq. 1, aggregation of the neighbours'
+  values and upsampling to the image (``attend`` + ``aggregate`` + ``decode_dense``);
+- ``recall@k`` of the index against the exact top-k;
+- the build time of the index (``fill``) and the process RSS.
+
+Target (core issue): search + decode <= 10% of the encoder's time at 1M entries, with
+recall@30 >= 0.9. The JSON reports that ratio per row.
+
+    python benchmarks/predict.py --threads 1                       # ~15 min on 2 cores
+    python benchmarks/predict.py --encoder vit_small_patch16_224 --image-size 224 --sizes 10000
+
+Writes JSON to ``benchmarks/results/predict.json`` unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import peak_rss_bytes, rss_bytes
+
+from hbird import InContextPredictor, LabelSpec, _optional
+from hbird.data.transforms import resize_for_encoder
+from hbird.decode import aggregate, decode_dense
+from hbird.encoders import create_encoder, encode_batches
+from hbird.index import choose_kind, create_index, recall_at_k
+from hbird.index.synthetic import clustered_unit_vectors
+from hbird.memory.bank import MemoryBank
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "predict.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoder", default="vit_base_patch16_224", help="random weights")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument(
+        "--indexes", nargs="+", default=["auto", "ivfpq"], help="index kinds per bank size"
+    )
+    parser.add_argument("--images", type=int, default=2, help="query images per measurement")
+    parser.add_argument("--k", type=int, default=30)
+    parser.add_argument("--temperature", type=float, default=0.02)
+    parser.add_argument("--classes", type=int, default=21)
+    parser.add_argument("--clusters", type=int, default=200)
+    parser.add_argument("--spread", type=float, default=0.75)
+    parser.add_argument("--repeats", type=int, default=2, help="timing passes; the best counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def best_seconds(run: Callable[[], Any], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def synthetic_bank(args: argparse.Namespace, n: int, dim: int, encoder: Any) -> MemoryBank:
+    """``n`` clustered float16 keys with one-hot values of ``args.classes`` classes."""
+    spec = LabelSpec(task="segmentation", num_classes=args.classes)
+    bank = MemoryBank(dim, spec, encoder.identity())
+    gen = torch.Generator().manual_seed(0)
+    for start in range(0, n, 250_000):  # in pieces: float32 keys of 1M × 768 are 3 GB
+        m = min(250_000, n - start)
+        keys = clustered_unit_vectors(m, dim, args.clusters, args.spread, seed=start + 7)
+        labels = torch.randint(0, args.classes, (m,), generator=gen)
+        bank.append(keys, torch.nn.functional.one_hot(labels, args.classes).float())
+    return bank
+
+
+def measure(
+    args: argparse.Namespace,
+    predictor: InContextPredictor,
+    queries: list[torch.Tensor],
+    exact_ids: list[torch.Tensor],
+    size: tuple[int, int],
+) -> dict[str, Any]:
+    """Per query image seconds of search and decode, and recall against ``exact_ids``."""
+    grid = args.image_size // predictor.encoder_.patch_size
+
+    def one_pass() -> list[torch.Tensor]:
+        predictor.timings.reset()
+        ids = []
+        for q in queries:
+            weights, values = predictor.attend(q)
+            with predictor.timings.measure("decode"):
+                soft = aggregate(weights, values).reshape(grid, grid, -1)
+                top = weights.max(dim=-1).values.reshape(grid, grid)
+                decode_dense(soft, size, True, top)
+            ids.append(predictor.index_.search(q, args.k)[1])
+        return ids
+
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        ids = one_pass()
+        for stage in ("search", "decode"):
+            seconds = predictor.timings.seconds[stage] / len(queries)
+            best[stage] = min(best.get(stage, float("inf")), seconds)
+    recall = sum(recall_at_k(a, b) for a, b in zip(ids, exact_ids)) / len(ids)
+    return {
+        "search_s": round(best["search"], 5),
+        "decode_s": round(best["decode"], 5),
+        f"recall@{args.k}": round(recall, 4),
+    }
+
+
+def bench_size(args: argparse.Namespace, n: int, encoder: Any, encode_s: float) -> dict[str, Any]:
+    dim = encoder.feature_dim(None)
+    patches = (args.image_size // encoder.patch_size) ** 2
+    bank = synthetic_bank(args, n, dim, encoder)
+    queries = [
+        clustered_unit_vectors(patches, dim, args.clusters, args.spread, seed=10_000_000 + i)
+        for i in range(args.images)
+    ]
+    exact = create_index("exact", dim).fill(bank.keys)
+    exact_ids = [exact.search(q, args.k)[1] for q in queries]
+    del exact
+    rows: dict[str, Any] = {}
+    for kind in args.indexes:
+        resolved = choose_kind(n) if kind == "auto" else kind
+        name = f"auto ({resolved})" if kind == "auto" else kind
+        if name in rows or resolved in rows or f"auto ({kind})" in rows:
+            continue
+        predictor = InContextPredictor(
+            encoder=encoder, k=args.k, temperature=args.temperature, index=resolved, progress=False
+        )
+        predictor.encoder_ = encoder
+        predictor.bank_, predictor.label_spec_ = bank, bank.label_spec
+        gc.collect()
+        rss_before = rss_bytes()
+        start = time.perf_counter()
+        predictor._build_index()
+        build_s = time.perf_counter() - start
+        numbers = measure(args, predictor, queries, exact_ids, (args.image_size,) * 2)
+        ratio = (numbers["search_s"] + numbers["decode_s"]) / encode_s
+        rows[name] = {
+            "index": predictor.index_.describe(),
+            "build_s": round(build_s, 2),
+            "index_rss_bytes": rss_bytes() - rss_before,
+            **numbers,
+            "search_plus_decode_over_encode": round(ratio, 3),
+        }
+        print(
+            f"  N={n:>9,} {name:14s} build {build_s:7.1f} s | search {numbers['search_s']:.3f} s "
+            f"+ decode {numbers['decode_s']:.3f} s per image = {ratio:.1%} of encode "
+            f"| recall@{args.k} {numbers[f'recall@{args.k}']}",
+            flush=True,
+        )
+        del predictor
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        if _optional.is_available("faiss"):
+            _optional.require("faiss", "--threads").omp_set_num_threads(args.threads)
+    encoder = create_encoder(args.encoder).eval()
+    image = torch.rand(
+        3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)
+    )
+    view = resize_for_encoder(image, args.image_size, encoder.patch_size)
+    encode_batches(encoder, [view])  # warm-up
+    encode_s = best_seconds(lambda: encode_batches(encoder, [view]), args.repeats)
+    patches = (args.image_size // encoder.patch_size) ** 2
+    print(
+        f"{args.encoder} (random weights) at {args.image_size} px: {patches} patches of "
+        f"{encoder.feature_dim(None)}-d, encode {encode_s:.3f} s per image",
+        flush=True,
+    )
+    report: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(),
+        },
+        "encoder": {
+            "name": args.encoder,
+            "patches_per_image": patches,
+            "feature_dim": encoder.feature_dim(None),
+            "encode_s_per_image": round(encode_s, 4),
+        },
+        "sizes": {},
+    }
+    for n in args.sizes:
+        report["sizes"][str(n)] = bench_size(args, n, encoder, encode_s)
+        gc.collect()
+    report["environment"]["load_average_at_end"] = os.getloadavg()
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
