@@ -12,7 +12,7 @@ from hbird.errors import InputError
 from hbird.index import (
     AUTO_EXACT_MAX,
     AUTO_EXACT_MAX_GPU,
-    AUTO_FLAT_MAX,
+    EXACT_WARN_ABOVE,
     INDEXES,
     ExactIndex,
     FaissFlatIndex,
@@ -36,9 +36,8 @@ def test_registry_names() -> None:
         (None, "exact"),
         (0, "exact"),
         (AUTO_EXACT_MAX, "exact"),
-        (AUTO_EXACT_MAX + 1, "flat"),
-        (AUTO_FLAT_MAX, "flat"),
-        (AUTO_FLAT_MAX + 1, "ivfpq"),
+        (AUTO_EXACT_MAX + 1, "ivfpq"),
+        (EXACT_WARN_ABOVE + 1, "ivfpq"),
     ],
 )
 def test_choose_kind_with_faiss(size: int | None, kind: str) -> None:
@@ -46,9 +45,9 @@ def test_choose_kind_with_faiss(size: int | None, kind: str) -> None:
 
 
 def test_choose_kind_without_faiss() -> None:
-    assert choose_kind(AUTO_FLAT_MAX, faiss_available=False) == "exact"
+    assert choose_kind(EXACT_WARN_ABOVE, faiss_available=False) == "exact"
     with pytest.warns(UserWarning, match="install faiss"):
-        assert choose_kind(AUTO_FLAT_MAX + 1, faiss_available=False) == "exact"
+        assert choose_kind(EXACT_WARN_ABOVE + 1, faiss_available=False) == "exact"
 
 
 def test_create_index_auto_and_params() -> None:
@@ -56,7 +55,7 @@ def test_create_index_auto_and_params() -> None:
     assert isinstance(create_index("auto", 8, expected_size=1000, chunk_size=7), ExactIndex)
     assert create_index("exact", 8, chunk_size=7).chunk_size == 7
     pytest.importorskip("faiss")
-    assert isinstance(create_index("auto", 8, expected_size=AUTO_EXACT_MAX + 1), FaissFlatIndex)
+    assert isinstance(create_index("auto", 8, expected_size=AUTO_EXACT_MAX + 1), FaissIVFPQIndex)
     big = create_index("auto", 8, expected_size=4_000_000)
     assert isinstance(big, FaissIVFPQIndex) and big.expected_size == 4_000_000
     assert create_index("ivfpq", 8, expected_size=10_000, nprobe=4).nprobe == 4
@@ -137,6 +136,6 @@ def test_recall_at_k() -> None:
 
 
 def test_choose_kind_on_gpu_stays_exact_longer() -> None:
-    assert choose_kind(AUTO_FLAT_MAX + 1, faiss_available=True, device="cuda") == "exact"
+    assert choose_kind(EXACT_WARN_ABOVE + 1, faiss_available=True, device="cuda") == "exact"
     assert choose_kind(AUTO_EXACT_MAX_GPU + 1, faiss_available=True, device="cuda") == "ivfpq"
-    assert choose_kind(AUTO_EXACT_MAX + 1, faiss_available=True, device="cpu") == "flat"
+    assert choose_kind(AUTO_EXACT_MAX + 1, faiss_available=True, device="cpu") == "ivfpq"

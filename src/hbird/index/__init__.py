@@ -35,7 +35,7 @@ from hbird.registry import Registry
 __all__ = [
     "AUTO_EXACT_MAX",
     "AUTO_EXACT_MAX_GPU",
-    "AUTO_FLAT_MAX",
+    "EXACT_WARN_ABOVE",
     "INDEXES",
     "EmptyIndexError",
     "ExactIndex",
@@ -55,23 +55,20 @@ for _cls in (ExactIndex, FaissFlatIndex, FaissIVFPQIndex, FaissHNSWIndex, ScannI
     INDEXES.register(_cls.kind, _cls)
 
 AUTO_EXACT_MAX = 20_000
-"""Up to this many keys ``auto`` uses the torch exact index on the CPU.
+"""Up to this many keys ``auto`` uses the torch exact index on the CPU; IVF-PQ above.
 
-Both brute-force backends are exact, but faiss's flat index (BLAS kernel plus fused
-top-k) searched 1.6-2.3x faster than the torch index at 20k, 100k and 200k 128-d keys
-on one thread (``benchmarks/index.py``; torch's matmul + ``topk`` merge is ~80% matmul),
-so with faiss installed ``auto`` hands over early. Small banks stay on the torch index:
-no optional package, float16 keys kept float16, and the searches tests compare against.
+Measured per 1024-patch query image (ViT-B/16 features, 768-d, 2 threads,
+``benchmarks/predict.py``): at 10k keys exact 0.11 s, faiss flat 0.09 s, IVF-PQ 0.09 s
+(+1.6 s build); at 100k exact 1.27 s, flat 0.97 s, IVF-PQ 0.18 s (+11 s build, recall@30
+1.0); at 1M exact 12.9 s, IVF-PQ 0.40 s (+154 s build, recall@30 0.97). Brute force is
+O(N·D) per query, so past a few tens of thousands of keys IVF-PQ wins by far for any run
+with more than a handful of queries (and a saved bank keeps the built index). faiss's
+flat index never wins by much (it is slower than torch for a 196-patch image), so
+``auto`` does not use it.
 """
 
-AUTO_FLAT_MAX = 1_000_000
-"""Up to this many keys ``auto`` uses faiss's flat index: still exact.
-
-Beyond it brute force grows as O(N·D) per query (a million 768-d keys cost ~1.5 GFLOP
-per query, seconds per 1024-patch query image), so ``auto`` switches to IVF-PQ
-fast-scan with exact re-ranking, which scans a few percent of the keys (recall@30 of
-0.96-1.0 on clustered data in the benchmark).
-"""
+EXACT_WARN_ABOVE = 1_000_000
+"""Without faiss ``auto`` falls back to exact search, and warns above this many keys."""
 
 AUTO_EXACT_MAX_GPU = 4_000_000
 """On a GPU ``auto`` keeps the exact torch index (keys on the device) up to this many keys.
@@ -92,8 +89,7 @@ def choose_kind(
     """The backend ``auto`` picks for ``expected_size`` keys searched from ``device``.
 
     ``exact`` if faiss is missing, the size is unknown (it grows without retraining), or
-    ``N <= AUTO_EXACT_MAX`` (``AUTO_EXACT_MAX_GPU`` on a CUDA device); ``flat`` up to
-    ``AUTO_FLAT_MAX``; ``ivfpq`` above.
+    ``N <= AUTO_EXACT_MAX`` (``AUTO_EXACT_MAX_GPU`` on a CUDA device); ``ivfpq`` above.
     """
     if faiss_available is None:
         faiss_available = is_available("faiss")
@@ -101,14 +97,14 @@ def choose_kind(
     if expected_size is None or expected_size <= exact_max:
         return "exact"
     if not faiss_available:
-        if expected_size > AUTO_FLAT_MAX:
+        if expected_size > EXACT_WARN_ABOVE:
             warnings.warn(
                 f"{expected_size} keys with the exact torch index will be slow to search; "
                 'install faiss (pip install "hbird[faiss]") for an approximate index',
                 stacklevel=3,
             )
         return "exact"
-    return "flat" if expected_size <= AUTO_FLAT_MAX else "ivfpq"
+    return "ivfpq"
 
 
 def create_index(
