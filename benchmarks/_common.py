@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import platform
 import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hbird import _optional
 
 
 def rss_bytes() -> int:
@@ -14,3 +23,34 @@ def rss_bytes() -> int:
 def peak_rss_bytes() -> int:
     """Largest resident set size this process has had (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` torch (and faiss, if installed) threads; ``None`` leaves the defaults."""
+    if not threads:
+        return
+    torch.set_num_threads(threads)
+    if _optional.is_available("faiss"):
+        _optional.require("faiss", "--threads").omp_set_num_threads(threads)
+
+
+def environment() -> dict[str, Any]:
+    """Versions, threads and load of this machine, for the JSON every benchmark writes."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg(),
+    }
+    if _optional.is_available("faiss"):
+        faiss = _optional.require("faiss", "the benchmark")
+        env["faiss"] = faiss.__version__
+        env["faiss_threads"] = faiss.omp_get_max_threads()
+    return env
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed command line as JSON-friendly settings (paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import tempfile
 import time
 import tracemalloc
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import peak_rss_bytes, rss_bytes
+from _common import environment, peak_rss_bytes, rss_bytes, set_threads, settings
 
 from hbird.data.synthetic import make_scenes, write_scene_folder
 from hbird.eval import evaluate, linear_probe
@@ -189,16 +188,11 @@ def bench_metrics(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     report: dict[str, Any] = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "config": settings(args),
         "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "load_average_at_start": os.getloadavg(),
+            **environment(),
             "encoder": "test_vit (patch 8, dim 32, depth 2; random weights)",
         },
     }

@@ -20,14 +20,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import rss_bytes
+from _common import environment, rss_bytes, set_threads, settings
 
 from hbird import _optional
 from hbird.index import INDEXES, ExactIndex, VectorIndex, create_index, recall_at_k
@@ -131,25 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(args.backends) - set(INDEXES)
     if unknown:
         raise SystemExit(f"unknown backends {sorted(unknown)}; choose from {list(INDEXES)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        if _optional.is_available("faiss"):
-            _optional.require("faiss", "--threads").omp_set_num_threads(args.threads)
-    report: dict[str, Any] = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "load_average_at_start": os.getloadavg(),
-        },
-        "sizes": {},
-    }
-    if _optional.is_available("faiss"):
-        faiss = _optional.require("faiss", "the benchmark")
-        report["environment"]["faiss"] = faiss.__version__
-        report["environment"]["faiss_threads"] = faiss.omp_get_max_threads()
+    set_threads(args.threads)
+    report: dict[str, Any] = {"config": settings(args), "environment": environment(), "sizes": {}}
     for n in args.sizes:
         print(f"N={n} dim={args.dim} queries={args.queries} k={args.k}", flush=True)
         report["sizes"][str(n)] = bench_size(args, n)

@@ -30,16 +30,15 @@ import argparse
 import gc
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import peak_rss_bytes, rss_bytes
+from _common import environment, peak_rss_bytes, rss_bytes, set_threads, settings
 
-from hbird import InContextPredictor, LabelSpec, _optional
+from hbird import InContextPredictor, LabelSpec
 from hbird.data.transforms import resize_for_encoder
 from hbird.decode import aggregate, decode_dense
 from hbird.encoders import create_encoder, encode_batches
@@ -176,10 +175,7 @@ def bench_size(args: argparse.Namespace, n: int, encoder: Any, encode_s: float) 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        if _optional.is_available("faiss"):
-            _optional.require("faiss", "--threads").omp_set_num_threads(args.threads)
+    set_threads(args.threads)
     encoder = create_encoder(args.encoder).eval()
     image = torch.rand(
         3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)
@@ -194,14 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
     report: dict[str, Any] = {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "load_average_at_start": os.getloadavg(),
-        },
+        "config": settings(args),
+        "environment": environment(),
         "encoder": {
             "name": args.encoder,
             "patches_per_image": patches,

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import environment
 
 from hbird.pretrain import Batch, PretrainConfig, Trainer
 from hbird.pretrain.data import SyntheticImages
@@ -53,16 +52,6 @@ OBJECTIVE_RUNS = {  # name → (objective, option overrides)
     "ibot": ("ibot", {}),
     "co2": ("co2", {}),
 }
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "load_average": os.getloadavg(),
-    }
 
 
 # -- step time -------------------------------------------------------------------------------
