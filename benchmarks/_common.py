@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -54,3 +55,10 @@ def environment() -> dict[str, Any]:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed command line as JSON-friendly settings (paths as strings)."""
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """Write ``report`` as indented JSON to ``out`` (parents created) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import environment, peak_rss_bytes, rss_bytes, set_threads, settings
+from _common import environment, peak_rss_bytes, rss_bytes, set_threads, settings, write_report
 
 from hbird.data.synthetic import make_scenes, write_scene_folder
 from hbird.eval import evaluate, linear_probe
@@ -220,9 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"peak RSS after the protocols: {report['peak_rss_bytes_after_protocols'] / 2**20:.0f} MiB"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

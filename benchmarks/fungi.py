@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import platform
 import threading
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import rss_bytes
+from _common import rss_bytes, write_report
 
 from hbird.encoders import create_encoder
 from hbird.fungi import FungiExtractor
@@ -269,9 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import environment, rss_bytes, set_threads, settings
+from _common import environment, rss_bytes, set_threads, settings, write_report
 
 from hbird import _optional
 from hbird.index import INDEXES, ExactIndex, VectorIndex, create_index, recall_at_k
@@ -136,9 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"N={n} dim={args.dim} queries={args.queries} k={args.k}", flush=True)
         report["sizes"][str(n)] = bench_size(args, n)
     report["environment"]["load_average_at_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import environment, peak_rss_bytes, rss_bytes, set_threads, settings
+from _common import environment, peak_rss_bytes, rss_bytes, set_threads, settings, write_report
 
 from hbird import InContextPredictor, LabelSpec
 from hbird.data.transforms import resize_for_encoder
@@ -205,9 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gc.collect()
     report["environment"]["load_average_at_end"] = os.getloadavg()
     report["peak_rss_bytes"] = peak_rss_bytes()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

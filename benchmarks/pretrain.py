@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import environment
+from _common import environment, write_report
 
 from hbird.pretrain import Batch, PretrainConfig, Trainer
 from hbird.pretrain.data import SyntheticImages
@@ -203,10 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     report = args.func(args)
-    out = args.out or RESULTS / f"pretrain_{args.mode}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out or RESULTS / f"pretrain_{args.mode}.json")
 
 
 if __name__ == "__main__":
