@@ -53,9 +53,23 @@ def test_eval_writes_every_report_file(tmp_path, dataset):
         "memory_entries": report.counts["memory_entries"],
         "queries": 8,
     }
+    # the index actually searched is on record (what auto resolved to, with its parameters)
+    assert saved["search"]["kind"] == report.search["kind"] == "exact"
+    assert saved["search"]["ntotal"] == report.counts["memory_entries"]
     summary = (out / "summary.md").read_text()
     assert "no Hungarian matching" in summary and "| miou |" in summary
+    assert "index exact, layers 0" in summary
     assert (out / "per_class.csv").read_text().splitlines()[0] == "class,iou,precision,recall"
+
+
+def test_summary_names_what_auto_resolved_to():
+    from hbird.eval.report import search_text
+
+    built = {"kind": "ivfpq", "dim": 8, "ntotal": 50_000, "is_trained": True, "nlist": 894,
+             "nprobe": 32, "k_factor": 32, "expected_size": 50_000, "seed": 0}  # fmt: skip
+    assert search_text("auto", built) == "auto → ivfpq (nlist 894, nprobe 32, k_factor 32)"
+    assert search_text("exact", {"kind": "exact", "chunk_size": 16384}) == "exact"
+    assert search_text("auto", {}) == "auto"
 
 
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, dataset):

@@ -41,6 +41,17 @@ def layers_text(layers: Any) -> str:
     return ",".join(map(str, layers)) if isinstance(layers, list | tuple) else str(layers)
 
 
+def search_text(setting: Any, search: dict[str, Any]) -> str:
+    """The index a report searched with: the setting, and what it resolved to when built."""
+    if not search:
+        return str(setting)
+    skip = {"kind", "dim", "ntotal", "is_trained", "expected_size", "seed", "train_size",
+            "chunk_size", "query_chunk_size"}  # fmt: skip
+    params = ", ".join(f"{k} {v}" for k, v in search.items() if k not in skip and v is not None)
+    built = search["kind"] + (f" ({params})" if params else "")
+    return built if setting == search["kind"] else f"{setting} → {built}"
+
+
 @dataclass
 class Report:
     """One evaluation's results.
@@ -55,6 +66,8 @@ class Report:
         timings: seconds per stage and per query image.
         notes: sentences the summary must carry (e.g. classes left out of the mean).
         pictures: overlay files relative to the run folder.
+        search: the index the queries were searched with, as built (kind and
+            parameters, e.g. what ``auto`` chose); empty when there was none.
     """
 
     task: str
@@ -66,6 +79,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     pictures: list[str] = field(default_factory=list)
+    search: dict[str, Any] = field(default_factory=dict)
 
     @property
     def headline(self) -> tuple[str, float]:
@@ -83,6 +97,7 @@ class Report:
             "timings": self.timings,
             "notes": self.notes,
             "pictures": self.pictures,
+            "search": self.search,
         }
 
     def per_class_csv(self) -> str:
@@ -101,7 +116,7 @@ class Report:
             f"In-context retrieval evaluation (Balazevic et al. 2023): k = {cfg.get('k')}, "
             f"β = {cfg.get('temperature')}, memory {cfg.get('memory_size') or 'unbounded'}, "
             f"{cfg.get('aug_epochs')} augmentation epoch(s), input short side {cfg.get('image_size')}, "
-            f"index {cfg.get('index')}, layers {layers_text(cfg.get('layers'))}, features {cfg.get('features')}, "
+            f"index {search_text(cfg.get('index'), self.search)}, layers {layers_text(cfg.get('layers'))}, features {cfg.get('features')}, "
             f"seed {cfg.get('seed')}.",
             f"Prompt: {self.counts.get('prompt_images')} images → {self.counts.get('memory_entries')} memory entries; "
             f"queries scored: {self.counts.get('queries')} at their original resolution.",

@@ -264,6 +264,7 @@ def evaluate(
         timings=timings,
         notes=notes,
         pictures=pictures,
+        search=predictor.index_.describe(),
     )
     if out is not None:
         report.write(out)
