@@ -126,3 +126,23 @@ def test_attachments_round_trip_and_are_verified(tmp_path):
     file.write_bytes(file.read_bytes()[:-3])
     with pytest.raises(BankError, match="attachments.safetensors.*checksum"):
         MemoryBank.load(path)
+
+
+def test_released_keys_are_reread_from_the_folder_on_demand(tmp_path):
+    bank = make_bank()
+    path = bank.save(tmp_path / "bank", shard_size=16)
+    assert not bank.release_keys()  # an in-memory bank has nowhere to reread from
+    loaded = MemoryBank.load(path, encoder=ENC)
+    assert loaded.release_keys() and not loaded._keys
+    assert len(loaded) == 50 and torch.equal(loaded.values, bank.values)  # values stay
+    assert torch.equal(loaded.keys, bank.keys)  # reread, all four shards
+    loaded.release_keys()
+    loaded.append(torch.randn(3, 8), torch.rand(3, 3))  # appending rereads first
+    assert len(loaded) == 53 and torch.equal(loaded.keys[:50], bank.keys)
+    # a folder that changed under a released bank is refused, not silently mixed in
+    again = MemoryBank.load(path, encoder=ENC)
+    again.release_keys()
+    shard = sorted(path.glob("shard_*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(BankError, match="released after indexing"):
+        _ = again.keys

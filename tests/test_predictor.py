@@ -276,3 +276,23 @@ def test_eq1_weights_from_index_scores_equal_recomputed_cosines(scenes, kind):
     oracle = neighbour_attention(q, p.bank_.keys[ids], p.config.temperature)
     torch.testing.assert_close(weights, oracle, rtol=1e-4, atol=1e-5)
     assert torch.equal(values, p.bank_.values[ids])
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_loaded_predictor_releases_the_banks_key_copy(tmp_path, scenes, fitted, kind):
+    """Once the index holds the keys and scores them exactly, the bank's copy is freed;
+    predictions, save and add still work (keys are reread from the folder)."""
+    if kind != "exact":
+        pytest.importorskip("faiss")
+    _, queries = scenes
+    path = fitted.save(tmp_path / "bank")
+    loaded = InContextPredictor.load(path, progress=False, index=kind)
+    assert loaded.bank_._keys_released
+    images = [s.image for s in queries[:3]]
+    reference = InContextPredictor.load(path, progress=False, index=kind)
+    _ = reference.bank_.keys  # rereads: the reference holds its keys in memory
+    assert all(torch.equal(a, b) for a, b in zip(loaded.predict(images), reference.predict(images)))
+    again = InContextPredictor.load(loaded.save(tmp_path / "copy"), progress=False, index=kind)
+    assert torch.equal(again.bank_.keys, fitted.bank_.keys)
+    loaded.add([queries[3].image], [queries[3].mask])
+    assert len(loaded.bank_) == len(loaded.bank_.keys) == loaded.index_.ntotal > len(fitted.bank_)

@@ -544,7 +544,10 @@ class InContextPredictor:
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the memory bank (with this predictor's settings) to a folder."""
         self._check_fitted()
-        self.bank_.config.update(self.config.to_dict())
+        settings = self.config.to_dict()
+        if settings["sampling"] is None:  # keep the sampler the bank was built with, resolved
+            del settings["sampling"]
+        self.bank_.config.update(settings)
         self.bank_.attachments = self._attachments()
         path = self.bank_.save(path, overwrite=overwrite)
         # keep the built index where the next load looks for it (keyed like a fresh build)
@@ -594,4 +597,7 @@ class InContextPredictor:
                 raise BankError(f"{path} is a FUNGI bank without its support set; rebuild it")
             predictor._fit_fungi(None, support=predictor.bank_.attachments["fungi_support"])
         predictor._build_index(Path(path))
+        if predictor.index_.exact_scores:  # the index has the keys now; the bank's copy can go
+            predictor._key_norms()
+            predictor.bank_.release_keys()
         return predictor

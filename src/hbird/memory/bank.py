@@ -92,14 +92,17 @@ class MemoryBank:
         self.attachments: dict[str, torch.Tensor] = {}
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
+        self._source: tuple[Path, dict[str, Any]] | None = None  # folder + manifest it came from
+        self._keys_released = False
 
     # -- contents ---------------------------------------------------------------------
     def __len__(self) -> int:
-        return sum(k.shape[0] for k in self._keys)
+        return sum(v.shape[0] for v in self._values)
 
     @property
     def keys(self) -> torch.Tensor:
-        """``(N, D)`` L2-normalised keys in ``key_dtype``."""
+        """``(N, D)`` L2-normalised keys in ``key_dtype`` (reread if released)."""
+        self._restore_keys()
         self._consolidate()
         return (
             self._keys[0]
@@ -113,9 +116,33 @@ class MemoryBank:
         self._consolidate()
         return self._values[0] if self._values else torch.empty(0, self.label_spec.value_dim)
 
+    def release_keys(self) -> bool:
+        """Free the keys of a bank loaded from disk; they are reread (checksums verified)
+        the next time they are needed. For a predictor whose index holds the keys (or
+        codes and a re-ranking copy) and scores them exactly, this halves the memory of a
+        large bank. Answers whether anything was released (not for in-memory banks)."""
+        if self._source is None or self._keys_released:
+            return False
+        self._keys, self._keys_released = [], True
+        return True
+
+    def _restore_keys(self) -> None:
+        if not self._keys_released:
+            return
+        path, manifest = self._source
+        try:
+            keys = [k for k, _ in iter_shards(path, manifest)]
+        except BankError as err:
+            raise BankError(
+                f"the keys of this bank were released after indexing and must be reread from "
+                f"{path}, which changed or is gone ({err}); load the bank again"
+            ) from err
+        self._keys, self._keys_released = keys, False
+
     def _consolidate(self) -> None:
         if len(self._keys) > 1:
             self._keys = [torch.cat(self._keys)]
+        if len(self._values) > 1:
             self._values = [torch.cat(self._values)]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, num_images: int = 0) -> None:
@@ -129,6 +156,7 @@ class MemoryBank:
                 f"values of shape {tuple(values.shape)} do not match {keys.shape[0]} keys with "
                 f"{self.label_spec.value_dim} label channels"
             )
+        self._restore_keys()
         self._keys.append(normalize_keys(keys, KEY_DTYPES[self.key_dtype]))
         self._values.append(values.to(torch.float32).contiguous())
         self.num_images += num_images
@@ -237,6 +265,7 @@ class MemoryBank:
             bank._values.append(values)
         bank.num_images = manifest["counts"]["images"]
         bank.attachments = read_attachments(path, manifest, verify=verify)
+        bank._source = (path, manifest)
         if len(bank) != manifest["counts"]["entries"]:
             raise BankError(
                 f"{path}: shards hold {len(bank)} entries, manifest says {manifest['counts']['entries']}"
