@@ -135,6 +135,9 @@ def test_released_keys_are_reread_from_the_folder_on_demand(tmp_path):
     loaded = MemoryBank.load(path, encoder=ENC)
     assert loaded.release_keys() and not loaded._keys
     assert len(loaded) == 50 and torch.equal(loaded.values, bank.values)  # values stay
+    assert torch.equal(loaded.key_norms(), bank.key_norms()) and not loaded._keys  # streamed
+    lazy = MemoryBank.load(path, encoder=ENC, keys=False)
+    assert not lazy._keys and len(lazy) == 50 and torch.equal(lazy.keys, bank.keys)
     assert torch.equal(loaded.keys, bank.keys)  # reread, all four shards
     loaded.release_keys()
     loaded.append(torch.randn(3, 8), torch.rand(3, 3))  # appending rereads first

@@ -228,6 +228,7 @@ def test_saved_bank_keeps_its_approximate_index(tmp_path, scenes, monkeypatch, k
     with monkeypatch.context() as patch:  # ivfpq resolves nlist/refine when trained
         patch.setattr(INDEXES.get(kind), "_add", no_add)
         loaded = InContextPredictor.load(path, progress=False)
+    assert loaded.bank_._keys == []  # a cached exact-scoring index: keys never read into memory
     images = [s.image for s in queries[:3]]
     for a, b in zip(fitted_approx.predict(images), loaded.predict(images)):
         assert torch.equal(a, b)

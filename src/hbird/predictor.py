@@ -450,7 +450,12 @@ class InContextPredictor:
         cache = bank_path / INDEX_CACHE if bank_path else None
         with self.timings.measure("index"):
             self.index_ = load_or_build(
-                self._empty_index(), lambda: self.bank_.keys, cache, source, self.progress
+                self._empty_index(),
+                lambda: self.bank_.keys,
+                len(self.bank_),
+                cache,
+                source,
+                self.progress,
             )
 
     def _check_fitted(self) -> None:
@@ -535,9 +540,7 @@ class InContextPredictor:
         """``(N,)`` float32 norms of the stored keys (1 up to their storage rounding)."""
         norms = getattr(self, "key_norms_", None)
         if norms is None or norms.shape[0] != len(self.bank_):
-            keys = self.bank_.keys
-            norms = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32)
-            self.key_norms_ = norms
+            norms = self.key_norms_ = self.bank_.key_norms()
         return norms
 
     # -- persistence ------------------------------------------------------------------
@@ -588,8 +591,8 @@ class InContextPredictor:
             progress=progress,
         )
         enc = predictor._resolve_encoder()
-        predictor.bank_ = MemoryBank.load(
-            path, encoder=enc.identity(), feature_dim=predictor._feature_dim()
+        predictor.bank_ = MemoryBank.load(  # keys stay on disk unless the index needs them
+            path, encoder=enc.identity(), feature_dim=predictor._feature_dim(), keys=False
         )
         predictor.label_spec_ = predictor.bank_.label_spec
         if config.features == "fungi":

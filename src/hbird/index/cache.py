@@ -47,23 +47,23 @@ def cache_path(cache_dir: Path, source_id: str, index: VectorIndex) -> Path:
 def load_or_build(
     empty: VectorIndex,
     keys: Callable[[], torch.Tensor],
+    num_keys: int,
     cache_dir: str | Path | None,
     source_id: str | None,
     progress: bool = False,
 ) -> VectorIndex:
     """The index ``empty`` filled with ``keys() (N, D)``, from the cache when it is there.
 
-    A cache miss builds the index (``VectorIndex.fill``, with a progress bar if asked)
-    and saves it (a read-only or full disk only warns); a cached index whose size
-    disagrees with the keys is rebuilt. With no ``cache_dir`` or ``source_id``, or for
-    the exact index, this just fills the index.
+    ``keys`` is only called when the index has to be built, so a caller can keep large
+    keys on disk until then; ``num_keys`` is ``N``. A cache miss builds the index
+    (``VectorIndex.fill``, with a progress bar if asked) and saves it (a read-only or
+    full disk only warns); a cached index of another size is rebuilt. With no
+    ``cache_dir`` or ``source_id``, or for the exact index, this just fills the index.
     """
     if cache_dir is None or source_id is None or empty.kind == "exact":
         return empty.fill(keys(), progress=progress)
     folder = cache_path(Path(cache_dir), source_id, empty)
-    keys_now = None
     if (folder / META_FILE).is_file():
-        keys_now = keys()
         try:
             cached = type(empty).load(folder)
         except (HbirdError, OSError, RuntimeError) as err:
@@ -71,11 +71,11 @@ def load_or_build(
                 f"ignoring the cached index in {folder} ({err}); rebuilding it", stacklevel=2
             )
         else:
-            if cached.ntotal == keys_now.shape[0]:
+            if cached.ntotal == num_keys:
                 for name in empty.search_time_params:
                     setattr(cached, name, getattr(empty, name))
                 return cached
-    empty.fill(keys_now if keys_now is not None else keys(), progress=progress)
+    empty.fill(keys(), progress=progress)
     try:
         empty.save(folder)
     except OSError as err:

@@ -126,6 +126,18 @@ class MemoryBank:
         self._keys, self._keys_released = [], True
         return True
 
+    def key_norms(self) -> torch.Tensor:
+        """``(N,)`` float32 norms of the stored keys (1 up to their storage rounding); read
+        shard by shard from the folder when the keys are not in memory."""
+        if not self._keys_released:
+            return torch.linalg.vector_norm(self.keys, dim=-1, dtype=torch.float32)
+        path, manifest = self._source
+        norms = [
+            torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
+            for k, _ in iter_shards(path, manifest)
+        ]
+        return torch.cat(norms) if norms else torch.empty(0)
+
     def _restore_keys(self) -> None:
         if not self._keys_released:
             return
@@ -245,8 +257,13 @@ class MemoryBank:
         encoder: dict[str, str] | None = None,
         feature_dim: int | None = None,
         verify: bool = True,
+        keys: bool = True,
     ) -> MemoryBank:
-        """Read a bank folder; check checksums and, if given, the encoder identity."""
+        """Read a bank folder; check checksums and, if given, the encoder identity.
+
+        ``keys=False`` reads the values only and leaves the keys on disk, to be read on
+        first use (as after :meth:`release_keys`).
+        """
         path = Path(path)
         manifest = cls.read_manifest(path)
         bank = cls(
@@ -260,12 +277,14 @@ class MemoryBank:
             bank.check_encoder(
                 encoder, feature_dim if feature_dim is not None else bank.feature_dim, str(path)
             )
-        for keys, values in iter_shards(path, manifest, verify=verify):
-            bank._keys.append(keys)
+        for shard_keys, values in iter_shards(path, manifest, verify=verify):
+            if keys:
+                bank._keys.append(shard_keys)
             bank._values.append(values)
         bank.num_images = manifest["counts"]["images"]
         bank.attachments = read_attachments(path, manifest, verify=verify)
         bank._source = (path, manifest)
+        bank._keys_released = not keys
         if len(bank) != manifest["counts"]["entries"]:
             raise BankError(
                 f"{path}: shards hold {len(bank)} entries, manifest says {manifest['counts']['entries']}"
