@@ -146,8 +146,8 @@ class MemoryBank:
             keys = [k for k, _ in iter_shards(path, manifest)]
         except BankError as err:
             raise BankError(
-                f"the keys of this bank were released after indexing and must be reread from "
-                f"{path}, which changed or is gone ({err}); load the bank again"
+                f"this bank's keys are read from {path} on demand, and that folder changed "
+                f"or is gone ({err}); load the bank again"
             ) from err
         self._keys, self._keys_released = keys, False
 
