@@ -32,7 +32,9 @@ class CountingKeys:
 
 def open_index(index, keys, cache_dir, source_id):
     """``load_or_build`` over ``keys`` (a ``CountingKeys``)."""
-    return load_or_build(index, keys, len(keys.keys), cache_dir, source_id)
+    return load_or_build(
+        index, lambda empty: empty.fill(keys()), len(keys.keys), cache_dir, source_id
+    )
 
 
 def test_second_open_loads_the_saved_index(tmp_path, keys, monkeypatch) -> None:

@@ -260,3 +260,22 @@ def test_fill_in_chunks_equals_one_add_and_shows_progress(data, capsys) -> None:
     exact_chunked, exact_whole = ExactIndex(DIM).fill(keys, chunk_size=1000), ExactIndex(DIM)
     exact_whole.add(keys)
     assert torch.equal(exact_chunked.search(queries, K)[1], exact_whole.search(queries, K)[1])
+
+
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw", "flat"])
+def test_fill_from_pieces_equals_fill(data, kind) -> None:
+    """Streaming fill (one pass for the training sample, one to add) builds the same index."""
+    keys, queries = data["keys"][:20_000].half(), data["queries"][:50]
+    options = {"train_size": 3000} if kind == "ivfpq" else {}  # a sample smaller than N
+    whole = create_index(kind, DIM, expected_size=20_000, **options).fill(keys)
+    passes = []
+
+    def pieces():
+        passes.append(1)
+        return (keys[i : i + 7000] for i in range(0, 20_000, 7000))  # uneven last piece
+
+    streamed = create_index(kind, DIM, expected_size=20_000, **options).fill_from(pieces, 20_000)
+    assert len(passes) == (2 if kind == "ivfpq" else 1)
+    assert streamed.ntotal == 20_000
+    for a, b in zip(streamed.search(queries, K), whole.search(queries, K)):
+        assert torch.equal(a, b)

@@ -288,7 +288,7 @@ def test_loaded_predictor_releases_the_banks_key_copy(tmp_path, scenes, fitted, 
     _, queries = scenes
     path = fitted.save(tmp_path / "bank")
     loaded = InContextPredictor.load(path, progress=False, index=kind)
-    assert loaded.bank_._keys_released
+    assert loaded.bank_._keys_released and loaded.bank_._keys == []  # streamed into the index
     images = [s.image for s in queries[:3]]
     reference = InContextPredictor.load(path, progress=False, index=kind)
     _ = reference.bank_.keys  # rereads: the reference holds its keys in memory

@@ -450,13 +450,14 @@ class InContextPredictor:
         cache = bank_path / INDEX_CACHE if bank_path else None
         with self.timings.measure("index"):
             self.index_ = load_or_build(
-                self._empty_index(),
-                lambda: self.bank_.keys,
-                len(self.bank_),
-                cache,
-                source,
-                self.progress,
+                self._empty_index(), self._fill_index, len(self.bank_), cache, source
             )
+
+    def _fill_index(self, index: VectorIndex) -> VectorIndex:
+        """Add the bank's keys to ``index``: shard by shard from disk if not in memory."""
+        if self.bank_.keys_in_memory:
+            return index.fill(self.bank_.keys, progress=self.progress)
+        return index.fill_from(self.bank_.iter_keys, len(self.bank_), progress=self.progress)
 
     def _check_fitted(self) -> None:
         if getattr(self, "bank_", None) is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -127,6 +128,45 @@ class VectorIndex(abc.ABC):
             for start in range(0, n, chunk_size):
                 chunk = keys[start : start + chunk_size]
                 self._add(chunk)
+                bar.update(chunk.shape[0])
+        return self
+
+    def training_rows(self, n: int) -> torch.Tensor | None:
+        """Which of ``n`` keys ``train`` would fit on (sorted row ids), or ``None`` for all
+        of them (and for backends that need no training)."""
+        return None
+
+    def fill_from(
+        self, chunks: Callable[[], Iterable[ArrayLike]], n: int, progress: bool = False
+    ) -> VectorIndex:
+        """``fill`` from ``n`` keys that arrive in pieces (e.g. the shards of a bank on disk).
+
+        ``chunks()`` must yield the same ``(n_i, D)`` pieces in the same order each time it
+        is called. If the backend needs training, one pass gathers the rows
+        ``training_rows(n)`` picks and trains on them; a second pass adds every piece. At
+        most one piece plus the training sample is in memory, and the index is the same as
+        ``fill`` of all keys at once. Returns ``self``.
+        """
+        if not self.is_trained and n > 0:
+            rows = self.training_rows(n)
+            sample, start = [], 0
+            for chunk in chunks():
+                chunk = as_key_matrix(chunk, self.dim, "fill_from(chunks)")
+                stop = start + chunk.shape[0]
+                if rows is None:
+                    sample.append(chunk)
+                else:
+                    lo, hi = torch.searchsorted(rows, torch.tensor([start, stop])).tolist()
+                    sample.append(chunk[rows[lo:hi] - start])
+                start = stop
+            self.train(torch.cat(sample))
+        bar = tqdm(total=n, desc=f"indexing ({self.kind})", unit="key", unit_scale=True,
+                   disable=not progress)  # fmt: skip
+        with bar:
+            for chunk in chunks():
+                chunk = as_key_matrix(chunk, self.dim, "fill_from(chunks)")
+                if chunk.shape[0]:
+                    self._add(chunk)
                 bar.update(chunk.shape[0])
         return self
 

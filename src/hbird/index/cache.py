@@ -18,8 +18,6 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from hbird.errors import HbirdError
 from hbird.index.base import FORMAT_VERSION, META_FILE, VectorIndex
 
@@ -46,22 +44,21 @@ def cache_path(cache_dir: Path, source_id: str, index: VectorIndex) -> Path:
 
 def load_or_build(
     empty: VectorIndex,
-    keys: Callable[[], torch.Tensor],
+    fill: Callable[[VectorIndex], VectorIndex],
     num_keys: int,
     cache_dir: str | Path | None,
     source_id: str | None,
-    progress: bool = False,
 ) -> VectorIndex:
-    """The index ``empty`` filled with ``keys() (N, D)``, from the cache when it is there.
+    """The index ``empty`` holding the ``num_keys`` source keys, from the cache when it is there.
 
-    ``keys`` is only called when the index has to be built, so a caller can keep large
-    keys on disk until then; ``num_keys`` is ``N``. A cache miss builds the index
-    (``VectorIndex.fill``, with a progress bar if asked) and saves it (a read-only or
-    full disk only warns); a cached index of another size is rebuilt. With no
-    ``cache_dir`` or ``source_id``, or for the exact index, this just fills the index.
+    ``fill(index)`` adds the keys (``VectorIndex.fill`` or ``fill_from``); it only runs
+    when the index has to be built, so a caller can keep large keys on disk until then.
+    A cache miss builds the index and saves it (a read-only or full disk only warns); a
+    cached index of another size is rebuilt. With no ``cache_dir`` or ``source_id``, or
+    for the exact index, this just fills the index.
     """
     if cache_dir is None or source_id is None or empty.kind == "exact":
-        return empty.fill(keys(), progress=progress)
+        return fill(empty)
     folder = cache_path(Path(cache_dir), source_id, empty)
     if (folder / META_FILE).is_file():
         try:
@@ -75,7 +72,7 @@ def load_or_build(
                 for name in empty.search_time_params:
                     setattr(cached, name, getattr(empty, name))
                 return cached
-    empty.fill(keys(), progress=progress)
+    fill(empty)
     try:
         empty.save(folder)
     except OSError as err:

@@ -276,13 +276,19 @@ class FaissIVFPQIndex(_FaissIndex):
         index.train(as_float32_numpy(sample))
         self._index = index
 
-    def _training_sample(self, x: torch.Tensor) -> torch.Tensor:
+    def training_rows(self, n: int) -> torch.Tensor | None:
+        """A seeded sample of ``train_size`` (default ``64 · nlist``) of ``n`` rows, or all."""
+        if self.nlist is None:
+            self.nlist = default_nlist(self.expected_size or n)
         limit = self.train_size or 64 * self.nlist
-        if x.shape[0] <= limit:
-            return x
+        if n <= limit:
+            return None
         generator = torch.Generator().manual_seed(self.seed)
-        rows = torch.randperm(x.shape[0], generator=generator)[:limit]
-        return x[rows.sort().values]
+        return torch.randperm(n, generator=generator)[:limit].sort().values
+
+    def _training_sample(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.training_rows(x.shape[0])
+        return x if rows is None else x[rows]
 
     def _search_params(self) -> Any:
         faiss = self._faiss

@@ -126,16 +126,24 @@ class MemoryBank:
         self._keys, self._keys_released = [], True
         return True
 
-    def key_norms(self) -> torch.Tensor:
-        """``(N,)`` float32 norms of the stored keys (1 up to their storage rounding); read
-        shard by shard from the folder when the keys are not in memory."""
-        if not self._keys_released:
-            return torch.linalg.vector_norm(self.keys, dim=-1, dtype=torch.float32)
+    @property
+    def keys_in_memory(self) -> bool:
+        """False after :meth:`release_keys` or ``load(keys=False)``, until the keys are used."""
+        return not self._keys_released
+
+    def iter_keys(self) -> Iterator[torch.Tensor]:
+        """The keys in order, ``(n_i, D)`` piece by piece: shard by shard from the folder
+        (checksums verified) when they are not in memory, else all at once."""
+        if self.keys_in_memory:
+            yield self.keys
+            return
         path, manifest = self._source
-        norms = [
-            torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
-            for k, _ in iter_shards(path, manifest)
-        ]
+        for keys, _ in iter_shards(path, manifest):
+            yield keys
+
+    def key_norms(self) -> torch.Tensor:
+        """``(N,)`` float32 norms of the stored keys (1 up to their storage rounding)."""
+        norms = [torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32) for k in self.iter_keys()]
         return torch.cat(norms) if norms else torch.empty(0)
 
     def _restore_keys(self) -> None:
