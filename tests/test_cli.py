@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hbird import _optional
 from hbird.cli import main
 from hbird.data.synthetic import write_scene_folder
 
@@ -133,6 +134,13 @@ def test_bank_build_info_then_predict_from_bank(folders, tmp_path, capsys):
     assert main([*argv, "--out", str(out), "--k", "5", "--autocast", "bf16", "--quiet"]) == 0
     settings = json.loads((out / "settings.json").read_text())["predictor"]
     assert (settings["k"], settings["temperature"], settings["autocast"]) == (5, 0.05, "bf16")
+    if _optional.is_available("faiss"):  # backend options reach the index, and are recorded
+        out = tmp_path / "ivfpq"
+        extra = ["--index", "ivfpq", "--index-param", "k_factor=8", "--index-param", "nprobe=4"]
+        assert main([*argv, "--out", str(out), *extra, "--quiet"]) == 0
+        index = json.loads((out / "settings.json").read_text())["index"]
+        assert (index["kind"], index["k_factor"], index["nprobe"]) == ("ivfpq", 8, 4)
+    assert main([*argv, "--out", str(tmp_path / "bad"), "--index-param", "k_factor"]) != 0
 
 
 def test_errors_are_reported_not_raised(folders, tmp_path, capsys):
@@ -201,6 +209,16 @@ def test_eval_retrieval_from_the_command_line(tmp_path, folder_dataset, capsys):
         and metrics["config"]["layers"] == 0
         and metrics["metrics"]["miou"] > 0.7
     )
+
+
+def test_eval_index_params_reach_the_index(tmp_path, folder_dataset):
+    pytest.importorskip("faiss")
+    out = tmp_path / "run"
+    extra = ("--index", "ivfpq", "--index-param", "k_factor=8")
+    assert run_eval(folder_dataset, out, *extra) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["index_params"] == {"k_factor": 8}
+    assert (metrics["search"]["kind"], metrics["search"]["k_factor"]) == ("ivfpq", 8)
 
 
 def test_eval_under_autocast_is_recorded_and_guards_its_run_folder(

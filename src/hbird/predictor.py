@@ -574,11 +574,13 @@ class InContextPredictor:
         weights: str | Path | None = None,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        index_params: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> InContextPredictor:
         """Rebuild a predictor from a bank folder; refuses a bank made with another encoder.
 
-        ``overrides`` change search-time settings (``k``, ``temperature``, ``index``...).
+        ``overrides`` change search-time settings (``k``, ``temperature``, ``index``...);
+        ``index_params`` go to the index backend (e.g. ``{"k_factor": 16}`` for IVF-PQ).
         """
         manifest = MemoryBank.read_manifest(path)
         config = PredictorConfig.from_dict(manifest.get("config", {}))
@@ -588,6 +590,7 @@ class InContextPredictor:
         predictor = cls(
             encoder=encoder if encoder is not None else config.encoder,
             **{k: v for k, v in asdict(config).items() if k != "encoder"},
+            index_params=index_params,
             device=device,
             progress=progress,
         )

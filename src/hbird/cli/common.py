@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from hbird.errors import InputError
 from hbird.predictor import InContextPredictor
 
 
@@ -73,6 +76,13 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "exact", "flat", "ivfpq", "hnsw", "scann"],
         help="search backend (default auto; with --bank: the bank's)",
     )
+    group.add_argument(
+        "--index-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="index backend option, repeatable (e.g. k_factor=16 nprobe=16 for ivfpq)",
+    )
     group.add_argument("--seed", type=int, default=0, help="seed for augmentation and sampling")
     group.add_argument(
         "--features",
@@ -109,6 +119,17 @@ def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+def parse_index_params(items: list[str]) -> dict[str, Any]:
+    """``["k_factor=16"]`` → ``{"k_factor": 16}`` (values read as YAML scalars)."""
+    params = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--index-param {item!r} is not KEY=VALUE (e.g. k_factor=16)")
+        params[key.strip()] = yaml.safe_load(text)
+    return params
+
+
 def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:
     return InContextPredictor(
         encoder=args.encoder or DEFAULT_ENCODER,
@@ -119,6 +140,7 @@ def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:
         memory_size=args.memory_size,
         aug_epochs=args.aug_epochs,
         **explicit_settings(args),
+        index_params=parse_index_params(args.index_param),
         batch_size=args.batch_size,
         device=args.device,
         seed=args.seed,

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hbird.cli.common import AUTOCAST_HELP, parse_layers
+from hbird.cli.common import AUTOCAST_HELP, parse_index_params, parse_layers
 from hbird.eval.config import parse_overrides, preset_names
 
 
@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", choices=["auto", "exact", "flat", "ivfpq", "hnsw", "scann"])
     parser.add_argument("--device", help="torch device")
     parser.add_argument("--autocast", choices=["bf16", "fp16"], help=AUTOCAST_HELP)
+    parser.add_argument(
+        "--index-param", action="append", default=[], metavar="KEY=VALUE",
+        help="index backend option, repeatable (e.g. k_factor=16 for ivfpq)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=10, help="linear probe: training epochs")
     parser.add_argument("--lr", type=float, default=0.01, help="linear probe: SGD learning rate")
     parser.add_argument(
@@ -68,6 +72,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     config = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     if args.layers is not None:
         config["layers"] = parse_layers(args.layers)
+    if args.index_param:
+        config["index_params"] = parse_index_params(args.index_param)
     return config
 
 

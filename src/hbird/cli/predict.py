@@ -13,6 +13,7 @@ from hbird.cli.common import (
     add_label_arguments,
     add_memory_arguments,
     explicit_settings,
+    parse_index_params,
     predictor_from_args,
     prompt_dataset,
     write_json,
@@ -79,6 +80,7 @@ def load_predictor(args: argparse.Namespace) -> InContextPredictor:
             weights=args.weights,
             device=args.device,
             progress=not args.quiet,
+            index_params=parse_index_params(args.index_param),
             **overrides,
         )
     predictor = predictor_from_args(args).fit_dataset(prompt_dataset(args, args.prompt))
@@ -137,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
                 "source": str(args.bank or args.prompt),
             },
             "encoder": predictor.bank_.encoder,
+            "index": predictor.index_.describe(),
             "outputs": outputs,
         },
     )

@@ -32,6 +32,7 @@ class EvalConfig:
         features: ``"patch"`` (encoder features) or ``"fungi"`` (dense FUNGI).
         autocast: ``"bf16"``/``"fp16"`` to encode under autocast (GPU speed; changes the
             numbers slightly), ``None`` for float32.
+        index_params: options of the index backend, e.g. ``{"k_factor": 16}`` for IVF-PQ.
     """
 
     encoder: str = "vit_small_patch16_224.dino"
@@ -54,6 +55,7 @@ class EvalConfig:
     overlays: int = 6
     features: str = "patch"
     autocast: str | None = None
+    index_params: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -65,7 +67,7 @@ class EvalConfig:
         """Arguments for :class:`~hbird.predictor.InContextPredictor`."""
         keys = ("encoder", "weights", "pretrained", "layers", "image_size", "k", "temperature", "memory_size",
                 "aug_epochs", "index", "sampling", "batch_size", "device", "seed", "features",
-                "autocast")  # fmt: skip
+                "autocast", "index_params")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
 

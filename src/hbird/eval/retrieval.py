@@ -117,6 +117,7 @@ def _predictor(
         encoder=predictor._resolve_encoder(),
         device=cfg.device,
         progress=progress,
+        index_params=cfg.index_params,
         batch_size=cfg.batch_size,
     )
     loaded.timings = predictor.timings
