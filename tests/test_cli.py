@@ -143,6 +143,15 @@ def test_bank_build_info_then_predict_from_bank(folders, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "bad"), "--index-param", "k_factor"]) != 0
 
 
+def test_bank_build_keeps_its_approximate_index(folders, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    bank = tmp_path / "bank"
+    argv = ["bank", "build", "--prompt", str(folders / "prompt"), "--out", str(bank), *FAST]
+    assert main([*argv, "--index", "hnsw"]) == 0
+    assert [p.name.split("-")[0] for p in (bank / "indexes").iterdir()] == ["hnsw"]
+    assert "indexes     hnsw-" in capsys.readouterr().out
+
+
 def test_errors_are_reported_not_raised(folders, tmp_path, capsys):
     code = main(
         [

@@ -10,13 +10,14 @@ from hbird.cli.common import (
     add_encoder_arguments,
     add_label_arguments,
     add_memory_arguments,
+    parse_index_params,
     predictor_from_args,
     prompt_dataset,
 )
 from hbird.data.pairs import DatasetPairs
 from hbird.eval.report import layers_text
 from hbird.memory.bank import MemoryBank
-from hbird.predictor import INDEX_CACHE
+from hbird.predictor import INDEX_CACHE, InContextPredictor
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+    )
+    # build the search index now and keep it with the bank, so the first predict is fast
+    InContextPredictor.load(
+        path,
+        encoder=predictor._resolve_encoder(),
+        device=args.device,
+        progress=not args.quiet,
+        index_params=parse_index_params(args.index_param),
     )
     print(format_info(path, MemoryBank.read_manifest(path)))
     return 0
