@@ -279,3 +279,18 @@ def test_fill_from_pieces_equals_fill(data, kind) -> None:
     assert streamed.ntotal == 20_000
     for a, b in zip(streamed.search(queries, K), whole.search(queries, K)):
         assert torch.equal(a, b)
+
+
+def test_float16_copy_of_float32_keys_does_not_claim_exact_scores(tmp_path, data) -> None:
+    keys, queries = data["keys"][:5000], data["queries"][:20]  # float32 keys
+    approximate = FaissIVFPQIndex(DIM, refine="float16")
+    approximate.add(keys)
+    assert approximate.keys_dtype == "float32" and not approximate.exact_scores
+    sims, ids = approximate.search(queries, K)
+    error = (sims - _true_sims(keys, queries, ids)).abs().max()
+    assert 0 < error < 1e-2  # close, but not the stored keys' exact inner products
+    reloaded = load_index(approximate.save(tmp_path / "idx"))
+    assert not reloaded.exact_scores
+    exact = FaissIVFPQIndex(DIM)
+    exact.add(keys)
+    assert exact.exact_scores and load_index(exact.save(tmp_path / "idx2")).exact_scores

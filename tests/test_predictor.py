@@ -297,3 +297,20 @@ def test_loaded_predictor_releases_the_banks_key_copy(tmp_path, scenes, fitted, 
     assert torch.equal(again.bank_.keys, fitted.bank_.keys)
     loaded.add([queries[3].image], [queries[3].mask])
     assert len(loaded.bank_) == len(loaded.bank_.keys) == loaded.index_.ntotal > len(fitted.bank_)
+
+
+def test_approximate_index_scores_fall_back_to_recomputed_cosines(scenes):
+    pytest.importorskip("faiss")
+    from hbird.decode import neighbour_attention
+
+    prompt, queries = scenes
+    p = predictor(index="ivfpq", index_params={"refine": "float16"}, key_dtype="float32", k=10)
+    p.fit([s.image for s in prompt], [s.mask for s in prompt], num_classes=4)
+    assert not p.index_.exact_scores  # float32 keys, float16 re-ranking copy
+    feats = p._encode(p.encoder_, [queries[0].image], layers=0, batch_size=1)[0]
+    q = feats.reshape(-1, feats.shape[-1])
+    weights, _ = p.attend(q)
+    _, ids = p.index_.search(q, 10)
+    torch.testing.assert_close(
+        weights, neighbour_attention(q, p.bank_.keys[ids], p.config.temperature)
+    )

@@ -186,11 +186,12 @@ class FaissIVFPQIndex(_FaissIndex):
         expected_size: number of keys the index will hold, to size ``nlist``.
         seed: seed for the training sub-sample.
         refine: ``"auto"`` (the dtype of the training keys), ``"float16"`` or ``"float32"``:
-            the precision of the re-ranking copy of the keys.
+            the precision of the re-ranking copy of the keys. A float16 copy of float32
+            keys makes the returned scores approximate (``exact_scores`` is then False).
+        keys_dtype: dtype of the keys the index was trained on; recorded by training.
     """
 
     kind = "ivfpq"
-    exact_scores = True  # re-ranked against a float32 copy, or float16 for float16 keys
     search_time_params = ("nprobe", "k_factor")
     uses_expected_size = True
 
@@ -205,6 +206,7 @@ class FaissIVFPQIndex(_FaissIndex):
         expected_size: int | None = None,
         seed: int = 0,
         refine: str = "auto",
+        keys_dtype: str | None = None,
     ) -> None:
         super().__init__(dim)
         owner = "FaissIVFPQIndex"
@@ -228,6 +230,12 @@ class FaissIVFPQIndex(_FaissIndex):
         self.expected_size = expected_size
         self.seed = seed
         self.refine = refine
+        self.keys_dtype = keys_dtype
+
+    @property
+    def exact_scores(self) -> bool:  # type: ignore[override]
+        """Re-ranked scores are exact unless float32 keys met a float16 re-ranking copy."""
+        return not (self.refine == "float16" and self.keys_dtype == "float32")
 
     def params(self) -> dict[str, Any]:
         return {
@@ -239,6 +247,7 @@ class FaissIVFPQIndex(_FaissIndex):
             "expected_size": self.expected_size,
             "seed": self.seed,
             "refine": self.refine,
+            "keys_dtype": self.keys_dtype,
         }
 
     @property
@@ -260,8 +269,9 @@ class FaissIVFPQIndex(_FaissIndex):
         n = x.shape[0]
         if self.nlist is None:
             self.nlist = default_nlist(self.expected_size or n)
+        self.keys_dtype = "float16" if x.dtype == torch.float16 else "float32"
         if self.refine == "auto":
-            self.refine = "float16" if x.dtype == torch.float16 else "float32"
+            self.refine = self.keys_dtype
         needed = max(self.nlist, 16)  # 16 = centroids of a 4-bit PQ codebook
         if n < needed:
             raise InputError(
