@@ -46,7 +46,7 @@ def search_text(setting: Any, search: dict[str, Any]) -> str:
     if not search:
         return str(setting)
     skip = {"kind", "dim", "ntotal", "is_trained", "expected_size", "seed", "train_size",
-            "chunk_size", "query_chunk_size"}  # fmt: skip
+            "chunk_size", "query_chunk_size", "factory", "keys_dtype"}  # fmt: skip
     params = ", ".join(f"{k} {v}" for k, v in search.items() if k not in skip and v is not None)
     built = search["kind"] + (f" ({params})" if params else "")
     return built if setting == search["kind"] else f"{setting} → {built}"
