@@ -19,6 +19,8 @@ from __future__ import annotations
 import abc
 import json
 import os
+import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -119,7 +121,7 @@ class VectorIndex(abc.ABC):
         there is more than one chunk. Same result as ``add(x)``; returns ``self``."""
         keys = as_key_matrix(x, self.dim, "fill(x)")
         if not self.is_trained and keys.shape[0] > 0:
-            self.train(keys)
+            self._train_and_say(keys, progress)
         n = keys.shape[0]
         with tqdm(
             total=n, desc=f"indexing ({self.kind})", unit="key", unit_scale=True,
@@ -130,6 +132,15 @@ class VectorIndex(abc.ABC):
                 self._add(chunk)
                 bar.update(chunk.shape[0])
         return self
+
+    def _train_and_say(self, x: torch.Tensor, progress: bool) -> None:
+        """``train(x)``, announced on stderr when ``progress`` (k-means can take minutes)."""
+        if progress:
+            tqdm.write(f"training the {self.kind} index on {x.shape[0]:,} keys...", file=sys.stderr)
+        start = time.perf_counter()
+        self.train(x)
+        if progress:
+            tqdm.write(f"trained in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     def training_rows(self, n: int) -> torch.Tensor | None:
         """Which of ``n`` keys ``train`` would fit on (sorted row ids), or ``None`` for all
@@ -159,7 +170,7 @@ class VectorIndex(abc.ABC):
                     lo, hi = torch.searchsorted(rows, torch.tensor([start, stop])).tolist()
                     sample.append(chunk[rows[lo:hi] - start])
                 start = stop
-            self.train(torch.cat(sample))
+            self._train_and_say(torch.cat(sample), progress)
         bar = tqdm(total=n, desc=f"indexing ({self.kind})", unit="key", unit_scale=True,
                    disable=not progress)  # fmt: skip
         with bar:
