@@ -7,6 +7,7 @@ from hbird.data.synthetic import make_scenes
 from hbird.encoders import create_encoder
 from hbird.errors import InputError
 from hbird.fungi import EMBEDDING, FungiExtractor, TextBackbone, batched_gradients, naive_gradients
+from hf_models import save_tiny
 
 OPTIONS = {"dino": {"num_local": 4, "local_size": 16}, "simclr": {"num_negative_inputs": 4}}
 
@@ -172,30 +173,18 @@ def test_dino_refuses_texts(text_backbone):
 
 @pytest.mark.parametrize("kind", ["dinov2", "clip_vision"])
 def test_hugging_face_vision_encoders(kind, images, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    small = {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": 32,
-        "patch_size": 8,
-    }
-    torch.manual_seed(0)
-    if kind == "dinov2":
-        model = transformers.Dinov2Model(transformers.Dinov2Config(mlp_ratio=2, **small))
-        layer = ("encoder.layer.1.attention.output.dense", "encoder.layer.1.attention.o_proj")
-    else:
-        model = transformers.CLIPVisionModel(
-            transformers.CLIPVisionConfig(intermediate_size=64, **small)
-        )
-        layer = (
+    pytest.importorskip("transformers")
+    save_tiny(tmp_path, kind)
+    layer = {  # module paths differ between transformers versions
+        "dinov2": ("encoder.layer.1.attention.output.dense", "encoder.layer.1.attention.o_proj"),
+        "clip_vision": (
             "vision_model.encoder.layers.1.self_attn.out_proj",
             "encoder.layers.1.self_attn.out_proj",
-        )
-    model.save_pretrained(tmp_path)
+        ),
+    }[kind]
     encoder = create_encoder(f"hf:{tmp_path}", pretrained=True)
     fx = FungiExtractor(encoder, losses=("kl",), image_size=32).fit(images[:2])
-    assert fx.layer_name_ in layer  # module paths differ between transformers versions
+    assert fx.layer_name_ in layer
     batch = fx.backbone_.prepare(images[:2])
     with torch.no_grad():
         out = encoder.model(pixel_values=encoder.normalize(batch))

@@ -128,23 +128,20 @@ def test_attachments_round_trip_and_are_verified(tmp_path):
         MemoryBank.load(path)
 
 
-def test_released_keys_are_reread_from_the_folder_on_demand(tmp_path):
+def test_keys_left_on_disk_are_read_on_demand(tmp_path):
     bank = make_bank()
     path = bank.save(tmp_path / "bank", shard_size=16)
-    assert not bank.release_keys()  # an in-memory bank has nowhere to reread from
-    loaded = MemoryBank.load(path, encoder=ENC)
-    assert loaded.release_keys() and not loaded._keys
-    assert len(loaded) == 50 and torch.equal(loaded.values, bank.values)  # values stay
-    assert torch.equal(loaded.key_norms(), bank.key_norms()) and not loaded._keys  # streamed
     lazy = MemoryBank.load(path, encoder=ENC, keys=False)
-    assert not lazy._keys and len(lazy) == 50 and torch.equal(lazy.keys, bank.keys)
-    assert torch.equal(loaded.keys, bank.keys)  # reread, all four shards
-    loaded.release_keys()
-    loaded.append(torch.randn(3, 8), torch.rand(3, 3))  # appending rereads first
-    assert len(loaded) == 53 and torch.equal(loaded.keys[:50], bank.keys)
-    # a folder that changed under a released bank is refused, not silently mixed in
-    again = MemoryBank.load(path, encoder=ENC)
-    again.release_keys()
+    assert not lazy._keys and not lazy.keys_in_memory
+    assert len(lazy) == 50 and torch.equal(lazy.values, bank.values)  # values are loaded
+    assert torch.equal(lazy.key_norms(), bank.key_norms()) and not lazy._keys  # streamed
+    assert torch.equal(torch.cat(list(lazy.iter_keys())), bank.keys) and not lazy._keys
+    assert torch.equal(lazy.keys, bank.keys) and lazy.keys_in_memory  # read, all four shards
+    grown = MemoryBank.load(path, encoder=ENC, keys=False)
+    grown.append(torch.randn(3, 8), torch.rand(3, 3))  # appending reads the keys first
+    assert len(grown) == 53 and torch.equal(grown.keys[:50], bank.keys)
+    # a folder that changed under a bank whose keys are on disk is refused, not mixed in
+    again = MemoryBank.load(path, encoder=ENC, keys=False)
     shard = sorted(path.glob("shard_*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:-8])
     with pytest.raises(BankError, match="read from .* on demand"):

@@ -280,15 +280,15 @@ def test_eq1_weights_from_index_scores_equal_recomputed_cosines(scenes, kind):
 
 
 @pytest.mark.parametrize("kind", ["exact", "hnsw"])
-def test_loaded_predictor_releases_the_banks_key_copy(tmp_path, scenes, fitted, kind):
-    """Once the index holds the keys and scores them exactly, the bank's copy is freed;
-    predictions, save and add still work (keys are reread from the folder)."""
+def test_loaded_predictor_keeps_the_banks_keys_on_disk(tmp_path, scenes, fitted, kind):
+    """The keys go from the bank's shards into the index and are not kept in memory;
+    predictions, save and add still work (keys are read from the folder when needed)."""
     if kind != "exact":
         pytest.importorskip("faiss")
     _, queries = scenes
     path = fitted.save(tmp_path / "bank")
     loaded = InContextPredictor.load(path, progress=False, index=kind)
-    assert loaded.bank_._keys_released and loaded.bank_._keys == []  # streamed into the index
+    assert not loaded.bank_.keys_in_memory  # streamed into the index, not kept
     images = [s.image for s in queries[:3]]
     reference = InContextPredictor.load(path, progress=False, index=kind)
     _ = reference.bank_.keys  # rereads: the reference holds its keys in memory

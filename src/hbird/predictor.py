@@ -604,7 +604,4 @@ class InContextPredictor:
                 raise BankError(f"{path} is a FUNGI bank without its support set; rebuild it")
             predictor._fit_fungi(None, support=predictor.bank_.attachments["fungi_support"])
         predictor._build_index(Path(path))
-        if predictor.index_.exact_scores:  # the index has the keys now; the bank's copy can go
-            predictor._key_norms()
-            predictor.bank_.release_keys()
         return predictor

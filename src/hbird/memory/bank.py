@@ -93,7 +93,7 @@ class MemoryBank:
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._source: tuple[Path, dict[str, Any]] | None = None  # folder + manifest it came from
-        self._keys_released = False
+        self._keys_on_disk = False
 
     # -- contents ---------------------------------------------------------------------
     def __len__(self) -> int:
@@ -101,7 +101,7 @@ class MemoryBank:
 
     @property
     def keys(self) -> torch.Tensor:
-        """``(N, D)`` L2-normalised keys in ``key_dtype`` (reread if released)."""
+        """``(N, D)`` L2-normalised keys in ``key_dtype`` (read from the folder if they are still on disk)."""
         self._restore_keys()
         self._consolidate()
         return (
@@ -116,20 +116,10 @@ class MemoryBank:
         self._consolidate()
         return self._values[0] if self._values else torch.empty(0, self.label_spec.value_dim)
 
-    def release_keys(self) -> bool:
-        """Free the keys of a bank loaded from disk; they are reread (checksums verified)
-        the next time they are needed. For a predictor whose index holds the keys (or
-        codes and a re-ranking copy) and scores them exactly, this halves the memory of a
-        large bank. Answers whether anything was released (not for in-memory banks)."""
-        if self._source is None or self._keys_released:
-            return False
-        self._keys, self._keys_released = [], True
-        return True
-
     @property
     def keys_in_memory(self) -> bool:
-        """False after :meth:`release_keys` or ``load(keys=False)``, until the keys are used."""
-        return not self._keys_released
+        """False after ``load(keys=False)``, until the keys are first used."""
+        return not self._keys_on_disk
 
     def iter_keys(self) -> Iterator[torch.Tensor]:
         """The keys in order, ``(n_i, D)`` piece by piece: shard by shard from the folder
@@ -147,7 +137,7 @@ class MemoryBank:
         return torch.cat(norms) if norms else torch.empty(0)
 
     def _restore_keys(self) -> None:
-        if not self._keys_released:
+        if not self._keys_on_disk:
             return
         path, manifest = self._source
         try:
@@ -157,7 +147,7 @@ class MemoryBank:
                 f"this bank's keys are read from {path} on demand, and that folder changed "
                 f"or is gone ({err}); load the bank again"
             ) from err
-        self._keys, self._keys_released = keys, False
+        self._keys, self._keys_on_disk = keys, False
 
     def _consolidate(self) -> None:
         if len(self._keys) > 1:
@@ -270,7 +260,7 @@ class MemoryBank:
         """Read a bank folder; check checksums and, if given, the encoder identity.
 
         ``keys=False`` reads the values only and leaves the keys on disk, to be read on
-        first use (as after :meth:`release_keys`).
+        first use (checksums verified then).
         """
         path = Path(path)
         manifest = cls.read_manifest(path)
@@ -292,7 +282,7 @@ class MemoryBank:
         bank.num_images = manifest["counts"]["images"]
         bank.attachments = read_attachments(path, manifest, verify=verify)
         bank._source = (path, manifest)
-        bank._keys_released = not keys
+        bank._keys_on_disk = not keys
         if len(bank) != manifest["counts"]["entries"]:
             raise BankError(
                 f"{path}: shards hold {len(bank)} entries, manifest says {manifest['counts']['entries']}"
