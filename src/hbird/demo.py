@@ -8,7 +8,6 @@ one-page report. It proves the plumbing, not the quality of any real encoder.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from hbird.data.synthetic import default_class_names, make_scenes, write_scene_folder
+from hbird.io.files import write_json, write_text
 from hbird.labelspec import LabelSpec
 from hbird.metrics import ConfusionMatrix, DepthMetrics
 from hbird.predictor import InContextPredictor
@@ -149,8 +149,8 @@ def run_demo(
         "seconds": time.perf_counter() - start,
         "config": {k: v for k, v in cfg.__dict__.items()},
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    (out / "report.md").write_text(_report(metrics, pictures, cfg))
+    write_json(out / "metrics.json", metrics, sort_keys=False)
+    write_text(out / "report.md", _report(metrics, pictures, cfg))
     return metrics
 
 

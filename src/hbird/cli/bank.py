@@ -16,7 +16,7 @@ from hbird.cli.common import (
 )
 from hbird.data.pairs import DatasetPairs
 from hbird.eval.report import layers_text
-from hbird.memory.bank import MemoryBank
+from hbird.memory.bank import MemoryBank, check_bank_path
 from hbird.predictor import INDEX_CACHE, InContextPredictor
 
 
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = MemoryBank.read_manifest(args.bank)
         print(json.dumps(manifest, indent=2) if args.json else format_info(args.bank, manifest))
         return 0
+    check_bank_path(args.out, args.overwrite)  # before any work, and before anything is deleted
     dataset = prompt_dataset(args, args.prompt)
     predictor = predictor_from_args(args)
     path = predictor.build_bank(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +155,3 @@ def prompt_dataset(args: argparse.Namespace, root: str | Path) -> Any:
     return FolderDataset(
         root, task=args.task, num_classes=args.num_classes, ignore_index=args.ignore_index
     )
-
-
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

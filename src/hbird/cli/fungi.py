@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hbird.cli.common import DEFAULT_ENCODER, write_json
+from hbird.cli.common import DEFAULT_ENCODER
 from hbird.data.datasets import parse_value
 from hbird.errors import InputError
+from hbird.io.files import write_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

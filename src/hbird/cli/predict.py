@@ -16,10 +16,10 @@ from hbird.cli.common import (
     parse_index_params,
     predictor_from_args,
     prompt_dataset,
-    write_json,
 )
 from hbird.data.io import IMAGE_SUFFIXES, list_images, load_image
 from hbird.errors import InputError
+from hbird.io.files import atomic_file, write_json
 from hbird.predictor import InContextPredictor
 
 
@@ -99,7 +99,8 @@ def write_prediction(out: Path, stem: str, image, prediction, spec, overlays: bo
     else:
         values = prediction.labels.numpy().astype(np.float32)
         save_depth_png(out / f"{stem}.png", values)
-        np.save(out / f"{stem}.npy", values)
+        with atomic_file(out / f"{stem}.npy") as tmp:
+            np.save(tmp, values)
         written.append(f"{stem}.npy")
     if overlays:
         save_prediction_panel(

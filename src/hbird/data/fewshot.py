@@ -17,6 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from hbird.errors import InputError
+from hbird.io.files import write_text
 
 
 def parse_fraction(fraction: float | str) -> float:
@@ -68,9 +69,7 @@ def write_subset(path: str | Path, names: Iterable[str]) -> Path:
         raise InputError(
             f"subset names must be non-empty single-line strings without surrounding spaces: {bad[:5]}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
-    return path
+    return write_text(path, "".join(f"{n}\n" for n in names))
 
 
 def read_subset(path: str | Path) -> list[str]:

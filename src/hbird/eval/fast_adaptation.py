@@ -42,8 +42,9 @@ from hbird.eval.linear_probe import (
     score_linear_head,
     train_linear_head,
 )
-from hbird.eval.report import fmt, layers_text, write_atomic, write_json
+from hbird.eval.report import fmt, layers_text
 from hbird.eval.retrieval import evaluate, load_encoder, open_datasets, scores_from_metric
+from hbird.io.files import write_json, write_text
 from hbird.labelspec import LabelSpec
 
 DEFAULT_FRACTIONS = ("1/64", "1/32", "1/16", "1/8", "1/4", "1/2", "1/1")
@@ -181,9 +182,9 @@ class FastAdaptationReport:
     def write(self, out: str | Path) -> None:
         out = Path(out)
         write_json(out / "fast_adaptation.json", self.to_dict())
-        write_atomic(out / "fast_adaptation.csv", self.csv())
+        write_text(out / "fast_adaptation.csv", self.csv())
         self.plot(out)
-        write_atomic(out / "summary.md", self.summary())
+        write_text(out / "summary.md", self.summary())
 
 
 def _previous_points(out: Path | None, settings: dict[str, Any]) -> dict[str, AdaptationPoint]:

@@ -29,8 +29,9 @@ from hbird.data.fewshot import fewshot_indices, parse_fraction, read_subset, wri
 from hbird.encoders import Encoder
 from hbird.errors import InputError
 from hbird.eval.config import resolve_config
-from hbird.eval.report import fmt, layers_text, write_atomic, write_json
+from hbird.eval.report import fmt, layers_text
 from hbird.eval.retrieval import evaluate, load_encoder, open_datasets
+from hbird.io.files import write_json, write_text
 
 DEFAULT_FRACTIONS = ("1/128", "1/64", "1/32", "1/16", "1/8", "1/4", "1/2", "1/1")
 DEFAULT_SEEDS = (42, 400, 783)
@@ -194,9 +195,9 @@ class FractionsReport:
     def write(self, out: str | Path) -> None:
         out = Path(out)
         write_json(out / "data_efficiency.json", self.to_dict())
-        write_atomic(out / "data_efficiency.csv", self.csv())
+        write_text(out / "data_efficiency.csv", self.csv())
         self.plot(out / "data_efficiency.png")
-        write_atomic(out / "summary.md", self.summary())
+        write_text(out / "summary.md", self.summary())
 
 
 def _pin_subset(path: Path, names: list[str]) -> None:

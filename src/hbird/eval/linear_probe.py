@@ -41,7 +41,7 @@ from hbird.decode import DensePrediction, upsample
 from hbird.encoders import Encoder, encode_batches
 from hbird.errors import InputError
 from hbird.eval.config import EvalConfig, resolve_config
-from hbird.eval.report import Report, fmt, layers_text, write_json
+from hbird.eval.report import Report, fmt, layers_text
 from hbird.eval.retrieval import (
     load_encoder,
     new_metric,
@@ -49,6 +49,7 @@ from hbird.eval.retrieval import (
     save_picture,
     scores_from_metric,
 )
+from hbird.io.files import save_tensors, write_json
 from hbird.labelspec import LabelSpec
 from hbird.memory.labels import pool_labels
 from hbird.metrics import ConfusionMatrix, DepthMetrics
@@ -432,15 +433,6 @@ def _report(
     )
 
 
-def _save_head(path: Path, head: LinearHead) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(tmp))
-    tmp.replace(path)
-
-
 def linear_probe(
     encoder: str | Encoder | None,
     dataset: str | tuple[Any, Any],
@@ -505,7 +497,7 @@ def linear_probe(
     report = _report(spec, str(description), cfg, settings, table, losses, scores, timings)
     if out is not None:
         write_json(out / "config.json", {"config": report.config, "dataset": str(description)})
-        _save_head(out / "linear_head.safetensors", head)
+        save_tensors(out / "linear_head.safetensors", head.state_dict())
         report.write(out)
     return report
 

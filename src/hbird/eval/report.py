@@ -8,24 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+from hbird.io.files import write_json, write_text
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -153,5 +141,5 @@ class Report:
         out = Path(out)
         write_json(out / "metrics.json", self.to_dict())
         if self.per_class:
-            write_atomic(out / "per_class.csv", self.per_class_csv())
-        write_atomic(out / "summary.md", self.summary())
+            write_text(out / "per_class.csv", self.per_class_csv())
+        write_text(out / "summary.md", self.summary())

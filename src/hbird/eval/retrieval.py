@@ -22,7 +22,8 @@ from hbird.data.pairs import DatasetPairs
 from hbird.encoders import Encoder, create_encoder
 from hbird.errors import InputError
 from hbird.eval.config import EvalConfig, resolve_config
-from hbird.eval.report import Report, write_json
+from hbird.eval.report import Report
+from hbird.io.files import write_json
 from hbird.labelspec import LabelSpec
 from hbird.metrics import ConfusionMatrix, DepthMetrics
 from hbird.predictor import InContextPredictor

@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from hbird._fs import atomic_folder
 from hbird.encoders.base import Encoder
 from hbird.encoders.precision import AUTOCAST_NAMES, autocast_context, parse_autocast
 from hbird.errors import InputError
@@ -40,6 +39,7 @@ from hbird.fungi.gradients import (
 from hbird.fungi.losses import LOSSES, create_loss
 from hbird.fungi.pca import PCA
 from hbird.fungi.projection import RandomProjection, aligned_block_rows
+from hbird.io.files import atomic_folder, has_file, save_tensors, write_json
 
 EMBEDDING = "embedding"
 """Name of the embedding part in :meth:`FungiExtractor.extract_parts`."""
@@ -289,9 +289,9 @@ class FungiExtractor:
         }
         if self.pca_ is not None:
             tensors.update({f"pca.{k}": v.contiguous() for k, v in self.pca_.state_dict().items()})
-        with atomic_folder(path, CONFIG_FILE, "a saved FUNGI extractor") as tmp:
-            save_file(tensors, str(tmp / TENSORS_FILE))
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        with atomic_folder(path, "a saved FUNGI extractor", has_file(CONFIG_FILE)) as tmp:
+            save_tensors(tmp / TENSORS_FILE, tensors)
+            write_json(tmp / CONFIG_FILE, config, sort_keys=False)
         folder = Path(path)
         return folder
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hbird._fs import atomic_folder
 from hbird.errors import HbirdError, InputError
+from hbird.io.files import atomic_folder, has_file, write_json
 
 FORMAT_VERSION = 1
 META_FILE = "index.json"
@@ -223,9 +223,9 @@ class VectorIndex(abc.ABC):
             "ntotal": self.ntotal,
             "params": self.params(),
         }
-        with atomic_folder(folder, META_FILE, "a saved index") as tmp:
+        with atomic_folder(folder, "a saved index", has_file(META_FILE)) as tmp:
             self._save_payload(tmp)
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            write_json(tmp / META_FILE, meta, sort_keys=False)
         return folder
 
     @classmethod

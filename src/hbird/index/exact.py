@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hbird.errors import InputError
 from hbird.index.base import VectorIndex
+from hbird.io.files import save_tensors
 
 KEYS_FILE = "keys.safetensors"
 
@@ -110,7 +111,7 @@ class ExactIndex(VectorIndex):
         return best_sims, best_ids
 
     def _save_payload(self, folder: Path) -> None:
-        save_file({"keys": self.keys.contiguous()}, str(folder / KEYS_FILE))
+        save_tensors(folder / KEYS_FILE, {"keys": self.keys})
 
     def _load_payload(self, folder: Path) -> None:
         path = folder / KEYS_FILE

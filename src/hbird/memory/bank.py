@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +24,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hbird.errors import BankError
+from hbird.io.files import (
+    check_replaceable,
+    remove_folder,
+    replace_folder,
+    save_tensors,
+    write_json,
+)
 from hbird.labelspec import LabelSpec
 
 FORMAT_VERSION = 1
@@ -46,10 +51,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def is_bank(folder: Path) -> bool:
+    """True if ``folder`` holds a manifest that says it is an hbird memory bank."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"format_version", "encoder", "shards"} <= set(manifest)
+
+
+def check_bank_path(path: str | Path, overwrite: bool = False) -> None:
+    """Raise :class:`BankError` unless a bank may be written at ``path``: it is new or an
+    empty folder, or (with ``overwrite``) a bank. Anything else is left untouched."""
+    check_replaceable(
+        path, "a memory bank", is_bank, overwrite, "--overwrite (overwrite=True)", BankError
+    )
+
+
+def _is_staging(folder: Path) -> bool:
+    """A ``<bank>.partial`` build folder: its progress file, or a finished manifest."""
+    return (folder / PROGRESS).is_file() or is_bank(folder)
 
 
 def normalize_keys(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -344,6 +365,10 @@ class BankWriter:
     finished shards. If a build is killed, a new writer with the same settings and
     ``resume=True`` reports those items in :attr:`done` so the caller can skip them.
     :meth:`finalize` writes the manifest and renames the folder into place.
+
+    ``overwrite=True`` replaces only a folder that is a bank (its manifest says so); a
+    file or any other non-empty folder is refused before any work, and nothing is
+    deleted. The old bank stays in place until the new one is complete.
     """
 
     def __init__(
@@ -360,13 +385,10 @@ class BankWriter:
         resume: bool = True,
     ) -> None:
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise BankError(
-                f"{self.path} already exists; choose another folder or pass overwrite=True"
-            )
+        self.overwrite = overwrite
+        check_bank_path(self.path, overwrite)
         self.bank = MemoryBank(feature_dim, label_spec, encoder, key_dtype, config)
         self.shard_size = int(shard_size)
-        self.overwrite = overwrite
         self.staging = self.path.with_name(self.path.name + ".partial")
         self.num_images = 0
         self.shards: list[dict[str, Any]] = []
@@ -378,8 +400,7 @@ class BankWriter:
         self._signature.pop("shards")
         if self.staging.exists() and resume and self._load_progress():
             return
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
+        remove_folder(self.staging, "an unfinished bank build", _is_staging)
         self.staging.mkdir(parents=True)
         self._save_progress()
 
@@ -396,7 +417,7 @@ class BankWriter:
         return all((self.staging / s["file"]).is_file() for s in self.shards)
 
     def _save_progress(self) -> None:
-        _write_json(
+        write_json(
             self.staging / PROGRESS,
             {
                 "signature": self._signature,
@@ -423,13 +444,9 @@ class BankWriter:
             return
         if len(self.bank):
             name = f"shard_{len(self.shards):05d}.safetensors"
-            file = self.staging / name
-            tmp = file.with_name(name + ".tmp")
-            save_file(
-                {"keys": self.bank.keys.contiguous(), "values": self.bank.values.contiguous()},
-                str(tmp),
+            file = save_tensors(
+                self.staging / name, {"keys": self.bank.keys, "values": self.bank.values}
             )
-            os.replace(tmp, file)
             self.shards.append({"file": name, "entries": len(self.bank), "sha256": _sha256(file)})
             self.bank._keys.clear()
             self.bank._values.clear()
@@ -440,7 +457,8 @@ class BankWriter:
         self._save_progress()
 
     def finalize(self) -> Path:
-        """Flush, write the manifest, and move the bank into place."""
+        """Flush, write the manifest, and swap the bank into place (the old one, if any,
+        is removed only once the new one is there)."""
         self.flush()
         manifest = self.bank.manifest(self.shards)
         manifest["counts"] = {
@@ -449,16 +467,9 @@ class BankWriter:
         }
         manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if self.bank.attachments:
-            file = self.staging / ATTACHMENTS
-            save_file({k: v.contiguous() for k, v in self.bank.attachments.items()}, str(file))
+            file = save_tensors(self.staging / ATTACHMENTS, self.bank.attachments)
             manifest["attachments"] = {"file": ATTACHMENTS, "sha256": _sha256(file)}
-        _write_json(self.staging / MANIFEST, manifest)
+        write_json(self.staging / MANIFEST, manifest)
         (self.staging / PROGRESS).unlink()
-        if self.path.exists():
-            if not self.overwrite:
-                raise BankError(
-                    f"{self.path} appeared while the bank was being built; not overwriting it"
-                )
-            shutil.rmtree(self.path)
-        os.replace(self.staging, self.path)
-        return self.path
+        check_bank_path(self.path, self.overwrite)  # again: it may have changed meanwhile
+        return replace_folder(self.staging, self.path)

@@ -19,7 +19,6 @@ leaves a half-written checkpoint.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,25 +26,18 @@ import torch
 from torch import nn
 
 from hbird.errors import InputError
+from hbird.io.files import save_tensors
 
 FORMAT = "hbird-pretrain-1"
 EXPORT_NAME = "checkpoint.safetensors"
 STATE_NAME = "trainer_state.safetensors"
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata)
-    os.replace(tmp, path)
-
-
 def save_export(backbone: nn.Module, path: str | Path, metadata: dict[str, str]) -> Path:
     """Write ``backbone.model``'s timm state dict with ``metadata`` (strings)."""
     path = Path(path)
     meta = {"format": FORMAT, **backbone.metadata(), **metadata}
-    _atomic_save(dict(backbone.model.state_dict()), meta, path)
+    save_tensors(path, dict(backbone.model.state_dict()), meta)
     return path
 
 
@@ -119,7 +111,7 @@ def save_state(
         "optimizer": groups,
         "config": json.dumps(config, sort_keys=True, default=str),
     }
-    _atomic_save(tensors, meta, path)
+    save_tensors(path, tensors, meta)
     return path
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hbird.errors import InputError
+from hbird.io.files import write_json
 from hbird.pretrain import checkpoint as ckpt
 from hbird.pretrain.backbone import build_backbone
 from hbird.pretrain.data import EpochSampler, ViewDataset, collate, create_image_dataset
@@ -340,9 +341,7 @@ class Trainer:
         barrier()
         self._maybe_resume()
         if self.dist.is_main:
-            (self.out / "config.json").write_text(
-                json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n"
-            )
+            write_json(self.out / "config.json", cfg.to_dict())
         last: dict[str, Any] = {"step": self.step}
         if self.step == 0 and self.probe is not None:
             last.update(self.evaluate())
