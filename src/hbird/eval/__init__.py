@@ -3,8 +3,8 @@
 from hbird.eval.config import EvalConfig, load_preset, parse_overrides, resolve_config
 from hbird.eval.fast_adaptation import FastAdaptationReport, fast_adaptation
 from hbird.eval.fractions import FractionsReport, evaluate_fractions
-from hbird.eval.linear_probe import LinearProbeReport, compare_reports, linear_probe
-from hbird.eval.report import Report
+from hbird.eval.linear_probe import LinearProbeReport, linear_probe
+from hbird.eval.report import Report, compare_reports
 from hbird.eval.retrieval import evaluate
 
 __all__ = [

@@ -97,8 +97,13 @@ class Report:
         return buf.getvalue()
 
     def summary(self) -> str:
+        """``summary.md``: :meth:`heading` (what was run), then :meth:`results`."""
+        return "\n".join([*self.heading(), "", *self.results()]) + "\n"
+
+    def heading(self) -> list[str]:
+        """Title and the sentences saying what was run (protocols override this)."""
         cfg = self.config
-        lines = [
+        return [
             f"# {cfg.get('encoder')} on {self.dataset}",
             "",
             f"In-context retrieval evaluation (Balazevic et al. 2023): k = {cfg.get('k')}, "
@@ -108,7 +113,11 @@ class Report:
             f"seed {cfg.get('seed')}.",
             f"Prompt: {self.counts.get('prompt_images')} images → {self.counts.get('memory_entries')} memory entries; "
             f"queries scored: {self.counts.get('queries')} at their original resolution.",
-            "",
+        ]
+
+    def results(self) -> list[str]:
+        """The metric table, notes, per-class table, seconds per query and pictures."""
+        lines = [
             "| metric | value |",
             "|---|---|",
             *(
@@ -135,7 +144,7 @@ class Report:
         if self.pictures:
             lines += ["", "## Pictures (image | ground truth | prediction | confidence)", ""]
             lines += [f"![{p}]({p})" for p in self.pictures]
-        return "\n".join(lines) + "\n"
+        return lines
 
     def write(self, out: Path) -> None:
         out = Path(out)
@@ -143,3 +152,41 @@ class Report:
         if self.per_class:
             write_text(out / "per_class.csv", self.per_class_csv())
         write_text(out / "summary.md", self.summary())
+
+
+# the set-up seconds of a protocol: retrieval's memory build; the linear probe's features + training
+SETUP_TIMINGS = ("build_memory", "fit")
+
+
+def compare_reports(reports: dict[str, Report]) -> str:
+    """One markdown table comparing methods on the same task (e.g. retrieval vs linear probe).
+
+    Columns: every scalar metric the reports have in common, prompt images, set-up seconds
+    (memory build or feature extraction + training) and seconds per query image.
+    """
+    if not reports:
+        raise ValueError("compare_reports needs at least one report")
+    tasks = {r.task for r in reports.values()}
+    if len(tasks) > 1:
+        raise ValueError(f"cannot compare reports of different tasks in one table: {sorted(tasks)}")
+    first = next(iter(reports.values()))
+    columns = [
+        k for k, v in first.metrics.items()
+        if isinstance(v, int | float) and all(k in r.metrics for r in reports.values())
+    ]  # fmt: skip
+    head = ["method", *columns, "prompt images", "set-up s", "s / query"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, report in reports.items():
+        setup = next((report.timings[k] for k in SETUP_TIMINGS if k in report.timings), None)
+        per_query = sum(v for k, v in report.timings.items() if k.startswith("per_query_"))
+        cells = [
+            name,
+            *(fmt(report.metrics[k]) for k in columns),
+            fmt(report.counts.get("prompt_images")),
+            fmt(setup, 2),
+            fmt(per_query, 4),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    datasets = sorted({r.dataset for r in reports.values()})
+    lines += ["", f"Task: {first.task}; dataset: {', '.join(datasets)}."]
+    return "\n".join(lines) + "\n"
