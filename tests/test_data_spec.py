@@ -71,7 +71,9 @@ def test_parse_spec_errors(spec, match):
 
 
 def test_registry_lists_the_builtin_datasets():
-    assert DATASETS.names() == ["ade20k", "cityscapes", "cocostuff", "folder", "nyuv2", "voc"]
+    assert DATASETS.names() == [
+        "ade20k", "cityscapes", "cocostuff", "folder", "imagefolder", "nyuv2", "synthetic", "voc"
+    ]
     with pytest.raises(KeyError, match="unknown dataset 'kitti'.*registered: ade20k"):
         create_dataset("kitti:root=/x")
 

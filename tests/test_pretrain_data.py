@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hbird.data.imagesets import ImageFolderDataset
 from hbird.errors import InputError
 from hbird.pretrain.augment import ViewSpec, augment_view, byol_views, crop_box
 from hbird.pretrain.data import (
@@ -29,7 +30,7 @@ def test_image_folder_with_class_subfolders(tmp_path):
     write_png(tmp_path / "dog" / "c.jpg", 30)
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     ds = create_image_dataset(f"imagefolder:root={tmp_path}")
-    assert isinstance(ds, ImageFolder) and ds.classes == ("cat", "dog") and len(ds) == 3
+    assert isinstance(ds.dataset, ImageFolderDataset) and ds.classes == ("cat", "dog") and len(ds) == 3
     labels = [ds[i][1] for i in range(3)]
     assert labels == [0, 0, 1]
     image, _ = ds[0]

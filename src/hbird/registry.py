@@ -10,7 +10,16 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from hbird.errors import HbirdError
+
 T = TypeVar("T")
+
+
+class UnknownNameError(HbirdError, KeyError):
+    """A name that is not registered; the message lists the registered names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 class Registry(Generic[T]):
@@ -36,7 +45,7 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {known}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {known}") from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

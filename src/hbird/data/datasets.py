@@ -8,6 +8,8 @@ A spec names a registered dataset and its arguments, fields separated by ``:``::
     cocostuff:root=/data/cocostuff:split=val:classes=27
     nyuv2:root=/data/nyu_depth_v2_labeled.mat:split=test
     folder:root=/data/my_prompts:split=train:fraction=1/128:seed=0
+    synthetic:n=64:seed=0:size=64:classes=4
+    imagefolder:root=/data/imagenet/train
 
 Values that look like integers or decimals become ``int``/``float``, ``true``/``false``
 become ``bool``; everything else (paths included) stays a string. Because ``:`` separates
@@ -60,14 +62,15 @@ class Sample:
         image: ``(3, H, W)`` float32 in [0, 1].
         label: ``(H, W)`` int64 class ids (``ignore_index`` for unlabelled pixels) for
             segmentation, or ``(H, W)`` float32 metres for depth (0 or NaN = invalid).
-        image_path: the image file (for a ``.mat`` dataset: the ``.mat`` file).
+        image_path: the image file (for a ``.mat`` dataset: the ``.mat`` file; None for
+            generated images).
         label_path: the label file, if the label has one of its own.
     """
 
     name: str
     image: torch.Tensor
     label: torch.Tensor
-    image_path: Path
+    image_path: Path | None = None
     label_path: Path | None = None
 
 
@@ -75,10 +78,14 @@ class DenseDataset:
     """Base class: a lazy, indexable sequence of :class:`Sample` with a :class:`LabelSpec`.
 
     Subclasses hold one item per image in ``self._items`` and implement ``_load(item)``
-    and ``_name(item)``; ``subset`` only re-selects items, so it is cheap.
+    and ``_name(item)``; ``subset`` only re-selects items, so it is cheap. Datasets whose
+    images each have one class (image folders, synthetic scenes) also set
+    ``image_classes`` and implement ``_image_label(item)``.
     """
 
     label_spec: LabelSpec
+    image_classes: tuple[str, ...] = ()
+    """Names of the image-level classes; empty when images have none."""
 
     def __init__(self, items: Sequence[Any], label_spec: LabelSpec, description: str) -> None:
         self._items = list(items)
@@ -90,6 +97,9 @@ class DenseDataset:
 
     def _name(self, item: Any) -> str:
         raise NotImplementedError
+
+    def _image_label(self, item: Any) -> int:
+        return -1
 
     def __len__(self) -> int:
         return len(self._items)
@@ -113,6 +123,11 @@ class DenseDataset:
     def names(self) -> list[str]:
         """The image stems, in dataset order."""
         return [self._name(item) for item in self._items]
+
+    @property
+    def image_labels(self) -> list[int]:
+        """One image-level class id per image, in dataset order (``-1``: no class)."""
+        return [self._image_label(item) for item in self._items]
 
     def subset(self: D, indices: Sequence[int]) -> D:
         """A dataset of the same kind holding only ``indices`` (in the order given)."""
@@ -765,9 +780,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 def _check_arguments(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
     params = inspect.signature(factory).parameters
-    accepted = [p for p in params if p != "self"]
+    accepted = [n for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())  # it checks its own
     unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
+    if unknown and not open_ended:
         raise InputError(
             f"dataset {name!r} does not take {', '.join(unknown)}; it takes "
             f"{', '.join(accepted)} (plus subset=, fraction=, seed= for every dataset)"
@@ -788,7 +804,8 @@ def create_dataset(spec: str | None = None, **overrides: Any) -> DenseDataset:
     ``create_dataset(name="folder", root=...)`` works without a spec. Besides each
     dataset's own arguments, every dataset accepts ``subset=<file>`` (keep the names
     listed in that file, in its order), then ``fraction=`` (e.g. ``"1/128"`` or 0.1) with
-    ``seed=`` (default 0) for a seeded few-shot subset.
+    ``seed=`` (default 0) for a seeded few-shot subset. A dataset that takes a ``seed``
+    itself (``synthetic``) gets it too.
     """
     if spec is None:
         if "name" not in overrides:
@@ -799,12 +816,13 @@ def create_dataset(spec: str | None = None, **overrides: Any) -> DenseDataset:
     kwargs.update(overrides)
     subset_file = kwargs.pop("subset", None)
     fraction = kwargs.pop("fraction", None)
-    seed = kwargs.pop("seed", None)
-    if seed is not None and fraction is None:
+    factory = DATASETS.get(name)
+    own_seed = "seed" in inspect.signature(factory).parameters
+    seed = kwargs.get("seed") if own_seed else kwargs.pop("seed", None)
+    if seed is not None and fraction is None and not own_seed:
         raise InputError(
             "seed= only applies together with fraction= (the few-shot subset it seeds)"
         )
-    factory = DATASETS.get(name)
     _check_arguments(name, factory, kwargs)
     dataset = factory(**kwargs)
     if subset_file is not None:
@@ -825,8 +843,10 @@ DATASETS.register("cityscapes", CityscapesDataset)
 DATASETS.register("cocostuff", COCOStuffDataset)
 DATASETS.register("nyuv2", _nyuv2)
 
-# Imported last: folder.py builds on the classes above and registers "folder" itself.
+# Imported last: these build on the classes above and register their own entries
+# ("folder"; "synthetic" and "imagefolder").
 from hbird.data import folder as _folder  # noqa: E402
+from hbird.data import imagesets as _imagesets  # noqa: E402, F401
 
 __all__ = [
     "ADE20KDataset",

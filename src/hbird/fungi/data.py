@@ -15,29 +15,37 @@ Specs (fields separated by ``:``, as for dense datasets):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
-import numpy as np
 import torch
 
-from hbird.data.datasets import parse_spec
+from hbird.data.datasets import DenseDataset, create_dataset, parse_spec
 from hbird.data.io import list_images, load_image, load_mask
-from hbird.data.synthetic import default_class_names, make_scene
 from hbird.errors import InputError
 from hbird.fungi.seeding import derive_seed
 
 
 class LazyImages(Sequence):
-    """Image files read on access (``(3, H, W)`` float32 in [0, 1]); slicing stays lazy."""
+    """Images read on access (``(3, H, W)`` float32 in [0, 1]); slicing stays lazy.
 
-    def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = list(paths)
+    ``sources`` are what ``load`` reads one image from: image files (the default) or the
+    indices of a dataset (``LazyImages.of(dataset)``).
+    """
+
+    def __init__(
+        self, sources: Sequence[Any], load: Callable[[Any], torch.Tensor] = load_image
+    ) -> None:
+        self.sources, self.load = list(sources), load
+
+    @classmethod
+    def of(cls, dataset: DenseDataset) -> LazyImages:
+        return cls(range(len(dataset)), lambda i: dataset[i].image)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.sources)
 
     @overload
     def __getitem__(self, index: int) -> torch.Tensor: ...
@@ -47,8 +55,8 @@ class LazyImages(Sequence):
 
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
-            return [load_image(p) for p in self.paths[index]]
-        return load_image(self.paths[index])
+            return [self.load(p) for p in self.sources[index]]
+        return self.load(self.sources[index])
 
 
 @dataclass(frozen=True)
@@ -68,51 +76,37 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.images)
 
+    @classmethod
+    def of(cls, dataset: DenseDataset) -> LabelledImages:
+        """The images of a dataset with image-level classes, read lazily."""
+        labels = torch.tensor(dataset.image_labels, dtype=torch.int64)
+        return cls(LazyImages.of(dataset), labels, dataset.image_classes)
+
 
 def synthetic_classification(
     n: int, seed: int = 0, num_classes: int = 4, size: int = 64
 ) -> LabelledImages:
     """``n`` seeded images of one shape each; image ``i`` shows class ``i % num_classes``.
 
-    The shape's class sets its look (shape, hue, texture: ``hbird.data.synthetic``);
-    position, size, rotation, colour jitter and the background vary per image.
+    The ``synthetic`` dataset with one shape per image: the shape's class sets its look
+    (shape, hue, texture: ``hbird.data.synthetic``); position, size, rotation, colour
+    jitter and the background vary per image.
     """
     if n < 1 or num_classes < 2:
-        raise ValueError(f"need n >= 1 and num_classes >= 2, got n={n}, num_classes={num_classes}")
-    children = np.random.SeedSequence(seed).spawn(n)
-    images, labels = [], []
-    for i, child in enumerate(children):
-        label = i % num_classes
-        scene = make_scene(
-            np.random.default_rng(child),
-            size=(size, size),
-            num_classes=num_classes + 1,
-            num_objects=(1, 1),
-            object_size=(0.45 * size, 0.85 * size),
-            include_class=label + 1,
+        raise InputError(
+            f"synthetic classification needs at least 1 image and 2 classes, got {n} images "
+            f"and classes={num_classes}; give each split a size >= 1 (e.g. synthetic:train=200:val=100)"
         )
-        images.append(scene.image)
-        labels.append(label)
-    names = default_class_names(num_classes + 1)[1:]
-    return LabelledImages(images, torch.tensor(labels, dtype=torch.int64), names)
-
-
-def _class_folders(split_dir: Path) -> LabelledImages:
-    """Classes are the sorted sub-folder names found in any split, so ids agree across splits."""
-    splits = [d for d in split_dir.parent.iterdir() if d.is_dir()]
-    classes = sorted({c.name for s in splits for c in s.iterdir() if c.is_dir()})
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        if not (split_dir / name).is_dir():
-            continue
-        files = list_images(split_dir / name)
-        paths += files
-        labels += [label] * len(files)
-    if not paths:
-        raise InputError(f"{split_dir} has no images in class sub-folders <class>/<image>")
-    return LabelledImages(
-        LazyImages(paths), torch.tensor(labels, dtype=torch.int64), tuple(classes)
+    dataset = create_dataset(
+        name="synthetic",
+        n=n,
+        seed=seed,
+        size=size,
+        classes=num_classes + 1,  # the background is never an image's class
+        num_objects=(1, 1),
+        object_size=(0.45 * size, 0.85 * size),
     )
+    return LabelledImages.of(dataset)
 
 
 def _dominant_classes(split_dir: Path) -> LabelledImages:
@@ -141,6 +135,16 @@ def _dominant_classes(split_dir: Path) -> LabelledImages:
     return LabelledImages(LazyImages(paths), torch.tensor(labels, dtype=torch.int64), names)
 
 
+def _class_folders(root: Path, split: str) -> LabelledImages:
+    """``root/<split>/<class>/<image>``; classes are the sub-folder names of every split,
+    so class ids agree across splits."""
+    splits = [d for d in root.iterdir() if d.is_dir()]
+    classes = sorted({c.name for s in splits for c in s.iterdir() if c.is_dir()})
+    if not classes:
+        raise InputError(f"{root / split} has no images in class sub-folders <class>/<image>")
+    return LabelledImages.of(create_dataset(name="imagefolder", root=root / split, classes=classes))
+
+
 def load_classification(spec: str, split: str) -> LabelledImages:
     """The ``split`` of the labelled image set named by ``spec`` (see the module docs)."""
     name, kwargs = parse_spec(spec)
@@ -163,7 +167,7 @@ def load_classification(spec: str, split: str) -> LabelledImages:
             )
         if (split_dir / "images").is_dir() and (split_dir / "masks").is_dir():
             return _dominant_classes(split_dir)
-        return _class_folders(split_dir)
+        return _class_folders(split_dir.parent, split)
     raise InputError(
         f"unknown classification dataset {name!r} in {spec!r}; use folder:root=... or synthetic:..."
     )

@@ -1,17 +1,17 @@
-"""Pretraining data: unlabelled or class-labelled image folders, synthetic scenes, and
-the per-sample view generation that makes runs reproducible on any number of processes.
+"""Pretraining data: images of any registered dataset, and the per-sample view
+generation that makes runs reproducible on any number of processes.
 
-Data specs (``--data``):
+Data specs (``--data``) name a :data:`hbird.data.DATASETS` entry (:mod:`hbird.data.imagesets`):
 
 * ``imagefolder:root=/data/imagenet/train`` — every image under ``root``; if ``root`` has
   sub-folders, each one is a class (labels for Hummingbird++), images found recursively.
 * ``synthetic:n=512:seed=0:size=64:classes=4`` — seeded synthetic scenes
   (:mod:`hbird.data.synthetic`); an image's label is the shape class it always contains.
+* any other dataset (``voc:root=...``): its images, without image labels.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,143 +20,59 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from hbird.data.io import IMAGE_SUFFIXES, load_image
+from hbird.data.datasets import DenseDataset, create_dataset
+from hbird.data.imagesets import ImageFolderDataset, SyntheticDataset
 from hbird.errors import InputError
 from hbird.pretrain.augment import ViewSampler
 from hbird.pretrain.objective import Batch
+from hbird.registry import UnknownNameError
 
 
-class ImageFolder(Dataset):
-    """Images under ``root``, optionally grouped in one sub-folder per class.
+class ImageLabels(Dataset):
+    """Items ``(image (3, H, W) in [0, 1], image-level class or -1)`` of any dataset.
 
-    Items are ``(image (3, H, W) in [0, 1], label)``; ``label`` is the class index (sorted
-    sub-folder names) or ``-1`` for images directly in ``root`` when it has no sub-folders.
+    ``dataset`` is a :data:`hbird.data.DATASETS` dataset; its ``image_labels`` are the
+    labels (Hummingbird++ reads them), ``-1`` for a dataset whose images have no class.
     """
+
+    def __init__(self, dataset: DenseDataset) -> None:
+        self.dataset = dataset
+        self.classes = dataset.image_classes
+        self.labels = dataset.image_labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.dataset[i].image, self.labels[i]
+
+
+class ImageFolder(ImageLabels):
+    """``imagefolder``: the images under ``root``, labelled by class sub-folder."""
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise InputError(f"image folder {self.root} does not exist; check --data root=...")
-        classes = sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
-        self.classes = tuple(classes)
-        files: list[tuple[str, int]] = []
-        if classes:
-            for label, name in enumerate(classes):
-                files += [(f, label) for f in _walk_images(self.root / name)]
-        else:
-            files = [(f, -1) for f in _walk_images(self.root)]
-        if not files:
-            raise InputError(
-                f"no images found under {self.root} (looked for {', '.join(IMAGE_SUFFIXES)}); "
-                "point --data at a folder of images or of class sub-folders"
-            )
-        self.files = files
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.files[i]
-        return load_image(path), label
+        super().__init__(ImageFolderDataset(root))
 
 
-def _walk_images(folder: Path) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [
-            os.path.join(dirpath, f)
-            for f in sorted(filenames)
-            if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
-        ]
-    return out
-
-
-class SyntheticImages(Dataset):
-    """Seeded synthetic scenes as an image dataset, drawn lazily (any ``n`` costs no memory).
-
-    Item ``i`` is scene ``i`` of ``hbird.data.synthetic.make_scenes(n, seed, ...)``; its
-    label is the shape class that scene always holds (``i % (classes - 1)``).
-    ``scene_options`` go to :func:`hbird.data.synthetic.make_scene` (``colour_jitter``,
-    ``noise``, ``num_objects``...).
-    """
+class SyntheticImages(ImageLabels):
+    """``synthetic``: seeded scenes, labelled by the shape class each always holds."""
 
     def __init__(
-        self,
-        n: int = 512,
-        seed: int = 0,
-        size: int | tuple[int, int] = 64,
-        classes: int = 4,
-        **scene_options: Any,
+        self, n: int = 512, seed: int = 0, size: int = 64, classes: int = 4, **scene_options: Any
     ) -> None:
-        import inspect
-
-        from hbird.data.synthetic import make_scene
-
-        if classes < 2:
-            raise InputError(f"synthetic data needs classes >= 2, got {classes}")
-        allowed = set(inspect.signature(make_scene).parameters) - {
-            "rng_or_seed", "size", "num_classes", "include_class"
-        }  # fmt: skip
-        unknown = sorted(set(scene_options) - allowed)
-        if unknown:
-            raise TypeError(
-                f"unknown scene option(s) {', '.join(unknown)}; valid: {', '.join(sorted(allowed))}"
-            )
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.num_scene_classes = classes
-        self.scene_options = scene_options
-        self.seeds = np.random.SeedSequence(seed).spawn(n)  # as make_scenes draws them
-        self.classes = tuple(f"class_{c}" for c in range(1, classes))
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def __len__(self) -> int:
-        return len(self.seeds)
-
-    def scene(self, i: int):
-        from hbird.data.synthetic import make_scene
-
-        return make_scene(
-            np.random.default_rng(self.seeds[i]),
-            size=self.size,
-            num_classes=self.num_scene_classes,
-            include_class=1 + i % (self.num_scene_classes - 1),
-            **self.scene_options,
-        )
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.scene(i).image, i % (self.num_scene_classes - 1)
+        super().__init__(SyntheticDataset(n, seed, size, classes, **scene_options))
 
 
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name:key=value:..."`` → ``(name, {key: value})`` (numbers converted)."""
-    from hbird.data.datasets import parse_spec as parse_dataset_spec
-
-    return parse_dataset_spec(spec)
-
-
-def create_image_dataset(spec: str) -> Dataset:
-    """An image dataset from a data spec (see the module docstring)."""
-    name, kwargs = parse_spec(spec)
-    makers = {"imagefolder": ImageFolder, "synthetic": SyntheticImages}
-    if name not in makers:
-        raise InputError(
-            f"unknown pretraining data {name!r} in {spec!r}; use imagefolder:root=<folder> "
-            "or synthetic:n=<images>:seed=<seed>:size=<pixels>"
-        )
+def create_image_dataset(spec: str) -> ImageLabels:
+    """The images of any registered dataset spec (see the module docstring), with labels."""
     try:
-        return makers[name](**kwargs)
-    except TypeError as err:
-        raise InputError(f"bad arguments in data spec {spec!r}: {err}") from None
+        return ImageLabels(create_dataset(spec))
+    except UnknownNameError as err:
+        raise InputError(f"unknown pretraining data in --data {spec!r}: {err}") from None
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

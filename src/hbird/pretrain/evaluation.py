@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from hbird.data.datasets import DenseDataset, create_dataset
+from hbird.data.imagesets import SyntheticDataset
+from hbird.errors import InputError
 from hbird.pretrain.backbone import ViTBackbone
 
 
@@ -25,40 +28,34 @@ class LabelledSet:
     num_classes: int
     ignore_index: int | None = 255
 
+    @classmethod
+    def from_dataset(cls, dataset: DenseDataset, limit: int | None = None) -> LabelledSet:
+        """The first ``limit`` (default: all) samples of a segmentation dataset."""
+        if not dataset.label_spec.is_classification:
+            raise InputError(
+                f"online evaluation needs a segmentation dataset; {dataset!r} is {dataset.label_spec.task}"
+            )
+        count = len(dataset) if limit is None else min(limit, len(dataset))
+        samples = [dataset[i] for i in range(count)]
+        return cls(
+            [s.image for s in samples],
+            [s.label for s in samples],
+            dataset.label_spec.num_classes,
+            dataset.label_spec.ignore_index,
+        )
+
 
 def synthetic_set(
     n: int, seed: int, size: int = 64, classes: int = 4, **scene_options: Any
 ) -> LabelledSet:
     """``n`` seeded synthetic scenes (``scene_options`` go to ``make_scene``)."""
-    from hbird.data.synthetic import make_scenes
-
-    scenes = make_scenes(n, seed, num_classes=classes, size=(size, size), **scene_options)
-    return LabelledSet([s.image for s in scenes], [s.mask for s in scenes], classes)
+    return LabelledSet.from_dataset(SyntheticDataset(n, seed, size, classes, **scene_options))
 
 
 def labelled_set(spec: str, limit: int | None = None) -> LabelledSet:
-    """A prompt/query set from a spec: ``synthetic:n=..:seed=..:size=..:classes=..`` or any
-    ``hbird.data`` segmentation dataset spec (``voc:root=...:split=val``, ``folder:...``)."""
-    from hbird.data.datasets import parse_spec
-
-    name, kwargs = parse_spec(spec)
-    if name == "synthetic":
-        return synthetic_set(**kwargs)
-    from hbird.data import create_dataset
-
-    ds = create_dataset(spec)
-    if not ds.label_spec.is_classification:
-        raise ValueError(
-            f"online evaluation needs a segmentation dataset; {spec!r} is {ds.label_spec.task}"
-        )
-    count = len(ds) if limit is None else min(limit, len(ds))
-    samples = [ds[i] for i in range(count)]
-    return LabelledSet(
-        [s.image for s in samples],
-        [s.label for s in samples],
-        ds.label_spec.num_classes,
-        ds.label_spec.ignore_index,
-    )
+    """A prompt/query set from any segmentation dataset spec (``synthetic:n=..:seed=..``,
+    ``voc:root=...:split=val``, ``folder:...``), capped at ``limit`` images."""
+    return LabelledSet.from_dataset(create_dataset(spec), limit)
 
 
 class RetrievalProbe:
