@@ -16,6 +16,14 @@ from hbird.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder
 from hbird.encoders.checkpoints import hbird_checkpoint_options, load_weights
 
 
+def timm_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The RGB ``(mean, std)`` a timm model's weights expect (its ``pretrained_cfg``;
+    ImageNet's when it has none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(m) for m in cfg.get("mean", IMAGENET_MEAN))
+    return mean, tuple(float(s) for s in cfg.get("std", IMAGENET_STD))
+
+
 class TimmEncoder(Encoder):
     """A timm patch-token transformer behind the :class:`Encoder` contract.
 
@@ -45,9 +53,7 @@ class TimmEncoder(Encoder):
         self.embed_dim = int(model.embed_dim)
         self.num_blocks = len(model.blocks)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(float(m) for m in cfg.get("mean", IMAGENET_MEAN))
-        self.std = tuple(float(s) for s in cfg.get("std", IMAGENET_STD))
+        self.mean, self.std = timm_mean_std(model)
         self.weights_source = weights_source
 
     def _forward_layers(self, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hbird.encoders.base import IMAGENET_MEAN, IMAGENET_STD
+from hbird.encoders.timm_backend import build_timm_model, timm_mean_std
 
 
 @dataclass
@@ -62,9 +62,7 @@ class ViTBackbone(nn.Module):
         self.embed_dim = int(model.embed_dim)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
         self.has_cls_token = getattr(model, "cls_token", None) is not None
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN))
-        self.std = tuple(float(v) for v in cfg.get("std", IMAGENET_STD))
+        self.mean, self.std = timm_mean_std(model)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → normalised as the encoder registry will at inference."""
@@ -133,7 +131,6 @@ def build_backbone(
         seed: fixes the random initialisation without touching the global RNG.
     """
     from hbird.encoders.checkpoints import load_weights
-    from hbird.encoders.timm_backend import build_timm_model
 
     kwargs = dict(model_kwargs or {})
     with torch.random.fork_rng(devices=[]):

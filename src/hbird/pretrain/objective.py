@@ -96,6 +96,20 @@ class Objective(nn.Module):
         """The network a checkpoint exports as the encoder (default: the online backbone)."""
         return self.backbone
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that take no weight decay, timm's ``no_weight_decay()`` convention.
+
+        Every sub-module's own ``no_weight_decay()`` (a timm ViT's position embedding,
+        class, register and distillation tokens) under its path in this objective, e.g.
+        ``online.backbone.model.pos_embed``. Biases, norms and other 1-d parameters are
+        left out of weight decay by the trainer whatever their names.
+        """
+        names: set[str] = set()
+        for path, module in self.named_modules():
+            if module is not self and callable(getattr(module, "no_weight_decay", None)):
+                names |= {f"{path}.{name}" for name in module.no_weight_decay()}
+        return names
+
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 

@@ -38,9 +38,6 @@ from hbird.pretrain.evaluation import RetrievalProbe, probe_from_specs
 from hbird.pretrain.objective import OBJECTIVES, Batch, Objective, config_dict, create_objective
 from hbird.pretrain.schedule import warmup_cosine
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "mask_token", "dist_token")
-
-
 @dataclass(frozen=True)
 class PretrainConfig:
     """Everything that decides a pretraining run.
@@ -127,13 +124,13 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on weight matrices only (not biases, norms, tokens)."""
+def parameter_groups(objective: Objective, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices only, not on biases, norms (1-d) or
+    what the objective's ``no_weight_decay()`` names (position embeddings, tokens)."""
+    skip = objective.no_weight_decay()
     decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or any(token in name for token in NO_DECAY_NAMES):
+    for name, p in objective.trainable_parameters():
+        if p.ndim < 2 or name in skip:
             no_decay.append(p)
         else:
             decay.append(p)
