@@ -38,6 +38,7 @@ from hbird.pretrain.evaluation import RetrievalProbe, probe_from_specs
 from hbird.pretrain.objective import OBJECTIVES, Batch, Objective, config_dict, create_objective
 from hbird.pretrain.schedule import warmup_cosine
 
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Everything that decides a pretraining run.
