@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from hbird.data import DATASETS, create_dataset, parse_spec, write_subset
-from hbird.data.datasets import parse_value
 from hbird.errors import InputError
+from hbird.io.options import parse_value
 
 
 def test_parse_spec_values_and_paths():

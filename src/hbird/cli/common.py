@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from hbird.errors import InputError
+from hbird.io.options import parse_pairs
 from hbird.predictor import InContextPredictor
 
 
@@ -119,14 +117,8 @@ def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_index_params(items: list[str]) -> dict[str, Any]:
-    """``["k_factor=16"]`` → ``{"k_factor": 16}`` (values read as YAML scalars)."""
-    params = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"--index-param {item!r} is not KEY=VALUE (e.g. k_factor=16)")
-        params[key.strip()] = yaml.safe_load(text)
-    return params
+    """``["k_factor=16"]`` → ``{"k_factor": 16}`` (see :mod:`hbird.io.options`)."""
+    return parse_pairs(items, "--index-param", "k_factor=16")
 
 
 def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:

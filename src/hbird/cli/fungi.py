@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from hbird.cli.common import DEFAULT_ENCODER
-from hbird.data.datasets import parse_value
 from hbird.errors import InputError
 from hbird.io.files import write_json
+from hbird.io.options import parse_pairs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,14 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_loss_options(items: list[str]) -> dict[str, dict[str, Any]]:
     """``["simclr.num_negative_inputs=16"]`` → ``{"simclr": {"num_negative_inputs": 16}}``."""
     options: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
+    for key, value in parse_pairs(items, "--loss-option", "dino.num_local=4").items():
         loss, dot, name = key.partition(".")
-        if not sep or not dot or not loss or not name:
+        if not dot or not loss.strip() or not name.strip():
             raise InputError(
-                f"--loss-option {item!r} must look like LOSS.KEY=VALUE, e.g. dino.num_local=4"
+                f"--loss-option {key}=... must look like LOSS.KEY=VALUE, e.g. dino.num_local=4"
             )
-        options.setdefault(loss.strip(), {})[name.strip()] = parse_value(value.strip())
+        options.setdefault(loss.strip(), {})[name.strip()] = value
     return options
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hbird.errors import InputError
+from hbird.io.options import parse_pairs
 
 # flag destination → PretrainConfig field (same name unless listed)
 _RENAMED = {
@@ -28,18 +29,6 @@ _RENAMED = {
     "model_option": "model_kwargs",
     "view_option": "view_options",
 }
-
-
-def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
-    from hbird.data.datasets import parse_value
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise InputError(f"{flag} expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = parse_value(value.strip())
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,9 +129,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
         for k, v in vars(args).items()
         if k not in ("config", "command", "tiny") and not k.startswith("_")
     }
-    for flag in ("objective_options", "model_kwargs", "view_options"):
-        if flag in given:
-            given[flag] = {**fields.get(flag, {}), **_key_values(given[flag], f"--{flag}")}
+    for flag, field in _RENAMED.items():
+        if field in given:
+            option = "--" + flag.replace("_", "-")
+            pairs = parse_pairs(given[field], option, "contextualize=false")
+            given[field] = {**fields.get(field, {}), **pairs}
     fields.update(given)
     if getattr(args, "tiny", False):
         objective = fields.get("objective", "hummingbird")

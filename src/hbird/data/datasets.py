@@ -42,6 +42,7 @@ from hbird._optional import require
 from hbird.data.fewshot import fewshot_indices, names_to_indices, read_subset
 from hbird.data.io import load_depth, load_image, load_mask
 from hbird.errors import InputError
+from hbird.io.options import parse_spec
 from hbird.labelspec import LabelSpec
 from hbird.registry import Registry
 
@@ -730,53 +731,6 @@ def _nyuv2(
 
 
 # --------------------------------------------------------------------------- specs
-
-_INT = re.compile(r"[+-]?(0|[1-9][0-9]*)")
-_FLOAT = re.compile(r"[+-]?([0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)([eE][+-]?[0-9]+)?")
-
-
-def parse_value(text: str) -> Any:
-    """``"3"`` → 3, ``"0.5"``/``"1e-3"`` → float, ``"true"``/``"false"`` → bool, else the string."""
-    if _INT.fullmatch(text):
-        return int(text)
-    if _FLOAT.fullmatch(text) and any(ch in text for ch in ".eE"):
-        return float(text)
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"voc:root=/data/VOC2012:split=val"`` → ``("voc", {"root": "/data/VOC2012", "split": "val"})``.
-
-    Fields are separated by ``:``; a field without ``=`` continues the previous value
-    (so ``root=C:\\data`` survives). Values go through :func:`parse_value`.
-    """
-    name, *fields = spec.split(":")
-    name = name.strip()
-    if not name or "=" in name:
-        raise InputError(
-            f"dataset spec {spec!r} must start with a dataset name, e.g. 'voc:root=/data/VOC2012'"
-        )
-    raw: dict[str, str] = {}
-    last: str | None = None
-    for field in fields:
-        if "=" not in field:
-            if last is None:
-                raise InputError(
-                    f"dataset spec {spec!r}: field {field!r} is not key=value; write fields as name:key=value:key=value"
-                )
-            raw[last] += ":" + field
-            continue
-        key, value = field.split("=", 1)
-        key = key.strip()
-        if not key.isidentifier():
-            raise InputError(f"dataset spec {spec!r}: {key!r} is not a valid argument name")
-        if key in raw:
-            raise InputError(f"dataset spec {spec!r} gives {key}= twice")
-        raw[key], last = value, key
-    return name, {k: parse_value(v) for k, v in raw.items()}
-
 
 def _check_arguments(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
     params = inspect.signature(factory).parameters

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from hbird.errors import InputError
+from hbird.io.options import parse_pairs, parse_value
 
 
 @dataclass(frozen=True)
@@ -105,26 +106,15 @@ def _check_keys(data: dict[str, Any], where: str) -> None:
         )
 
 
-def _convert(key: str, text: str) -> Any:
-    """Parse an override value with YAML rules (numbers, null, true/false, lists)."""
-    value = yaml.safe_load(text)
-    if key == "layers" and isinstance(value, str):
-        value = [int(v) for v in value.split(",")]
-    if isinstance(value, list):
-        value = tuple(value)
-    return value
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["k=50", "memory_size=null"]`` → ``{"k": 50, "memory_size": None}``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise InputError(f"override {item!r} is not key=value (e.g. k=50)")
-        key, text = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = _convert(key.strip(), text)
+    """``["k=50", "memory_size=null", "layers=8,9"]`` → ``{"k": 50, "memory_size": None,
+    "layers": (8, 9)}`` (values read by :func:`hbird.io.options.parse_value`; lists become
+    tuples, and ``layers`` may be comma-separated)."""
+    out = parse_pairs(items, "eval override", "k=50")
     _check_keys(out, "overrides")
-    return out
+    if isinstance(out.get("layers"), str):
+        out["layers"] = parse_value(f"[{out['layers']}]")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
 
 
 def resolve_config(

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hbird.data.datasets import create_dataset, parse_spec
+from hbird.data.datasets import create_dataset
 from hbird.data.pairs import DatasetPairs
 from hbird.encoders import Encoder, create_encoder
 from hbird.errors import InputError
 from hbird.eval.config import EvalConfig, resolve_config
 from hbird.eval.report import Report
 from hbird.io.files import write_json
+from hbird.io.options import parse_spec
 from hbird.labelspec import LabelSpec
 from hbird.metrics import ConfusionMatrix, DepthMetrics
 from hbird.predictor import InContextPredictor

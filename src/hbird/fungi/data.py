@@ -22,10 +22,11 @@ from typing import Any, overload
 
 import torch
 
-from hbird.data.datasets import DenseDataset, create_dataset, parse_spec
+from hbird.data.datasets import DenseDataset, create_dataset
 from hbird.data.io import list_images, load_image, load_mask
 from hbird.errors import InputError
 from hbird.fungi.seeding import derive_seed
+from hbird.io.options import parse_spec
 
 
 class LazyImages(Sequence):
