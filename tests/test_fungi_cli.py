@@ -24,6 +24,7 @@ def test_knn_prints_the_table_and_writes_json(tmp_path, capsys):
             "--dataset", "synthetic:train=16:val=8:classes=4:size=32",
             "--image-size", "32",
             "--losses", "kl,simclr",
+            "--preset", "fast",
             "--loss-option", "simclr.num_negative_inputs=4",
             "--loss-option", "dino.num_local=2",
             "--shots", "2",
@@ -39,6 +40,7 @@ def test_knn_prints_the_table_and_writes_json(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["layer"] == "blocks.1.attn.proj"
     assert report["losses"]["simclr"]["num_negative_inputs"] == 4
+    assert report["preset"] == "fast" and report["losses"]["simclr"]["view_size"] == 16
     assert len(report["rows"]) == 6
     for row in report["rows"]:
         assert 0.0 <= row["majority"]["top1"] <= 1.0 and "retrieval_map" in row

@@ -185,7 +185,7 @@ def test_hugging_face_vision_encoders(kind, images, tmp_path):
     encoder = create_encoder(f"hf:{tmp_path}", pretrained=True)
     fx = FungiExtractor(encoder, losses=("kl",), image_size=32).fit(images[:2])
     assert fx.layer_name_ in layer
-    batch = fx.backbone_.prepare(images[:2])
+    batch = fx.backbone_.input_view(fx.backbone_.prepare(images[:2]))  # (2, 3, 32, 32)
     with torch.no_grad():
         out = encoder.model(pixel_values=encoder.normalize(batch))
         expected = out.pooler_output if kind == "clip_vision" else out.last_hidden_state[:, 0]

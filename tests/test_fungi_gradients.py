@@ -109,7 +109,7 @@ def test_tap_refuses_a_layer_the_forward_does_not_use(setup):
     unused = torch.nn.Linear(32, 32).double()
     with LinearTap(unused) as tap, pytest.raises(RuntimeError, match="not used"):
         with tap.forward():
-            backbone.embed(backbone.prepare(images[:1]))
+            backbone.embed(backbone.input_view(backbone.prepare(images[:1])))
 
 
 def test_layer_path_errors_name_the_problem(setup):

@@ -58,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--losses", default="kl,dino,simclr", help="comma-separated losses, in order"
     )
     fungi.add_argument(
+        "--preset",
+        choices=["paper", "fast"],
+        default="paper",
+        help="loss settings: paper (FUNGI Table 17 and the authors' code, default) or fast "
+        "(96-pixel local crops shared by all images, 112-pixel SimCLR patches, 64 negative "
+        "images; hbird's older defaults); --loss-option overrides either",
+    )
+    fungi.add_argument(
         "--layer", help="gradient layer path (default: last attention output projection)"
     )
     fungi.add_argument(
@@ -118,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         losses=losses,
         layer=args.layer,
         seed=args.seed,
+        preset=args.preset,
         batch_size=args.batch_size,
         image_size=args.image_size,
         loss_options=parse_loss_options(args.loss_option),
@@ -154,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
                 "dataset": args.dataset,
                 "encoder": encoder.identity(),
                 "layer": extractor.layer_name_,
+                "preset": args.preset,
                 "losses": {name: loss.settings for name, loss in extractor.losses_.items()},
                 "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                 "feature_seconds": seconds,

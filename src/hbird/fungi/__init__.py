@@ -4,9 +4,12 @@
 >>> fx = FungiExtractor(encoder, losses=("kl", "dino", "simclr"), seed=0).fit(train_images)
 >>> feats = fx.transform(images)          # (B, d)
 
+Defaults are FUNGI's Table 17 and the authors' code (``preset="paper"``); ``preset="fast"``
+keeps hbird's older, cheaper views (``presets``; docs/fungi.md).
+
 Rooms: ``losses/`` (KL, DINO, SimCLR), ``views`` (crops, patches, word deletion),
 ``gradients`` (batched per-sample gradients of one linear layer), ``projection`` (seeded
-±1 random projection), ``pca``, ``extractor`` (image/text level), ``dense`` (per-patch
+±1 random projection, or a given matrix), ``presets`` (paper, fast), ``pca``, ``extractor`` (image/text level), ``dense`` (per-patch
 features for in-context prediction), ``knn`` (kNN classification and retrieval metrics).
 """
 
@@ -17,12 +20,16 @@ from hbird.fungi.gradients import LinearTap, batched_gradients, gradient_dim, na
 from hbird.fungi.knn import knn_evaluate, knn_predict, kshot_indices, retrieval_map
 from hbird.fungi.losses import LOSSES, DINOLoss, GradientLoss, KLLoss, SimCLRLoss, create_loss
 from hbird.fungi.pca import PCA
-from hbird.fungi.projection import RandomProjection
+from hbird.fungi.presets import PRESETS
+from hbird.fungi.projection import MatrixProjection, RandomProjection
+from hbird.fungi.views import CropBox
 
 __all__ = [
     "EMBEDDING",
     "LOSSES",
     "PCA",
+    "PRESETS",
+    "CropBox",
     "DINOLoss",
     "DenseFungi",
     "FungiBackbone",
@@ -31,6 +38,7 @@ __all__ = [
     "ImageBackbone",
     "KLLoss",
     "LinearTap",
+    "MatrixProjection",
     "RandomProjection",
     "SimCLRLoss",
     "TextBackbone",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hbird.encoders.base import Encoder
-from hbird.fungi.views import Views, snap_to_patch, square_images
+from hbird.fungi.views import Views, canvas_side, center_square, snap_to_patch, square_images
 
 
 class FungiBackbone(abc.ABC):
@@ -51,6 +51,10 @@ class FungiBackbone(abc.ABC):
     @abc.abstractmethod
     def identity(self) -> dict[str, str]:
         """Name and hashes of the architecture and weights (checked when loading)."""
+
+    def input_view(self, batch: Views) -> Views:
+        """The inputs themselves in a prepared batch (what is embedded; default: all of it)."""
+        return batch
 
     def batch_slice(self, batch: Views, start: int, stop: int) -> Views:
         """Samples ``start:stop`` of a prepared batch."""
@@ -133,18 +137,24 @@ class ImageBackbone(FungiBackbone):
 
     Args:
         encoder: a frozen encoder (``hbird.encoders.create_encoder``).
-        image_size: side of the square every image is resized and centre-cropped to
-            (snapped to a multiple of the patch size); the paper uses 224.
+        image_size: side ``S`` of the square input the embedding sees (snapped to a
+            multiple of the patch size); the paper uses 224.
+        resize: how :meth:`prepare` makes the canvas the views are cut from
+            (:func:`~hbird.fungi.views.square_images`): ``"square"`` (FUNGI's code: resize
+            to ``256/224 · S`` square, the input is its central ``S × S``) or
+            ``"short-side"`` (short side to ``S``, centre crop).
     """
 
     modality = "image"
 
-    def __init__(self, encoder: Encoder, image_size: int = 224) -> None:
+    def __init__(self, encoder: Encoder, image_size: int = 224, resize: str = "square") -> None:
         self.encoder = encoder
         self.name = encoder.name
         self.patch_size = encoder.patch_size
         self.embed_dim = encoder.embed_dim
         self.image_size = snap_to_patch(image_size, encoder.patch_size)
+        self.resize = resize
+        self.canvas_size = canvas_side(self.image_size, resize)
         model = getattr(encoder, "model", None)
         self.root = model if isinstance(model, nn.Module) else encoder
         if hasattr(self.root, "forward_head") and hasattr(self.root, "blocks"):
@@ -162,8 +172,12 @@ class ImageBackbone(FungiBackbone):
             self.default_layer = ""
 
     def prepare(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Images ``(3, H, W)`` in [0, 1] → ``(B, 3, S, S)`` with ``S = image_size``."""
-        return square_images(inputs, self.image_size)
+        """Images ``(3, H, W)`` in [0, 1] → canvases ``(B, 3, C, C)``, ``C = canvas_size``."""
+        return square_images(inputs, self.image_size, self.resize)
+
+    def input_view(self, batch: torch.Tensor) -> torch.Tensor:
+        """Canvases ``(B, 3, C, C)`` → the inputs ``(B, 3, S, S)``: their central square."""
+        return center_square(batch, self.image_size)
 
     def _normalised(self, views: torch.Tensor) -> torch.Tensor:
         x = views.to(device=self.device, dtype=torch.float32)
@@ -272,12 +286,14 @@ class TextBackbone(FungiBackbone):
         }
 
 
-def as_backbone(model: Encoder | FungiBackbone, image_size: int = 224) -> FungiBackbone:
+def as_backbone(
+    model: Encoder | FungiBackbone, image_size: int = 224, resize: str = "square"
+) -> FungiBackbone:
     """An encoder wrapped as an :class:`ImageBackbone`; a backbone is returned as is."""
     if isinstance(model, FungiBackbone):
         return model
     if isinstance(model, Encoder):
-        return ImageBackbone(model, image_size=image_size)
+        return ImageBackbone(model, image_size=image_size, resize=resize)
     raise TypeError(
         f"FUNGI needs an hbird Encoder (hbird.encoders.create_encoder) or a FungiBackbone "
         f"(e.g. TextBackbone(model, tokenizer)), got {type(model).__name__}"

@@ -9,6 +9,13 @@ For every input and loss: the per-sample gradient of the loss w.r.t. one linear 
 the embedding width by a seeded ±1 matrix and L2-normalised; the L2-normalised embedding
 is appended, and the concatenation is reduced by a PCA fitted on the training features
 (if ``pca_dim`` is set) and L2-normalised again (Simoncini et al. 2024, §3, Algorithm 1).
+
+The views and losses follow FUNGI's Table 17 and the authors' code by default
+(``preset="paper"``); ``preset="fast"`` keeps hbird's older, cheaper views
+(:mod:`hbird.fungi.presets`). Every random draw comes from ``seed``, and every drawn
+input can be given instead: ``heads``, ``projection``, ``crop_boxes``, ``negatives``.
+A saved extractor records the projection's SHA-256, the crop seed and the hbird and
+torch versions; ``load`` refuses a projection that no longer hashes the same.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+import hbird
 from hbird.encoders.base import Encoder
 from hbird.encoders.precision import AUTOCAST_NAMES, autocast_context, parse_autocast
 from hbird.errors import InputError
@@ -38,15 +46,22 @@ from hbird.fungi.gradients import (
 )
 from hbird.fungi.losses import LOSSES, create_loss
 from hbird.fungi.pca import PCA
-from hbird.fungi.projection import RandomProjection, aligned_block_rows
+from hbird.fungi.presets import check_preset, preset_loss_options, preset_resize
+from hbird.fungi.projection import MatrixProjection, RandomProjection, aligned_block_rows
 from hbird.io.files import atomic_folder, has_file, save_tensors, write_json
 
 EMBEDDING = "embedding"
 """Name of the embedding part in :meth:`FungiExtractor.extract_parts`."""
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: preset, resize, projection SHA-256, versions. 1 (no hash) was written under today's
+``fast`` settings and loads as such."""
 CONFIG_FILE = "fungi.json"
 TENSORS_FILE = "tensors.safetensors"
+PROJECTION_TENSOR = "projection.matrix"
+
+Head = nn.Linear | tuple[torch.Tensor, torch.Tensor]
+
 
 def combine_parts(parts: dict[str, torch.Tensor], names: Sequence[str]) -> torch.Tensor:
     """Concatenate the L2-normalised parts ``names`` (each ``(N, D)``) → ``(N, len(names)·D)``."""
@@ -68,13 +83,29 @@ class FungiExtractor:
         layer: module path of the gradient layer under the model (default: the last
             block's attention output projection, e.g. ``"blocks.11.attn.proj"``).
         seed: seeds the heads, the crops, the projection and the choice of negatives.
+        preset: ``"paper"`` (FUNGI Table 17 and the authors' code) or ``"fast"`` (hbird's
+            older, cheaper views); see :mod:`hbird.fungi.presets`. ``loss_options``
+            override it.
         pca_dim: reduce the concatenated features to this many dimensions with a PCA
             fitted on the training features; ``None`` keeps them whole.
         batch_size: inputs per batched gradient computation.
-        image_size: side of the square images are resized and centre-cropped to.
-        loss_options: per-loss keyword arguments overriding the paper's settings, e.g.
+        image_size: side of the square input the embedding sees (the paper's 224).
+        resize: ``"square"`` or ``"short-side"`` (:func:`~hbird.fungi.views.square_images`;
+            default: the preset's).
+        loss_options: per-loss keyword arguments overriding the preset's settings, e.g.
             ``{"simclr": {"num_negative_inputs": 16}, "dino": {"local_size": 48}}``
             (options of losses not in ``losses`` are ignored).
+        heads: heads to use instead of the seeded ones, by ``"loss"`` (its only head) or
+            ``"loss.head"`` (``"dino.student"``, ``"dino.teacher"``): an ``nn.Linear`` or
+            a ``(weight (K, D), bias (K,))`` pair.
+        projection: the gradient projection: a seed (default: ``seed``) for the ±1
+            matrix scaled by ``1/sqrt(D)``, or a ``(gradient_dim, D)`` matrix ``P`` used as
+            ``g ↦ g P``.
+        crop_boxes: DINO's crop boxes instead of per-image draws: ``num_global + num_local``
+            :class:`~hbird.fungi.views.CropBox` es of the canvas (global first) for every
+            image, or a function of one canvas ``(3, C, C)`` giving them (not saveable).
+        negatives: SimCLR's negative batch instead of a seeded choice of training inputs:
+            ``(N, D)`` embeddings, or inputs whose views are embedded.
         autocast: ``"bf16"`` or ``"fp16"`` to run forward passes under autocast (where the
             device supports it), ``None`` for full precision.
         progress: show a progress bar.
@@ -96,10 +127,16 @@ class FungiExtractor:
         losses: Sequence[str] = ("kl", "dino", "simclr"),
         layer: str | None = None,
         seed: int = 0,
+        preset: str = "paper",
         pca_dim: int | None = None,
         batch_size: int = 16,
         image_size: int = 224,
+        resize: str | None = None,
         loss_options: dict[str, dict[str, Any]] | None = None,
+        heads: dict[str, Head] | None = None,
+        projection: int | torch.Tensor | None = None,
+        crop_boxes: Any = None,
+        negatives: torch.Tensor | Sequence[Any] | None = None,
         autocast: str | torch.dtype | None = None,
         progress: bool = False,
         projection_cache_bytes: int = 64 << 20,
@@ -109,10 +146,16 @@ class FungiExtractor:
         self.losses = tuple(losses)
         self.layer = layer
         self.seed = seed
+        self.preset = preset
         self.pca_dim = pca_dim
         self.batch_size = batch_size
         self.image_size = image_size
+        self.resize = resize
         self.loss_options = {k: dict(v) for k, v in (loss_options or {}).items()}
+        self.heads = dict(heads or {})
+        self.projection = projection
+        self.crop_boxes = crop_boxes
+        self.negatives = negatives
         self.autocast = autocast
         self.progress = progress
         self.projection_cache_bytes = projection_cache_bytes
@@ -120,6 +163,7 @@ class FungiExtractor:
 
     # -- building -----------------------------------------------------------------------
     def _validate(self) -> None:
+        check_preset(self.preset)
         if len(set(self.losses)) != len(self.losses):
             raise ValueError(f"losses lists a loss twice: {self.losses}")
         unknown = sorted(set(self.loss_options) - set(LOSSES))
@@ -140,23 +184,58 @@ class FungiExtractor:
         """Everything that depends only on the constructor arguments."""
         self._validate()
         self.autocast_dtype_ = parse_autocast(self.autocast)
-        backbone = as_backbone(self.encoder, image_size=self.image_size)
+        resize = self.resize or preset_resize(self.preset)
+        backbone = as_backbone(self.encoder, image_size=self.image_size, resize=resize)
         self.backbone_ = backbone
         self.layer_name_, self.layer_ = backbone.resolve_layer(self.layer)
+        options = preset_loss_options(self.preset, backbone)
+        for name, given in self.loss_options.items():
+            options[name] = {**options.get(name, {}), **given}
+        given = (("dino", "boxes", self.crop_boxes), ("simclr", "negatives", self.negatives))
+        for name, key, item in given:
+            if item is not None:
+                options[name] = {**options.get(name, {}), key: item}
         self.losses_ = nn.ModuleDict(
             {
-                name: create_loss(name, backbone, self.seed, **self.loss_options.get(name, {}))
+                name: create_loss(name, backbone, self.seed, **options.get(name, {}))
                 for name in self.losses
             }
         ).to(backbone.device)
-        self.projection_ = RandomProjection(
-            gradient_dim(self.layer_),
-            backbone.embed_dim,
-            self.seed,
-            block_rows=aligned_block_rows(self.layer_.in_features + 1, backbone.embed_dim),
+        self._set_heads()
+        self.projection_ = self._make_projection(gradient_dim(self.layer_), backbone.embed_dim)
+        self.pca_: PCA | None = None
+
+    def _set_heads(self) -> None:
+        for key, head in self.heads.items():
+            name, _, head_name = key.partition(".")
+            if name not in self.losses_:
+                raise ValueError(f"heads names {key!r}, but the losses are {list(self.losses_)}")
+            loss = self.losses_[name]
+            if not head_name:
+                if len(loss.head_names) != 1:
+                    raise ValueError(
+                        f"the {name} loss has heads {loss.head_names}; name one, e.g. "
+                        f"heads={{'{name}.{loss.head_names[0]}': ...}}"
+                    )
+                head_name = loss.head_names[0]
+            weight, bias = (head.weight, head.bias) if isinstance(head, nn.Linear) else head
+            loss.set_head(head_name, weight, bias)
+
+    def _make_projection(self, in_dim: int, out_dim: int) -> RandomProjection | MatrixProjection:
+        if isinstance(self.projection, torch.Tensor):
+            if tuple(self.projection.shape) != (in_dim, out_dim):
+                raise ValueError(
+                    f"projection matrix must be (gradient_dim, D) = ({in_dim}, {out_dim}) for "
+                    f"{self.layer_name_}, got {tuple(self.projection.shape)}"
+                )
+            return MatrixProjection(self.projection)
+        return RandomProjection(
+            in_dim,
+            out_dim,
+            self.seed if self.projection is None else int(self.projection),
+            block_rows=aligned_block_rows(self.layer_.in_features + 1, out_dim),
             cache_bytes=self.projection_cache_bytes,
         )
-        self.pca_: PCA | None = None
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "losses_"):
@@ -236,7 +315,7 @@ class FungiExtractor:
                     embedding = views[loss.input_group][:, 0]  # already computed
             if embedding is None:
                 with torch.no_grad(), autocast_context(backbone.device, self.autocast_dtype_):
-                    embedding = backbone.embed(batch)
+                    embedding = backbone.embed(backbone.input_view(batch))
             chunks[EMBEDDING].append(self._normalised(embedding))
             if grads:
                 projected = self.projection_(torch.cat(grads))  # all losses in one pass
@@ -265,28 +344,47 @@ class FungiExtractor:
     def config(self) -> dict[str, Any]:
         """What ``save`` writes to ``fungi.json`` (besides the tensors)."""
         self._check_fitted()
+        given = {
+            f"{name}.{key}": what
+            for name, loss in self.losses_.items()
+            for key, what in loss.given.items()
+        }
+        if isinstance(self.projection_, MatrixProjection):
+            given["projection"] = "matrix"
         return {
             "format_version": FORMAT_VERSION,
+            "hbird_version": hbird.__version__,
+            "torch_version": torch.__version__,
             "backbone": self.backbone_.identity(),
             "modality": self.backbone_.modality,
+            "preset": self.preset,
+            "resize": getattr(self.backbone_, "resize", None),
             "losses": {name: loss.settings for name, loss in self.losses_.items()},
+            "given": given,
             "layer": self.layer_name_,
             "seed": self.seed,
             "pca_dim": self.pca_dim,
             "image_size": self.image_size,
             "batch_size": self.batch_size,
             "autocast": AUTOCAST_NAMES.get(self.autocast_dtype_),
-            "projection": self.projection_.config(),
+            "projection": {**self.projection_.config(), "sha256": self.projection_.digest()},
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the fitted extractor to the folder ``path`` (JSON config + safetensors)."""
         config = self.config()
+        if config["losses"].get("dino", {}).get("boxes") == "function":
+            raise InputError(
+                "this extractor draws DINO crop boxes with a function, which cannot be saved; "
+                "pass crop_boxes as a list of boxes (or leave it out) to save it"
+            )
         tensors = {
             f"loss.{name}.{key}": value.detach().cpu().contiguous()
             for name, loss in self.losses_.items()
             for key, value in loss.state_dict().items()
         }
+        if isinstance(self.projection_, MatrixProjection):
+            tensors[PROJECTION_TENSOR] = self.projection_.matrix()
         if self.pca_ is not None:
             tensors.update({f"pca.{k}": v.contiguous() for k, v in self.pca_.state_dict().items()})
         with atomic_folder(path, "a saved FUNGI extractor", has_file(CONFIG_FILE)) as tmp:
@@ -313,15 +411,21 @@ class FungiExtractor:
             raise InputError(
                 f"{config_path} was written by a newer hbird; upgrade hbird to read it"
             )
+        tensors = load_file(str(folder / TENSORS_FILE))
+        saved_projection = config["projection"]
+        matrix = saved_projection.get("kind") == "matrix"
         fx = cls(
             encoder,
             losses=tuple(config["losses"]),
             layer=config["layer"],
             seed=config["seed"],
+            preset=config.get("preset", "fast"),  # format 1 was written with today's fast
             pca_dim=config["pca_dim"],
             batch_size=batch_size or config["batch_size"],
             image_size=config["image_size"],
+            resize=config.get("resize") or ("short-side" if "preset" not in config else None),
             loss_options=config["losses"],
+            projection=tensors[PROJECTION_TENSOR] if matrix else saved_projection["seed"],
             autocast=config["autocast"],
             progress=progress,
         )
@@ -334,15 +438,39 @@ class FungiExtractor:
                 f"(config {current['config_hash']}, weights {current['weights_hash']}); load it "
                 "with the same model and weights"
             )
-        if fx.projection_.config() != config["projection"]:
-            raise InputError(f"{config_path}: projection settings differ from this hbird's; refit")
-        tensors = load_file(str(folder / TENSORS_FILE))
+        fx._check_projection(config, config_path)
         for name, loss in fx.losses_.items():
             prefix = f"loss.{name}."
             loss.load_tensors(
                 {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             )
             loss.to(fx.backbone_.device)
+            loss.given = {
+                key[len(prefix) :]: what
+                for key, what in config.get("given", {}).items()
+                if key.startswith(prefix)
+            }
         pca_state = {k[4:]: v for k, v in tensors.items() if k.startswith("pca.")}
         fx.pca_ = PCA.from_state(pca_state) if pca_state else None
         return fx
+
+    def _check_projection(self, config: dict[str, Any], config_path: Path) -> None:
+        """Refuse a projection that is not the one the saved extractor was fitted with."""
+        saved = config["projection"]
+        current = {**self.projection_.config(), "sha256": self.projection_.digest()}
+        settings = [k for k in saved if k not in ("kind", "sha256")]
+        if any(saved[k] != current.get(k) for k in settings):
+            raise InputError(f"{config_path}: projection settings differ from this hbird's; refit")
+        if "sha256" in saved and saved["sha256"] != current["sha256"]:
+            made = f"hbird {config.get('hbird_version', '?')} and torch {config.get('torch_version', '?')}"
+            how = (
+                "the saved matrix was changed"
+                if saved.get("kind") == "matrix"
+                else f"this torch ({torch.__version__}) draws another matrix from seed "
+                f"{saved['seed']} than the one it was saved with ({made})"
+            )
+            raise InputError(
+                f"{config_path}: the gradient projection hashes to {current['sha256'][:12]}… "
+                f"but was saved as {saved['sha256'][:12]}…: {how}. Features would differ from "
+                "the saved ones; refit the extractor (or load it with the torch it was saved with)"
+            )

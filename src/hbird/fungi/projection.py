@@ -15,10 +15,15 @@ call on one CPU thread, against ~0.07 s for projecting 4 gradients), so blocks a
 after first use, as int8 on the device where they are used (one byte per entry: 454 MB
 for ViT-B, instead of 1.8 GB of float32) and converted to the compute dtype per call.
 ``cache_bytes`` caps that cache; above it blocks are drawn anew on every call.
+
+:meth:`RandomProjection.digest` hashes the drawn signs, so a saved extractor can tell
+when this torch draws another matrix from the same seed. :class:`MatrixProjection` uses
+a matrix given by the user instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -71,18 +76,31 @@ class RandomProjection:
         self.scale = 1.0 / math.sqrt(out_dim)
         self._cacheable = in_dim * out_dim <= cache_bytes
         self._cache: dict[tuple[int, torch.device], torch.Tensor] = {}  # int8 sign blocks
+        self._digest: str | None = None
 
     @property
     def num_blocks(self) -> int:
         return math.ceil(self.in_dim / self.block_rows)
 
-    def config(self) -> dict[str, int]:
+    def config(self) -> dict[str, int | str]:
         return {
+            "kind": "seeded",
             "in_dim": self.in_dim,
             "out_dim": self.out_dim,
             "seed": self.seed,
             "block_rows": self.block_rows,
         }
+
+    def digest(self) -> str:
+        """SHA-256 of the sign matrix: its int8 ±1 entries, row-major, block after block."""
+        if self._digest is not None:
+            return self._digest
+        sha = hashlib.sha256()
+        for k in range(self.num_blocks):
+            cached = self._cache.get((k, torch.device("cpu")))
+            sha.update((self._draw(k) if cached is None else cached).numpy().tobytes())
+        self._digest = sha.hexdigest()
+        return self._digest
 
     def block(
         self,
@@ -98,15 +116,19 @@ class RandomProjection:
         key = (index, device)
         if key in self._cache:
             return self._cache[key]
+        signs = self._draw(index).to(device)
+        if self._cacheable:
+            self._cache[key] = signs
+        return signs
+
+    def _draw(self, index: int) -> torch.Tensor:
+        """Block ``index`` drawn anew: int8 ±1 on the CPU."""
         rows = min(self.block_rows, self.in_dim - index * self.block_rows)
         gen = make_generator(
             self.seed, "projection", self.in_dim, self.out_dim, self.block_rows, index
         )
         bits = torch.randint(0, 2, (rows, self.out_dim), generator=gen, dtype=torch.int8)
-        signs = bits.mul_(2).sub_(1).to(device)
-        if self._cacheable:
-            self._cache[key] = signs
-        return signs
+        return bits.mul_(2).sub_(1)
 
     def matrix(self) -> torch.Tensor:
         """The whole ``R`` (``(d, m)`` ±1 float32). Only sensible for small ``d · m``."""
@@ -154,3 +176,35 @@ class RandomProjection:
             part = g[:, first : first + rows_per_block, None] * u[:, None, :]  # (N, r, C)
             out += part.flatten(1) @ self.block(k, u.device, dtype)
         return out * self.scale
+
+
+class MatrixProjection:
+    """``(N, d) → (N, m)``: ``x P`` with a given ``(d, m)`` matrix ``P`` (no scaling).
+
+    Args:
+        matrix: ``P``, any real ``(d, m)`` tensor (kept as float32 on the CPU, moved to
+            the inputs' device on use).
+    """
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        if matrix.ndim != 2 or 0 in matrix.shape:
+            raise ValueError(f"a projection matrix must be (d, m), got {tuple(matrix.shape)}")
+        self.weight = matrix.detach().to("cpu", torch.float32).contiguous()
+        self.in_dim, self.out_dim = self.weight.shape
+
+    def config(self) -> dict[str, int | str]:
+        return {"kind": "matrix", "in_dim": self.in_dim, "out_dim": self.out_dim}
+
+    def digest(self) -> str:
+        """SHA-256 of the matrix's float32 entries, row-major."""
+        return hashlib.sha256(self.weight.numpy().tobytes()).hexdigest()
+
+    def matrix(self) -> torch.Tensor:
+        return self.weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, d)`` → ``(N, m)`` = ``x P`` (float32, or float64 for float64 input)."""
+        if x.ndim != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"projection expects (N, {self.in_dim}) inputs, got {tuple(x.shape)}")
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.to(dtype) @ self.weight.to(x.device, dtype)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hbird.fungi.heads import RandomHead
 from hbird.fungi.views import ViewGroup, Views
 from hbird.registry import Registry
 
@@ -24,7 +25,8 @@ class GradientLoss(nn.Module, abc.ABC):
     is what makes the batched per-sample gradients exact.
 
     Heads and other fixed tensors are buffers, so ``state_dict`` holds everything that is
-    saved with a fitted extractor. ``settings`` are the constructor keyword arguments.
+    saved with a fitted extractor. ``settings`` are the constructor keyword arguments;
+    ``given`` describes the inputs given instead of drawn (e.g. the SimCLR negatives).
 
     Args:
         backbone: the frozen model (gives ``embed_dim``, the modality and image sizes).
@@ -47,6 +49,7 @@ class GradientLoss(nn.Module, abc.ABC):
         self.embed_dim = backbone.embed_dim
         self.seed = seed
         self.settings: dict[str, Any] = {}
+        self.given: dict[str, str] = {}
 
     @abc.abstractmethod
     def make_views(self, batch: Views) -> list[ViewGroup]:
@@ -58,6 +61,35 @@ class GradientLoss(nn.Module, abc.ABC):
 
     def fit(self, backbone: Any, inputs: Sequence[Any], batch_size: int) -> None:  # noqa: B027
         """Fix data-dependent state from training inputs (default: nothing to fix)."""
+
+    @property
+    def head_names(self) -> list[str]:
+        """Names of the random heads (``"head"``, or DINO's ``"student"`` and ``"teacher"``)."""
+        return [name for name, m in self.named_children() if isinstance(m, RandomHead)]
+
+    def set_head(self, name: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Use ``y = x weightᵀ + bias`` as head ``name`` instead of the seeded one.
+
+        Args:
+            weight: ``(K, D)``, with ``K`` the head's width and ``D`` the embedding width.
+            bias: ``(K,)``.
+        """
+        if name not in self.head_names:
+            raise ValueError(
+                f"the {self.name} loss has no head {name!r}; its heads are {self.head_names}"
+            )
+        head = getattr(self, name)
+        if tuple(weight.shape) != tuple(head.weight.shape) or tuple(bias.shape) != tuple(
+            head.bias.shape
+        ):
+            raise ValueError(
+                f"{self.name}.{name}: a head needs weight {tuple(head.weight.shape)} and bias "
+                f"{tuple(head.bias.shape)}, got {tuple(weight.shape)} and {tuple(bias.shape)} "
+                "(set the loss's head_dim to change its width)"
+            )
+        head.weight = weight.detach().to(head.weight).clone()
+        head.bias = bias.detach().to(head.bias).clone()
+        self.given[name] = "given weight and bias"
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Restore buffers saved from ``state_dict`` (shapes may differ before ``fit``)."""

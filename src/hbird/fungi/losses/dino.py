@@ -1,7 +1,10 @@
 """DINO self-distillation loss (FUNGI, Table 17).
 
-Multi-crop views: 2 global crops (area 0.25–1, at the input size) and 10 local crops
-(area 0.05–0.25, at 96/224 of the input size). The same frozen backbone plays student
+Multi-crop views (Table 17): 2 global crops (scale 0.25–1.0, 224 × 224) and 10 local crops
+(scale 0.05–0.25, also 224 × 224: the input size, not DINO's 96), each image with its own
+random boxes, bicubic, as FUNGI's code (``RandomResizedCrop`` per image). The ``fast``
+preset keeps hbird's older, cheaper views: local crops at 96/224 of the input size, one
+set of boxes for every image, bilinear. The same frozen backbone plays student
 and teacher; they differ only in their independent random heads (output 2048). Embeddings
 are L2-normalised before the heads. The teacher sees the global crops and receives no
 gradient (stop-gradient, as in DINO); the student sees every crop. With temperatures
@@ -15,6 +18,7 @@ No centring is applied: nothing is trained, so there is no running centre to kee
 
 from __future__ import annotations
 
+from dataclasses import astuple
 from typing import Any
 
 import torch
@@ -22,10 +26,7 @@ import torch.nn.functional as F
 
 from hbird.fungi.heads import RandomHead
 from hbird.fungi.losses.base import LOSSES, GradientLoss
-from hbird.fungi.views import MultiCrop, ViewGroup, snap_to_patch
-
-LOCAL_TO_GLOBAL = 96 / 224
-"""DINO's local crop side relative to the global one."""
+from hbird.fungi.views import BoxSource, CropBox, MultiCrop, ViewGroup
 
 
 @LOSSES.register("dino")
@@ -34,12 +35,16 @@ class DINOLoss(GradientLoss):
 
     Args:
         backbone: an image backbone. seed: the extractor seed.
-        head_dim: width of the student and teacher heads (paper: 2048).
-        student_temperature, teacher_temperature: paper: 0.1 and 0.07.
-        num_global, num_local: crops per image (paper: 2 and 10).
-        global_scale, local_scale: crop area fractions (paper: 0.25–1 and 0.05–0.25).
-        global_size, local_size: crop sides in pixels (default: the input size and
-            96/224 of it, snapped to the patch size); smaller sizes make CPU runs cheap.
+        head_dim: width of the student and teacher heads (Table 17: 2048).
+        student_temperature, teacher_temperature: Table 17: 0.1 and 0.07.
+        num_global, num_local: crops per image (Table 17: 2 and 10).
+        global_scale, local_scale: crop area fractions (Table 17: 0.25–1.0, 0.05–0.25).
+        global_size, local_size: crop sides in pixels (default: the input size for both,
+            Table 17's 224 × 224); smaller local crops make CPU runs cheap.
+        boxes: ``"per-image"`` (default, FUNGI's code), ``"shared"``, fixed boxes or a
+            function of the canvas (:class:`~hbird.fungi.views.MultiCrop`).
+        interpolation: ``"bicubic"`` (default, FUNGI's code) or ``"bilinear"``.
+        crop_seed: seed of the crop boxes (default: the extractor seed).
     """
 
     name = "dino"
@@ -58,13 +63,17 @@ class DINOLoss(GradientLoss):
         local_scale: tuple[float, float] = (0.05, 0.25),
         global_size: int | None = None,
         local_size: int | None = None,
+        boxes: BoxSource = "per-image",
+        interpolation: str = "bicubic",
+        crop_seed: int | None = None,
     ) -> None:
         super().__init__(backbone, seed)
         if student_temperature <= 0 or teacher_temperature <= 0:
             raise ValueError("dino: temperatures must be > 0")
         side, patch = backbone.image_size, backbone.patch_size
         global_size = global_size or side
-        local_size = local_size or snap_to_patch(side * LOCAL_TO_GLOBAL, patch)
+        local_size = local_size or side
+        crop_seed = seed if crop_seed is None else crop_seed
         for name, size in (("global_size", global_size), ("local_size", local_size)):
             if size % patch:
                 raise ValueError(
@@ -73,14 +82,16 @@ class DINOLoss(GradientLoss):
         self.student_temperature = student_temperature
         self.teacher_temperature = teacher_temperature
         self.crops = MultiCrop(
-            side,
+            backbone.canvas_size,
             global_size,
             local_size,
             num_global=num_global,
             num_local=num_local,
             global_scale=tuple(global_scale),
             local_scale=tuple(local_scale),
-            seed=seed,
+            seed=crop_seed,
+            boxes=boxes,
+            interpolation=interpolation,
         )
         self.student = RandomHead(self.embed_dim, head_dim, seed, "dino.student")
         self.teacher = RandomHead(self.embed_dim, head_dim, seed, "dino.teacher")
@@ -94,6 +105,9 @@ class DINOLoss(GradientLoss):
             "local_scale": list(local_scale),
             "global_size": global_size,
             "local_size": local_size,
+            "boxes": _boxes_setting(boxes),
+            "interpolation": interpolation,
+            "crop_seed": crop_seed,
         }
 
     def make_views(self, batch: torch.Tensor) -> list[ViewGroup]:
@@ -106,3 +120,12 @@ class DINOLoss(GradientLoss):
         teacher = F.softmax(self.teacher(z[:, :num_global].detach()) / self.teacher_temperature, -1)
         student = F.log_softmax(self.student(z) / self.student_temperature, dim=-1)  # (B, V, K)
         return -torch.einsum("bgk,bvk->b", teacher, student)
+
+
+def _boxes_setting(boxes: BoxSource) -> str | list[list[int]]:
+    """``boxes`` as saved: the mode, the fixed boxes as lists, or ``"function"``."""
+    if isinstance(boxes, str):
+        return boxes
+    if callable(boxes):
+        return "function"
+    return [list(astuple(b)) if isinstance(b, CropBox) else [int(v) for v in b] for b in boxes]

@@ -1,7 +1,8 @@
 """KL divergence to the uniform distribution (FUNGI, Table 17: temperature 15, head 768).
 
-One non-augmented view. The L2-normalised embedding goes through a random linear head;
-the loss is ``KL(U ‖ softmax(h(z) / τ))`` with ``U`` uniform over the ``K`` head outputs:
+One non-augmented view: the input itself (by default the central 224 × 224 of the image
+resized to 256 × 256, as FUNGI's code; :mod:`hbird.fungi.views`). The L2-normalised
+embedding goes through a random linear head; the loss is ``KL(U ‖ softmax(h(z) / τ))`` with ``U`` uniform over the ``K`` head outputs:
 ``Σ_k (1/K) (log(1/K) − log p_k) = −log K − mean_k log p_k``.
 """
 
@@ -39,10 +40,11 @@ class KLLoss(GradientLoss):
             raise ValueError(f"kl: temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.head = RandomHead(self.embed_dim, head_dim, seed, "kl")
+        self.input_view = backbone.input_view
         self.settings = {"temperature": temperature, "head_dim": head_dim}
 
     def make_views(self, batch: Views) -> list[ViewGroup]:
-        return [ViewGroup(batch, 1)]
+        return [ViewGroup(self.input_view(batch), 1)]
 
     def forward(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
         """``[(B, 1, D)]`` → ``(B,)``."""

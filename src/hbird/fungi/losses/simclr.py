@@ -1,8 +1,12 @@
 """SimCLR (InfoNCE) loss against a fixed negative batch (FUNGI, Table 17).
 
-Positives are views of the same input: for a 224 image, 49 overlapping 112-pixel patches
-(stride 1/6 of the patch); for a text, copies with each word deleted with p = 0.1.
-Negatives are the views of a fixed batch of training inputs, embedded once at ``fit``.
+Positives are views of the same input. For an image (FUNGI appendix B.1 and its code):
+the image resized to 224 × 224 (bicubic), 49 overlapping 112-pixel patches (stride
+``int(112 / 6) = 18``), each resized to 224 × 224 (bicubic) for the encoder; Table 17:
+49 positive views. The ``fast`` preset feeds the patches at 112 pixels, offsets spread
+over 0–112. For a text, copies with each word deleted with p = 0.1 (Table 19).
+Negatives are the views of a fixed batch of training inputs, embedded once at ``fit``
+(Table 17: 256 × 49; ``fast``: 64 × 49); or given.
 Embeddings are *not* normalised before the random head (output 96); head outputs are
 compared by cosine similarity, every similarity divided by the temperature 0.07.
 
@@ -22,7 +26,14 @@ import torch.nn.functional as F
 from hbird.fungi.heads import RandomHead
 from hbird.fungi.losses.base import LOSSES, GradientLoss
 from hbird.fungi.seeding import make_generator
-from hbird.fungi.views import PatchGrid, ViewGroup, Views, WordDeletion, snap_to_patch
+from hbird.fungi.views import (
+    PatchGrid,
+    ViewGroup,
+    Views,
+    WordDeletion,
+    resize_views,
+    snap_to_patch,
+)
 
 
 def info_nce(anchors: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -56,13 +67,22 @@ class SimCLRLoss(GradientLoss):
 
     Args:
         backbone: the frozen model. seed: the extractor seed.
-        head_dim: width of the random head (paper: 96).
-        temperature: τ (paper: 0.07).
-        num_negative_inputs: training inputs whose views form the negative batch.
-        patch_fraction: image patch side as a fraction of the input side (paper: 1/2).
-        stride_fraction: patch stride as a fraction of the patch side (paper: 1/6).
+        head_dim: width of the random head (Table 17: 96).
+        temperature: τ (Table 17: 0.07).
+        num_negative_inputs: training inputs whose views form the negative batch
+            (Table 17: 256, i.e. 256 × 49 negative views).
+        patch_fraction: image patch side as a fraction of the input side (B.1: 112/224).
+        stride_fraction: patch stride as a fraction of the patch side (B.1: 1/6).
+        grid: ``"unfold"`` (FUNGI's code) or ``"spread"`` (:class:`~hbird.fungi.views.PatchGrid`).
+        view_size: side the patches are resized to for the encoder (default: the input
+            side, as FUNGI's code).
+        interpolation: ``"bicubic"`` (FUNGI's code) or ``"bilinear"``, for the image and
+            the patches.
         text_views: positive views per text.
-        word_deletion: probability of deleting each word of a text view (paper: 0.1).
+        word_deletion: probability of deleting each word of a text view (Table 19: 0.1).
+        negatives: the negative batch given instead of a seeded choice of training
+            inputs: ``(N, D)`` embeddings of negative views, or a sequence of inputs
+            whose views are embedded at ``fit``.
     """
 
     name = "simclr"
@@ -73,11 +93,15 @@ class SimCLRLoss(GradientLoss):
         seed: int,
         head_dim: int = 96,
         temperature: float = 0.07,
-        num_negative_inputs: int = 64,
+        num_negative_inputs: int = 256,
         patch_fraction: float = 0.5,
         stride_fraction: float = 1.0 / 6.0,
+        grid: str = "unfold",
+        view_size: int | None = None,
+        interpolation: str = "bicubic",
         text_views: int = 8,
         word_deletion: float = 0.1,
+        negatives: torch.Tensor | Sequence[Any] | None = None,
     ) -> None:
         super().__init__(backbone, seed)
         if temperature <= 0:
@@ -87,31 +111,65 @@ class SimCLRLoss(GradientLoss):
         self.temperature = temperature
         self.num_negative_inputs = num_negative_inputs
         if backbone.modality == "image":
-            patch = snap_to_patch(backbone.image_size * patch_fraction, backbone.patch_size)
-            self.views = PatchGrid(backbone.image_size, patch, stride_fraction)
+            side = backbone.image_size
+            patch = snap_to_patch(side * patch_fraction, backbone.patch_size)
+            view_size = view_size or side
+            if view_size % backbone.patch_size:
+                raise ValueError(
+                    f"simclr: view_size={view_size} must be a multiple of the patch size "
+                    f"{backbone.patch_size}"
+                )
+            self.image_size = side
+            self.views = PatchGrid(side, patch, stride_fraction, grid, view_size, interpolation)
         else:
             self.views = WordDeletion(text_views, word_deletion, seed)
         self.head = RandomHead(self.embed_dim, head_dim, seed, "simclr")
         self.register_buffer("negatives", torch.empty(0, self.embed_dim))
+        self.given_negatives = negatives
+        if isinstance(negatives, torch.Tensor):
+            if negatives.ndim != 2 or negatives.shape[1] != self.embed_dim or not len(negatives):
+                raise ValueError(
+                    f"simclr: given negatives must be (N, {self.embed_dim}) embeddings, "
+                    f"got {tuple(negatives.shape)}"
+                )
+            self.given["negatives"] = f"embeddings {tuple(negatives.shape)}"
+        elif negatives is not None:
+            self.given["negatives"] = f"{len(negatives)} inputs"
+        self.interpolation = interpolation
         self.settings = {
             "head_dim": head_dim,
             "temperature": temperature,
             "num_negative_inputs": num_negative_inputs,
             "patch_fraction": patch_fraction,
             "stride_fraction": stride_fraction,
+            "grid": grid,
+            "view_size": view_size,
+            "interpolation": interpolation,
             "text_views": text_views,
             "word_deletion": word_deletion,
         }
 
     def make_views(self, batch: Views) -> list[ViewGroup]:
+        """Images: canvases ``(B, 3, C, C)`` resized to the input side, then patched."""
+        if isinstance(batch, torch.Tensor):
+            batch = resize_views(batch, self.image_size, self.interpolation)
         return self.views(batch)
 
     def fit(self, backbone: Any, inputs: Sequence[Any], batch_size: int) -> None:
-        """Embed the views of ``num_negative_inputs`` training inputs (a seeded choice)."""
-        if len(inputs) == 0:
-            raise ValueError("simclr: fit needs at least one training input for the negatives")
-        order = torch.randperm(len(inputs), generator=make_generator(self.seed, "simclr.negatives"))
-        chosen = [inputs[int(i)] for i in order[: self.num_negative_inputs]]
+        """Embed the views of the negatives: the given ones, or a seeded choice of
+        ``num_negative_inputs`` training inputs."""
+        given = self.given_negatives
+        if isinstance(given, torch.Tensor):
+            self.negatives = given.detach().to(device=backbone.device, dtype=backbone.dtype)
+            return
+        if given is not None:
+            chosen = list(given)
+        else:
+            if len(inputs) == 0:
+                raise ValueError("simclr: fit needs at least one training input for the negatives")
+            gen = make_generator(self.seed, "simclr.negatives")
+            order = torch.randperm(len(inputs), generator=gen)
+            chosen = [inputs[int(i)] for i in order[: self.num_negative_inputs]]
         parts = []
         with torch.no_grad():
             for start in range(0, len(chosen), batch_size):

@@ -1,0 +1,64 @@
+"""Named FUNGI settings: ``"paper"`` (the default) and ``"fast"``.
+
+``paper`` is FUNGI's Table 17 (appendix B.1) and the authors' code (fungivision), at the
+input side ``S`` (224 in the paper):
+
+=========================  =======================================  ===========================
+setting                    ``paper``                                ``fast``
+=========================  =======================================  ===========================
+canvas (``resize``)        resize to 256/224·S square, KL view and  short side to S, centre
+                           embedding its central S × S (code)       crop: one S × S square
+DINO local crops           S × S (Table 17: 224 × 224)              96/224 · S (DINO's 96)
+DINO crop boxes            drawn per image (code)                   one set for every image
+DINO interpolation         bicubic (code)                           bilinear
+SimCLR patches             S/2, stride int(S/12), each resized to   S/2 at their own size,
+                           S × S bicubic (B.1, code)                offsets spread over 0..S/2
+SimCLR negatives           256 inputs (Table 17: 256 × 49)          64 inputs (64 × 49)
+=========================  =======================================  ===========================
+
+``fast`` is what hbird did before the paper settings became the default, so numbers
+computed under it are those of earlier hbird versions. Everything else (heads,
+temperatures, crop counts and scales, 49 patches) is Table 17's in both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hbird.fungi.backbones import FungiBackbone
+from hbird.fungi.views import snap_to_patch
+
+PRESETS = ("paper", "fast")
+FAST_LOCAL_FRACTION = 96 / 224
+"""``fast``: DINO's local crop side relative to the input side (DINO's 96 for 224)."""
+FAST_NEGATIVE_INPUTS = 64
+"""``fast``: training inputs whose views form the SimCLR negative batch."""
+
+
+def check_preset(preset: str) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown FUNGI preset {preset!r}; choose among {', '.join(PRESETS)}")
+
+
+def preset_resize(preset: str) -> str:
+    """How images are brought to the canvas under ``preset`` (``ImageBackbone(resize=)``)."""
+    check_preset(preset)
+    return "square" if preset == "paper" else "short-side"
+
+
+def preset_loss_options(preset: str, backbone: FungiBackbone) -> dict[str, dict[str, Any]]:
+    """Per-loss keyword arguments of ``preset`` for ``backbone`` (``{}``: the losses' defaults,
+    which are the paper's)."""
+    check_preset(preset)
+    if preset == "paper":
+        return {}
+    options: dict[str, dict[str, Any]] = {"simclr": {"num_negative_inputs": FAST_NEGATIVE_INPUTS}}
+    if backbone.modality == "image":
+        side, patch = backbone.image_size, backbone.patch_size
+        options["dino"] = {
+            "local_size": snap_to_patch(side * FAST_LOCAL_FRACTION, patch),
+            "boxes": "shared",
+            "interpolation": "bilinear",
+        }
+        options["simclr"].update(grid="spread", view_size=snap_to_patch(side * 0.5, patch))
+    return options
