@@ -1,3 +1,5 @@
+import json
+
 import matplotlib
 import numpy as np
 import pytest
@@ -5,6 +7,7 @@ import torch
 from PIL import Image
 
 from hbird.data.synthetic import make_scene
+from hbird.viz.colorbar import BAR_HEIGHT, TICK_LENGTH, Scale, colour_bar, format_tick, scale_ticks
 from hbird.viz.depth import apply_colormap, colorize_depth, depth_range
 from hbird.viz.overlay import overlay, panel, save_prediction_panel
 from hbird.viz.palette import colorize_mask
@@ -131,6 +134,11 @@ def test_save_prediction_panel_segmentation(tmp_path):
     assert img.height > plain.height  # the class legend sits below
 
 
+def tiles_top(arr: np.ndarray, left: int, right: int) -> int:
+    """First row where columns left..right are all painted (the tiles, below the titles)."""
+    return int(np.argmax((arr[:, left:right] != 255).any(-1).all(-1)))
+
+
 def test_save_prediction_panel_depth(tmp_path):
     scene = make_scene(2, size=(64, 64))
     path = save_prediction_panel(
@@ -139,8 +147,75 @@ def test_save_prediction_panel_depth(tmp_path):
     img = Image.open(path)
     assert img.size[0] == 3 * 160 + 2 * 4
     arr = np.asarray(img)
-    gt_tile, pred_tile = arr[-160:, 164:324], arr[-160:, 328:488]
+    top = tiles_top(arr, 164, 324)
+    gt_tile, pred_tile = arr[top : top + 160, 164:324], arr[top : top + 160, 328:488]
     assert not np.array_equal(gt_tile, pred_tile)  # one shared range shows the 10 % error
     with pytest.raises(ValueError, match="kind"):
         save_prediction_panel(tmp_path / "x.png", scene.image, scene.depth, kind="normals")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_depth_panel_has_a_colour_bar_in_metres_over_the_ground_truth_range(tmp_path):
+    scene = make_scene(3, size=(64, 64))
+    confidence = torch.rand(8, 8, generator=torch.Generator().manual_seed(1))
+    path = save_prediction_panel(
+        tmp_path / "d.png", scene.image, scene.depth * 0.9, scene.depth, "depth", confidence
+    )
+    img = Image.open(path)
+    depth_scale, confidence_scale = json.loads(img.text["hbird:scales"])
+    gt = scene.depth.numpy()
+    lo, hi = np.percentile(gt[gt > 0], [2, 98])  # the range both depth tiles are coloured in
+    assert depth_scale["label"] == "depth (m)"
+    assert depth_scale["vmin"] == pytest.approx(lo) and depth_scale["vmax"] == pytest.approx(hi)
+    assert confidence_scale == {
+        "label": "top neighbour weight", "vmin": 0.0, "vmax": 1.0, "cmap": "viridis"
+    }  # fmt: skip
+    arr = np.asarray(img.convert("RGB"))
+    bar = tiles_top(arr, 164, 324) + 160 + 4  # first row of the bars, under the tiles
+    # one depth bar spans ground truth and prediction (x 164..487), the confidence bar
+    # its own tile (x 492..651); each runs from its colour map's first to its last colour
+    assert np.array_equal(arr[bar, 164], cmap_colour("turbo", 0.0))
+    assert np.array_equal(arr[bar, 487], cmap_colour("turbo", 1.0))
+    assert (arr[bar, 488:492] == 255).all()
+    assert np.array_equal(arr[bar, 492], cmap_colour("viridis", 0.0))
+    assert np.array_equal(arr[bar, 651], cmap_colour("viridis", 1.0))
+    assert (arr[bar:, :160] == 255).all()  # nothing under the image
+
+
+def test_confidence_gets_a_bar_and_plain_panels_none(tmp_path):
+    scene = make_scene(1, size=(48, 64))
+    conf = save_prediction_panel(
+        tmp_path / "c.png", scene.image, scene.mask, scene.mask, confidence=torch.rand(6, 8)
+    )
+    (scale,) = json.loads(Image.open(conf).text["hbird:scales"])
+    assert (scale["label"], scale["vmin"], scale["vmax"]) == ("winning class weight", 0, 1)
+    plain = save_prediction_panel(tmp_path / "p.png", scene.image, scene.mask, scene.mask)
+    assert "hbird:scales" not in Image.open(plain).text
+    assert Image.open(conf).height > Image.open(plain).height
+
+
+# -- colour bars -------------------------------------------------------------------------------
+
+
+def test_scale_ticks_are_round_values_inside_the_range():
+    assert scale_ticks(0.0, 1.0, 4) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert scale_ticks(2.986, 7.563, 2) == [5.0, 7.5]  # step 2.5: 4.58 m in about 2 steps
+    assert scale_ticks(0.1, 0.3, 2) == [0.1, 0.2, 0.3]  # no 0.30000000000000004
+    assert scale_ticks(2.0, 2.0, 3) == [2.0, 2.5, 3.0]  # empty range: shown as 2..3
+    assert [format_tick(t) for t in (0.25, 2.0, 7.5, 10.0)] == ["0.25", "2", "7.5", "10"]
+
+
+def test_colour_bar_columns_are_the_map_colours_and_ticks_sit_at_their_values():
+    bar = np.asarray(colour_bar(Scale("depth (m)", 1.0, 5.0, "turbo"), 401))
+    assert bar.shape[1] == 401
+    # column x shows 1 + x / 100 metres: x=0 → t=0, x=200 → t=0.5 (LUT entry 128), x=400 → t=1
+    assert np.array_equal(bar[0, 0], cmap_colour("turbo", 0.0))
+    assert np.array_equal(bar[0, 200], cmap_colour("turbo", 128 / 255))
+    assert np.array_equal(bar[BAR_HEIGHT - 1, 400], cmap_colour("turbo", 1.0))
+    # ticks at 1, 2, 3, 4, 5 m: columns 0, 100, 200, 300, 400, dark; the rest of the row white
+    tick_row = bar[BAR_HEIGHT + 1]
+    dark = np.flatnonzero(tick_row.max(-1) < 128)
+    assert dark.tolist() == [0, 100, 200, 300, 400]
+    assert (bar[BAR_HEIGHT + TICK_LENGTH + 1 :] < 128).any()  # values and label drawn below
+    with pytest.raises(ValueError, match="width >= 2"):
+        colour_bar(Scale("x", 0, 1, "viridis"), 1)

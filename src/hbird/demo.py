@@ -128,6 +128,7 @@ def run_demo(
             dp.labels,
             scene.depth,
             kind="depth",
+            confidence=dp.confidence,
         )
         pictures += [seg_png.relative_to(out).as_posix(), depth_png.relative_to(out).as_posix()]
 

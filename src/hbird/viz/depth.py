@@ -20,6 +20,12 @@ def _colormap(name: str):
         ) from None
 
 
+def shown_range(vmin: float, vmax: float) -> tuple[float, float]:
+    """The values at the ends of a colour map: ``(vmin, vmax)``, or ``(vmin, vmin + 1)``
+    when the range is empty (a constant map then takes the ``vmin`` colour)."""
+    return (float(vmin), float(vmax)) if vmax > vmin else (float(vmin), float(vmin) + 1.0)
+
+
 def apply_colormap(values: Any, vmin: float, vmax: float, cmap: str = "viridis") -> np.ndarray:
     """Scalars ``(H, W)`` → ``(H, W, 3)`` uint8, ``vmin``/``vmax`` at the ends of ``cmap``.
 
@@ -27,8 +33,8 @@ def apply_colormap(values: Any, vmin: float, vmax: float, cmap: str = "viridis")
     that need another colour for invalid pixels paint over them).
     """
     v = to_numpy(values).astype(np.float64)
-    span = vmax - vmin if vmax > vmin else 1.0
-    t = np.clip(np.nan_to_num((v - vmin) / span, nan=0.0), 0.0, 1.0)
+    vmin, vmax = shown_range(vmin, vmax)
+    t = np.clip(np.nan_to_num((v - vmin) / (vmax - vmin), nan=0.0), 0.0, 1.0)
     lut = (_colormap(cmap)(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
     return lut[np.round(t * 255.0).astype(np.int64)]
 

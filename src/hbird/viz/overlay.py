@@ -6,27 +6,27 @@ and the evaluation reports show: image | ground truth | prediction | confidence.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
 from hbird.viz._arrays import as_rgb_uint8, resize_nearest, to_numpy
+from hbird.viz._text import TEXT_COLOR, fit_text, font, line_height
+from hbird.viz.colorbar import Scale, colour_bar
 from hbird.viz.depth import apply_colormap, colorize_depth, depth_range
 from hbird.viz.palette import colorize_mask, voc_palette
 
 BACKGROUND = (255, 255, 255)
-TEXT_COLOR = (0, 0, 0)
-FONT_SIZE = 14
-
-
-def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: fixed bitmap font
-        return ImageFont.load_default()
+GAP = 4
+DEPTH_CMAP = "turbo"
+CONFIDENCE_CMAP = "viridis"
+SCALES_KEY = "hbird:scales"
+"""PNG text key of a panel's colour scales: JSON list of :class:`Scale` dicts."""
 
 
 def overlay(
@@ -63,28 +63,23 @@ def overlay(
     return out
 
 
-def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """``text``, shortened with "..." until it fits in ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..." if text else ""
+def width_at_height(size: tuple[int, int], height: int) -> int:
+    """Width of an ``(h, w)`` picture scaled to ``height`` pixels tall, aspect ratio kept."""
+    return max(1, round(size[1] * height / size[0]))
 
 
 def resize_to_height(image: Image.Image, height: int, resample: int) -> Image.Image:
     """``image`` scaled to ``height`` pixels tall, aspect ratio kept."""
     if image.height == height:
         return image
-    width = max(1, round(image.width * height / image.height))
-    return image.resize((width, height), resample=resample)
+    return image.resize((width_at_height((image.height, image.width), height), height), resample)
 
 
 def panel(
     images: Sequence[Any],
     titles: Sequence[str] | None = None,
     height: int | None = None,
-    gap: int = 4,
+    gap: int = GAP,
     resample: int = Image.Resampling.BILINEAR,
 ) -> Image.Image:
     """Pictures side by side, each with its title above, on a white background.
@@ -107,11 +102,8 @@ def panel(
     pictures = [Image.fromarray(as_rgb_uint8(img)) for img in images]
     height = height or pictures[0].height
     pictures = [resize_to_height(p, height, resample) for p in pictures]
-    font = _font()
-    title_height = 0
-    if any(titles):
-        top, bottom = font.getbbox("Hg")[1], font.getbbox("Hg")[3]
-        title_height = bottom - min(top, 0) + 6
+    face = font()
+    title_height = line_height(face) + 6 if any(titles) else 0
     width = sum(p.width for p in pictures) + gap * (len(pictures) - 1)
     canvas = Image.new("RGB", (width, title_height + height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -119,14 +111,14 @@ def panel(
     for picture, title in zip(pictures, titles):
         canvas.paste(picture, (x, title_height))
         if title:
-            text = _fit_text(draw, title, font, picture.width)
-            text_x = x + max(0, (picture.width - round(draw.textlength(text, font=font))) // 2)
-            draw.text((text_x, 3), text, fill=TEXT_COLOR, font=font)
+            text = fit_text(draw, title, face, picture.width)
+            text_x = x + max(0, (picture.width - round(draw.textlength(text, font=face))) // 2)
+            draw.text((text_x, 3), text, fill=TEXT_COLOR, font=face)
         x += picture.width + gap
     return canvas
 
 
-def _stack(top: Image.Image, bottom: Image.Image, gap: int = 4) -> Image.Image:
+def _stack(top: Image.Image, bottom: Image.Image, gap: int = GAP) -> Image.Image:
     """``bottom`` under ``top``, left-aligned, on the panel background."""
     canvas = Image.new(
         "RGB", (max(top.width, bottom.width), top.height + gap + bottom.height), BACKGROUND
@@ -144,13 +136,13 @@ def class_legend(
 ) -> Image.Image:
     """A strip of colour swatches with class names, wrapped to ``width`` pixels."""
     palette = voc_palette(max(256, max(class_ids, default=0) + 1)) if palette is None else palette
-    font = _font()
+    face = font()
     swatch, pad = 12, 6
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     entries = []
     for i in class_ids:
         name = class_names[i] if class_names is not None and i < len(class_names) else str(i)
-        entries.append((i, name, swatch + 4 + round(probe.textlength(name, font=font)) + 2 * pad))
+        entries.append((i, name, swatch + 4 + round(probe.textlength(name, font=face)) + 2 * pad))
     rows, row, used = [], [], 0
     for entry in entries:
         if row and used + entry[2] > width:
@@ -170,7 +162,7 @@ def class_legend(
             draw.rectangle(
                 [x, y, x + swatch - 1, y + swatch - 1], fill=colour, outline=(96, 96, 96)
             )
-            draw.text((x + swatch + 4, y - 2), name, fill=TEXT_COLOR, font=font)
+            draw.text((x + swatch + 4, y - 2), name, fill=TEXT_COLOR, font=face)
             x += entry_width
     return strip
 
@@ -183,6 +175,17 @@ def _label_at(label: Any, size: tuple[int, int], what: str) -> np.ndarray:
     if arr.ndim != 2:
         raise ValueError(f"{what} has shape {arr.shape}; expected a 2-D (H, W) map")
     return resize_nearest(arr, size)
+
+
+def _scale_strip(
+    width: int, spans: Sequence[tuple[int, int]], scales: Sequence[Scale]
+) -> Image.Image:
+    """Colour bars side by side, each under the pixel columns ``(left, right)`` it explains."""
+    bars = [colour_bar(scale, right - left) for (left, right), scale in zip(spans, scales)]
+    strip = Image.new("RGB", (width, max(bar.height for bar in bars)), BACKGROUND)
+    for (left, _), bar in zip(spans, bars):
+        strip.paste(bar, (left, 0))
+    return strip
 
 
 def save_prediction_panel(
@@ -199,6 +202,11 @@ def save_prediction_panel(
 ) -> Path:
     """Write ``image | ground truth | prediction | confidence`` as one PNG.
 
+    Depth and confidence tiles get a colour bar underneath (depth in metres, one bar for
+    ground truth and prediction, which share a range; confidence from 0 to 1). The bars'
+    ranges are also stored in the PNG's text chunk ``hbird:scales`` (JSON), so a script
+    can read the colours back as values.
+
     Args:
         path: output PNG; parent folders are created.
         image: ``(3, H, W)`` float in [0, 1] or ``(H, W, 3)`` uint8.
@@ -206,7 +214,8 @@ def save_prediction_panel(
             another size than the image are resized to it by nearest neighbour.
         ground_truth: optional ``(h, w)`` map of the same kind.
         kind: ``"segmentation"`` overlays class colours; ``"depth"`` colours depth with one
-            shared range for prediction and ground truth (taken from the ground truth).
+            shared range for prediction and ground truth (the 2nd-98th percentile of the
+            ground truth's valid depths, else of the prediction's).
         confidence: optional ``(h, w)`` in [0, 1] (e.g. the top softmax weight), shown as a
             heat map (viridis: dark is unsure, yellow is sure).
         ignore_index: unlabelled id in segmentation maps (shown as the bare image).
@@ -221,6 +230,7 @@ def save_prediction_panel(
     pred = _label_at(prediction, size, "prediction")
     truth = _label_at(ground_truth, size, "ground_truth") if ground_truth is not None else None
     pictures, titles = [rgb], ["image"]
+    scales: list[tuple[Scale, int, int]] = []  # a scale and the first and last tile it keys
     legend_ids: list[int] = []
     if kind == "segmentation":
         if truth is not None:
@@ -234,20 +244,29 @@ def save_prediction_panel(
     else:
         vrange = depth_range(truth if truth is not None else pred) or (0.0, 1.0)
         if truth is not None:
-            pictures.append(colorize_depth(truth, *vrange))
-            titles.append(f"ground truth ({vrange[0]:.2f}-{vrange[1]:.2f} m)")
-        pictures.append(colorize_depth(pred, *vrange))
+            pictures.append(colorize_depth(truth, *vrange, cmap=DEPTH_CMAP))
+            titles.append("ground truth")
+        pictures.append(colorize_depth(pred, *vrange, cmap=DEPTH_CMAP))
         titles.append("prediction")
+        scales.append((Scale("depth (m)", *vrange, DEPTH_CMAP), 1, len(pictures) - 1))
     if confidence is not None:
         conf = _label_at(confidence, size, "confidence").astype(np.float64)
-        pictures.append(apply_colormap(conf, 0.0, 1.0, "viridis"))
+        pictures.append(apply_colormap(conf, 0.0, 1.0, CONFIDENCE_CMAP))
         titles.append("confidence")
+        weight = "winning class weight" if kind == "segmentation" else "top neighbour weight"
+        scales.append((Scale(weight, 0.0, 1.0, CONFIDENCE_CMAP), *[len(pictures) - 1] * 2))
     height = max(size[0], min_height)
     resample = Image.Resampling.NEAREST if height % size[0] == 0 else Image.Resampling.BILINEAR
-    picture = panel(pictures, titles, height=height, resample=resample)
+    picture = panel(pictures, titles, height=height, resample=resample, gap=GAP)
+    info = PngInfo()
+    if scales:
+        step = width_at_height(size, height) + GAP  # every tile has the image's size
+        spans = [(first * step, (last + 1) * step - GAP) for _, first, last in scales]
+        picture = _stack(picture, _scale_strip(picture.width, spans, [s for s, _, _ in scales]))
+        info.add_text(SCALES_KEY, json.dumps([s.to_dict() for s, _, _ in scales]))
     if legend_ids:
         picture = _stack(picture, class_legend(legend_ids, class_names, picture.width))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, format="PNG")
+    picture.save(path, format="PNG", pnginfo=info)
     return path
