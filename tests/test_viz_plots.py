@@ -5,7 +5,7 @@ from PIL import Image
 
 from hbird.data.synthetic import make_scenes
 from hbird.viz.correspondence import NEIGHBOUR_BOX, QUERY_BOX, plot_neighbours
-from hbird.viz.curves import plot_curves
+from hbird.viz.curves import curves_figure, fraction_label, plot_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -42,6 +42,39 @@ def test_plot_curves_validation(tmp_path):
     with pytest.raises(ValueError, match="at least one series"):
         plot_curves(tmp_path / "x.png", {}, "x", "y")
     assert not (tmp_path / "x.png").exists()
+
+
+def shown_x_labels(fig) -> list[tuple[str, float, float]]:
+    """(text, left, right) in pixels of every x tick label drawn inside the axes, major or minor."""
+    fig.canvas.draw()
+    renderer, ax = fig.canvas.get_renderer(), fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+    shown = [t for t in ticks if lo <= t.get_loc() <= hi and t.label1.get_visible()]
+    boxes = [(t.label1.get_text(), t.label1.get_window_extent(renderer)) for t in shown]
+    return sorted((text, box.x0, box.x1) for text, box in boxes if text)
+
+
+@pytest.mark.parametrize(
+    "fractions",
+    [[1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8], [1 / 16, 1 / 8], [1 / 128, 1 / 64, 1 / 32]],
+)
+def test_fraction_axis_is_labelled_with_the_fractions_and_nothing_overlaps(fractions):
+    fig = curves_figure(
+        {"retrieval": (fractions, np.linspace(10, 50, len(fractions)), None)},
+        "fraction of the prompt split", "mIoU", logx=True, fraction_ticks=True,
+    )  # fmt: skip
+    labels = sorted(shown_x_labels(fig), key=lambda label: label[1])
+    expected = {1 / 128: "1/128", 1 / 64: "1/64", 1 / 32: "1/32", 1 / 16: "1/16", 1 / 8: "1/8"}
+    assert [text for text, _, _ in labels] == [expected[f] for f in fractions]
+    for (_, _, right), (_, left, _) in zip(labels, labels[1:]):
+        assert right < left  # each label ends before the next begins
+
+
+def test_fraction_label():
+    assert [fraction_label(x) for x in (1 / 128, 0.375, 1.0, 0.1)] == ["1/128", "3/8", "1", "1/10"]
+    assert fraction_label(1 / 3) == "1/3"
+    assert fraction_label(0.123456789) == "0.123457"  # not a short fraction: plain number
 
 
 def test_plot_neighbours_boxes_the_patches(tmp_path):

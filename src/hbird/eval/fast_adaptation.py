@@ -177,7 +177,7 @@ class FastAdaptationReport:
             logx=True,
         )
         plot_curves(out / "fast_adaptation_fraction.png", by_fraction, "fraction of the prompt split", m,
-                    title, logx=True)  # fmt: skip
+                    title, logx=True, fraction_ticks=True)  # fmt: skip
 
     def write(self, out: str | Path) -> None:
         out = Path(out)

@@ -190,6 +190,7 @@ class FractionsReport:
             ylabel=self.metric,
             title=f"Data efficiency: {self.config.get('encoder')}",
             logx=True,
+            fraction_ticks=True,
         )
 
     def write(self, out: str | Path) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hbird.viz._arrays import to_numpy
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Series = tuple[Sequence[float], Sequence[float], Sequence[float] | None]
 
@@ -31,24 +35,33 @@ def _check_series(name: str, data: Any) -> tuple[np.ndarray, np.ndarray, np.ndar
     return xs, ys, yerr
 
 
-def plot_curves(
-    path: str | Path,
+def fraction_label(x: float) -> str:
+    """``0.0078125 → "1/128"``, ``0.375 → "3/8"``, ``1.0 → "1"``; other numbers as ``%g``."""
+    exact = Fraction(x).limit_denominator(1 << 16)
+    if abs(float(exact) - x) > 1e-9 * max(1.0, abs(x)):
+        return f"{x:g}"
+    return str(exact)
+
+
+def curves_figure(
     series: Mapping[str, Series],
     xlabel: str,
     ylabel: str,
     title: str = "",
     logx: bool = False,
+    fraction_ticks: bool = False,
     size: tuple[float, float] = (6.0, 4.0),
     dpi: int = 120,
-) -> Path:
-    """Plot named curves, with optional error bands, into a PNG.
+) -> Figure:
+    """Named curves, with optional error bands, as a matplotlib figure (Agg canvas).
 
     Args:
-        path: output PNG; parent folders are created.
         series: ``{label: (xs, ys, yerr or None)}``; ``yerr`` (e.g. a std over seeds) is
             drawn as a shaded band ``ys ± yerr``.
         xlabel, ylabel, title: axis labels and title.
         logx: logarithmic x axis (for data fractions such as 1/128 .. 1).
+        fraction_ticks: one x tick at each x of the data, labelled as a fraction
+            (``1/128``, ``1/64``, ...), and no minor ticks.
         size, dpi: figure size in inches and resolution.
 
     Uses matplotlib's Agg canvas directly, so no global pyplot state or display is touched.
@@ -61,6 +74,7 @@ def plot_curves(
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
 
     fig = Figure(figsize=size, dpi=dpi)
     FigureCanvasAgg(fig)
@@ -76,6 +90,10 @@ def plot_curves(
             )
     if logx:
         ax.set_xscale("log")
+    if fraction_ticks:
+        ticks = np.unique(np.concatenate([xs for xs, _, _ in checked.values()]))
+        ax.set_xticks(ticks, [fraction_label(t) for t in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -83,6 +101,12 @@ def plot_curves(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(path: str | Path, series: Mapping[str, Series], *args: Any, **kwargs: Any) -> Path:
+    """:func:`curves_figure` written to the PNG ``path`` (parent folders are created)."""
+    fig = curves_figure(series, *args, **kwargs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
