@@ -23,11 +23,22 @@ COMMANDS = {
 }
 
 
+def _installed_version() -> str:
+    """The version pip installed (the package metadata), or a note that there is none."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hbird")
+    except PackageNotFoundError:
+        return "(not installed: no package metadata; pip install -e . records it)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hbird",
         description="In-context dense scene understanding with frozen vision encoders.",
     )
+    parser.add_argument("--version", action="version", version=f"hbird {_installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         module = importlib.import_module(f"hbird.cli.{name}")
