@@ -8,7 +8,6 @@ import torchvision.transforms.v2.functional as TF
 from hbird.fungi.heads import RandomHead
 from hbird.fungi.losses import info_nce
 from hbird.fungi.pca import PCA
-from hbird.fungi.seeding import derive_seed
 from hbird.fungi.views import (
     CropBox,
     MultiCrop,
@@ -18,6 +17,7 @@ from hbird.fungi.views import (
     center_square,
     square_images,
 )
+from hbird.io.seeds import derive_seed
 
 
 def test_square_images_resizes_short_side_and_centre_crops():

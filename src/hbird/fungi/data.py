@@ -25,8 +25,8 @@ import torch
 from hbird.data.datasets import DenseDataset, create_dataset
 from hbird.data.io import list_images, load_image, load_mask
 from hbird.errors import InputError
-from hbird.fungi.seeding import derive_seed
 from hbird.io.options import parse_spec
+from hbird.io.seeds import derive_seed
 
 
 class LazyImages(Sequence):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hbird.fungi.seeding import make_generator
+from hbird.io.seeds import make_generator
 
 
 class RandomHead(nn.Module):

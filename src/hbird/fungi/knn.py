@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from hbird.errors import InputError
-from hbird.fungi.seeding import make_generator
 from hbird.index import create_index
+from hbird.io.seeds import make_generator
 from hbird.metrics import knn_accuracy
 
 VOTES = ("majority", "softmax")

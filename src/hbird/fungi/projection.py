@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from hbird.fungi.seeding import make_generator
+from hbird.io.seeds import make_generator
 
 BLOCK_ENTRIES = 1 << 21
 """Default entries per generated block (8 MB of float32)."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from hbird.fungi.seeding import content_key, derive_seed, make_generator
+from hbird.io.seeds import content_key, derive_seed, make_generator
 
 Views = torch.Tensor | list[str]
 

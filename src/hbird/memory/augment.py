@@ -18,13 +18,14 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from hbird.data.transforms import encoder_size, resize_image, resize_label
+from hbird.io.seeds import make_generator
 from hbird.labelspec import LabelSpec
 
 
 def image_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A generator whose stream depends only on ``(seed, epoch, index)``."""
-    mixed = (seed * 1_000_003 + epoch) * 1_000_033 + index
-    return torch.Generator().manual_seed(mixed % (2**63 - 1))
+    """The generator of prompt image ``index`` in ``epoch``: a function of those and ``seed``
+    only (:func:`hbird.io.seeds.derive_seed` of ``(seed, "prompt", epoch, index)``)."""
+    return make_generator(seed, "prompt", epoch, index)
 
 
 def invalid_fill(spec: LabelSpec) -> float:

@@ -16,13 +16,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from hbird.data.datasets import DenseDataset, create_dataset
 from hbird.data.imagesets import ImageFolderDataset, SyntheticDataset
 from hbird.errors import InputError
+from hbird.io.seeds import make_generator
 from hbird.pretrain.augment import ViewSampler
 from hbird.pretrain.objective import Batch
 from hbird.registry import UnknownNameError
@@ -77,8 +77,7 @@ def create_image_dataset(spec: str) -> ImageLabels:
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The generator of one sample's augmentation: a function of ``(seed, epoch, index)`` only."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return make_generator(seed, "views", epoch, index)
 
 
 class ViewDataset(Dataset):
@@ -155,7 +154,7 @@ class EpochSampler(Sampler[int]):
         return (self.batches_per_epoch - self.start_batch) * self.local_batch
 
     def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = make_generator(self.seed, "order", self.epoch)
         order = torch.randperm(self.n, generator=gen)
         for t in range(self.start_batch, self.batches_per_epoch):
             start = t * self.global_batch + self.rank * self.local_batch

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from hbird.fungi.heads import RandomHead
 from hbird.fungi.losses.base import LOSSES, GradientLoss
-from hbird.fungi.seeding import make_generator
 from hbird.fungi.views import (
     PatchGrid,
     ViewGroup,
@@ -34,6 +33,7 @@ from hbird.fungi.views import (
     resize_views,
     snap_to_patch,
 )
+from hbird.io.seeds import make_generator
 
 
 def info_nce(anchors: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
