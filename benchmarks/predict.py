@@ -143,15 +143,12 @@ def bench_size(args: argparse.Namespace, n: int, encoder: Any, encode_s: float) 
         name = f"auto ({resolved})" if kind == "auto" else kind
         if name in rows or resolved in rows or f"auto ({kind})" in rows:
             continue
-        predictor = InContextPredictor(
-            encoder=encoder, k=args.k, temperature=args.temperature, index=resolved, progress=False
-        )
-        predictor.encoder_ = encoder
-        predictor.bank_, predictor.label_spec_ = bank, bank.label_spec
         gc.collect()
         rss_before = rss_bytes()
         start = time.perf_counter()
-        predictor._build_index()
+        predictor = InContextPredictor.from_bank(
+            bank, encoder, k=args.k, temperature=args.temperature, index=resolved, progress=False
+        )
         build_s = time.perf_counter() - start
         numbers = measure(args, predictor, queries, exact_ids, (args.image_size,) * 2)
         ratio = (numbers["search_s"] + numbers["decode_s"]) / encode_s

@@ -131,9 +131,12 @@ def test_bank_build_info_then_predict_from_bank(folders, tmp_path, capsys):
     assert (settings["k"], settings["temperature"]) == (10, 0.05)
     out = tmp_path / "retuned"
     argv = ["predict", "--bank", str(bank), "--query", str(folders / "query" / "images")]
-    assert main([*argv, "--out", str(out), "--k", "5", "--autocast", "bf16", "--quiet"]) == 0
+    assert main([*argv, "--out", str(out), "--k", "5", "--quiet"]) == 0
     settings = json.loads((out / "settings.json").read_text())["predictor"]
-    assert (settings["k"], settings["temperature"], settings["autocast"]) == (5, 0.05, "bf16")
+    assert (settings["k"], settings["temperature"], settings["image_size"]) == (5, 0.05, 64)
+    capsys.readouterr()  # a bank setting cannot change on load: the bank must be rebuilt
+    assert main([*argv, "--out", str(out), "--autocast", "bf16", "--quiet"]) == 2
+    assert "autocast is a bank setting" in capsys.readouterr().err
     if _optional.is_available("faiss"):  # backend options reach the index, and are recorded
         out = tmp_path / "ivfpq"
         extra = ["--index", "ivfpq", "--index-param", "k_factor=8", "--index-param", "nprobe=4"]

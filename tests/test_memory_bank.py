@@ -132,11 +132,13 @@ def test_keys_left_on_disk_are_read_on_demand(tmp_path):
     bank = make_bank()
     path = bank.save(tmp_path / "bank", shard_size=16)
     lazy = MemoryBank.load(path, encoder=ENC, keys=False)
-    assert not lazy._keys and not lazy.keys_in_memory
+    assert not lazy.keys_in_memory
     assert len(lazy) == 50 and torch.equal(lazy.values, bank.values)  # values are loaded
-    assert torch.equal(lazy.key_norms(), bank.key_norms()) and not lazy._keys  # streamed
-    assert torch.equal(torch.cat(list(lazy.iter_keys())), bank.keys) and not lazy._keys
-    assert torch.equal(lazy.keys, bank.keys) and lazy.keys_in_memory  # read, all four shards
+    assert torch.equal(lazy.key_norms(), bank.key_norms()) and not lazy.keys_in_memory  # streamed
+    assert torch.equal(torch.cat(list(lazy.iter_keys())), bank.keys) and not lazy.keys_in_memory
+    with pytest.raises(BankError, match="read_keys"):  # a property does no disk I/O
+        _ = lazy.keys
+    assert torch.equal(lazy.read_keys(), bank.keys) and lazy.keys_in_memory  # all four shards
     grown = MemoryBank.load(path, encoder=ENC, keys=False)
     grown.append(torch.randn(3, 8), torch.rand(3, 3))  # appending reads the keys first
     assert len(grown) == 53 and torch.equal(grown.keys[:50], bank.keys)
@@ -145,4 +147,4 @@ def test_keys_left_on_disk_are_read_on_demand(tmp_path):
     shard = sorted(path.glob("shard_*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:-8])
     with pytest.raises(BankError, match="read from .* on demand"):
-        _ = again.keys
+        again.read_keys()

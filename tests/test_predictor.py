@@ -83,7 +83,7 @@ def test_save_load_round_trip_and_encoder_check(tmp_path, fitted, scenes):
     images = [s.image for s in queries[:2]]
     for a, b in zip(fitted.predict(images), loaded.predict(images)):
         assert torch.equal(a, b)
-    assert loaded.config.k == 10 and loaded.config.layers == 0
+    assert loaded.k == 10 and loaded.layers == 0
     with pytest.raises(BankError, match="test_vit_p16|feature|built with encoder"):
         InContextPredictor.load(path, encoder="test_vit_p16", progress=False)
 
@@ -195,16 +195,20 @@ def test_rgba_gray_16bit_and_exif_images_are_handled(tmp_path, fitted):
 def test_dense_fungi_features_fit_predict_save_load(tmp_path, scenes):
     prompt, queries = scenes
     images, masks = [s.image for s in prompt[:8]], [s.mask for s in prompt[:8]]
-    p = predictor(layers=None, features="fungi", fungi_support=300, batch_size=4)
+    p = predictor(
+        layers=None, features="fungi", feature_options={"support_size": 300}, batch_size=4
+    )
     p.fit(images, masks, num_classes=4)
     assert (
-        p.bank_.feature_dim == 64 and len(p.fungi_.support_) == 300
+        p.bank_.feature_dim == 64 and len(p.extractor_.state()["fungi_support"]) == 300
     )  # [patch, gradient] of width 32 each
     q = [s.image for s in queries[:2]]
     first = p.predict(q)
     assert miou(first, queries[:2]) > 0.4
     loaded = InContextPredictor.load(p.save(tmp_path / "bank"), progress=False)
-    assert torch.equal(loaded.fungi_.support_, p.fungi_.support_)
+    assert torch.equal(
+        loaded.extractor_.state()["fungi_support"], p.extractor_.state()["fungi_support"]
+    )
     assert all(torch.equal(a, b) for a, b in zip(first, loaded.predict(q)))
     with pytest.raises(ValueError, match="leave layers unset"):
         predictor(layers=0, features="fungi").fit(images, masks, num_classes=4)
@@ -228,7 +232,7 @@ def test_saved_bank_keeps_its_approximate_index(tmp_path, scenes, monkeypatch, k
     with monkeypatch.context() as patch:  # ivfpq resolves nlist/refine when trained
         patch.setattr(INDEXES.get(kind), "_add", no_add)
         loaded = InContextPredictor.load(path, progress=False)
-    assert loaded.bank_._keys == []  # a cached exact-scoring index: keys never read into memory
+    assert not loaded.bank_.keys_in_memory  # a cached exact-scoring index: keys never read
     images = [s.image for s in queries[:3]]
     for a, b in zip(fitted_approx.predict(images), loaded.predict(images)):
         assert torch.equal(a, b)
@@ -249,7 +253,7 @@ def test_autocast_is_close_to_float32_and_saved_with_the_bank(tmp_path, scenes, 
     )
     assert float(agree.float().mean()) > 0.9
     loaded = InContextPredictor.load(bf16.save(tmp_path / "bank"), progress=False)
-    assert loaded.config.autocast == "bf16"
+    assert loaded.autocast == "bf16"
     assert all(torch.equal(a, b) for a, b in zip(loaded.predict(images), bf16.predict(images)))
     with pytest.raises(ValueError, match="full precision"):
         predictor(autocast="bf16", features="fungi", layers=None).fit(
@@ -270,11 +274,11 @@ def test_eq1_weights_from_index_scores_equal_recomputed_cosines(scenes, kind):
         [s.image for s in prompt], [s.mask for s in prompt], num_classes=4
     )
     assert p.index_.exact_scores
-    feats = p._encode(p.encoder_, [queries[0].image], layers=0, batch_size=1)[0]
+    feats = p.extractor_.transform([queries[0].image])[0]
     q = feats.reshape(-1, feats.shape[-1]) * 3.0  # unnormalised queries: cosines, not dots
     weights, values = p.attend(q)
     _, ids = p.index_.search(q, 10)
-    oracle = neighbour_attention(q, p.bank_.keys[ids], p.config.temperature)
+    oracle = neighbour_attention(q, p.bank_.keys[ids], p.temperature)
     torch.testing.assert_close(weights, oracle, rtol=1e-4, atol=1e-5)
     assert torch.equal(values, p.bank_.values[ids])
 
@@ -291,10 +295,10 @@ def test_loaded_predictor_keeps_the_banks_keys_on_disk(tmp_path, scenes, fitted,
     assert not loaded.bank_.keys_in_memory  # streamed into the index, not kept
     images = [s.image for s in queries[:3]]
     reference = InContextPredictor.load(path, progress=False, index=kind)
-    _ = reference.bank_.keys  # rereads: the reference holds its keys in memory
+    reference.bank_.read_keys()  # rereads: the reference holds its keys in memory
     assert all(torch.equal(a, b) for a, b in zip(loaded.predict(images), reference.predict(images)))
     again = InContextPredictor.load(loaded.save(tmp_path / "copy"), progress=False, index=kind)
-    assert torch.equal(again.bank_.keys, fitted.bank_.keys)
+    assert torch.equal(again.bank_.read_keys(), fitted.bank_.keys)
     loaded.add([queries[3].image], [queries[3].mask])
     assert len(loaded.bank_) == len(loaded.bank_.keys) == loaded.index_.ntotal > len(fitted.bank_)
 
@@ -307,10 +311,8 @@ def test_approximate_index_scores_fall_back_to_recomputed_cosines(scenes):
     p = predictor(index="ivfpq", index_params={"refine": "float16"}, key_dtype="float32", k=10)
     p.fit([s.image for s in prompt], [s.mask for s in prompt], num_classes=4)
     assert not p.index_.exact_scores  # float32 keys, float16 re-ranking copy
-    feats = p._encode(p.encoder_, [queries[0].image], layers=0, batch_size=1)[0]
+    feats = p.extractor_.transform([queries[0].image])[0]
     q = feats.reshape(-1, feats.shape[-1])
     weights, _ = p.attend(q)
     _, ids = p.index_.search(q, 10)
-    torch.testing.assert_close(
-        weights, neighbour_attention(q, p.bank_.keys[ids], p.config.temperature)
-    )
+    torch.testing.assert_close(weights, neighbour_attention(q, p.bank_.keys[ids], p.temperature))

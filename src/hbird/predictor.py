@@ -12,10 +12,11 @@ It wires the rooms together: encoders → memory (labels, sampling, augmentation
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from hbird.data.inputs import as_image, as_images
 from hbird.data.pairs import DatasetPairs, Pairs, PromptPairs
-from hbird.data.transforms import resize_for_encoder, resize_label
+from hbird.data.transforms import resize_for_encoder
 from hbird.decode import (
     DensePrediction,
     aggregate,
@@ -32,16 +33,17 @@ from hbird.decode import (
     neighbour_attention,
     softmax_over_neighbours,
 )
-from hbird.encoders import Encoder, create_encoder, encode_batches
-from hbird.encoders.precision import parse_autocast
+from hbird.encoders import Encoder, create_encoder
 from hbird.errors import BankError, InputError
+from hbird.features import create_extractor
 from hbird.index import VectorIndex, create_index
 from hbird.index.cache import cache_path, load_or_build
 from hbird.labelspec import LabelSpec
-from hbird.memory.augment import PromptAugmentation, image_generator
+from hbird.memory.augment import image_generator
 from hbird.memory.bank import BankWriter, MemoryBank, content_id
-from hbird.memory.labels import pool_labels
+from hbird.memory.prompt import encode_prompt
 from hbird.memory.sampling import default_sampler, per_image_budget, sample_patches
+from hbird.specs import RECORDED_SEARCH, BankSpec, SearchConfig, split_stored_config
 
 INDEX_CACHE = "indexes"
 """Sub-folder of a saved bank holding its built approximate indexes (see ``index.cache``)."""
@@ -67,70 +69,17 @@ class Timings:
         return seconds
 
 
-@dataclass(frozen=True)
-class PredictorConfig:
-    """Settings of an :class:`InContextPredictor` (recorded in every bank it saves)."""
-
-    encoder: str = "test_vit"
-    weights: str | None = None
-    pretrained: bool = False
-    layers: int | tuple[int, ...] | None = None
-    image_size: int = 224
-    k: int = 30
-    temperature: float = 0.02
-    memory_size: int | None = None
-    aug_epochs: int = 1
-    augment_first_epoch: bool = False
-    sampling: str | None = None
-    index: str = "auto"
-    key_dtype: str = "float16"
-    batch_size: int = 16
-    seed: int = 0
-    features: str = "patch"
-    fungi_support: int = 100_000
-    autocast: str | None = None
-
-    def validate(self) -> None:
-        parse_autocast(self.autocast)
-        checks = [
-            (self.k >= 1, f"k must be >= 1, got {self.k}"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}"),
-            (self.aug_epochs >= 1, f"aug_epochs must be >= 1, got {self.aug_epochs}"),
-            (self.memory_size is None or self.memory_size >= 1, "memory_size must be >= 1 or None"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (
-                self.features in ("patch", "fungi"),
-                f"features must be 'patch' or 'fungi', not {self.features!r}",
-            ),
-            (
-                self.features == "patch" or self.layers is None,
-                "features='fungi' uses the last block's features; leave layers unset",
-            ),
-            (
-                self.features == "patch" or self.autocast is None,
-                "features='fungi' runs in full precision; leave autocast unset",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PredictorConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if isinstance(known.get("layers"), list):
-            known["layers"] = tuple(known["layers"])
-        return cls(**known)
+_BANK, _SEARCH = BankSpec(), SearchConfig()  # the defaults, defined once in hbird.specs
 
 
 class InContextPredictor:
     """Dense prediction from a prompt of annotated images (Balazevic et al. 2023, eq. 1).
+
+    Every argument is stored under its own name (scikit-learn's contract). The ones of
+    :class:`~hbird.specs.BankSpec` decide the memory and are frozen into ``spec_`` by
+    ``fit``; the ones of :class:`~hbird.specs.SearchConfig` (``k``, ``temperature``,
+    ``index``, ``index_params``, ``device``, ``batch_size``) are read at every search
+    (:attr:`search`) and may be changed at any time, or when a bank is loaded.
 
     Args:
         encoder: a registry name (any timm ViT, ``hf:<id>``, ``test_vit``...) or an
@@ -145,134 +94,149 @@ class InContextPredictor:
         aug_epochs: passes over the prompt; passes after the first are augmented (Table 7).
         sampling: ``"rarity"`` or ``"random"`` (default: rarity for classes, random otherwise).
         index: ``auto``, ``exact``, ``flat``, ``ivfpq``, ``hnsw`` (``scann`` if installed).
+        index_params: options of the index backend (e.g. ``{"k_factor": 16}`` for IVF-PQ).
         key_dtype: ``float16`` or ``float32`` storage of the keys.
         batch_size: images per encoder forward.
         device: where the encoder runs and the exact index keeps and scores its keys (on a
             GPU ``auto`` stays exact up to ``AUTO_EXACT_MAX_GPU`` keys).
-        seed: seeds augmentation and sampling. progress: show progress bars.
-        features: ``"patch"`` (the encoder's patch features) or ``"fungi"`` (dense FUNGI,
-            Simoncini et al. 2024 appendix B.2: each patch feature concatenated with its
-            projected SimCLR gradient; negatives come from a support set of up to
-            ``fungi_support`` prompt patch features, fixed at ``fit`` and saved with the bank).
+        seed: seeds augmentation, sampling and the feature extractor. progress: progress bars.
+        features: a name in :data:`hbird.features.FEATURE_EXTRACTORS`: ``"patch"`` (the
+            encoder's patch features) or ``"fungi"`` (dense FUNGI, Simoncini et al. 2024
+            appendix B.2: each patch feature concatenated with its projected SimCLR
+            gradient; negatives come from a support set of prompt patch features, fixed at
+            ``fit`` and saved with the bank).
+        feature_options: options of the feature extractor (``{"support_size": 100000}``
+            for ``fungi``).
         autocast: ``"bf16"`` or ``"fp16"`` runs the encoder under autocast (about 2x faster
             on a GPU; features change slightly, so the setting is saved with the bank and
             used for queries too); ``None`` (default) for float32.
+
+    Attributes (after ``fit`` or ``load``):
+        spec_: the :class:`~hbird.specs.BankSpec` of the memory; encoder_, extractor_
+        (a :class:`~hbird.features.FeatureExtractor`), bank_, index_, label_spec_.
     """
 
     def __init__(
         self,
-        encoder: str | Encoder = "test_vit",
-        weights: str | Path | None = None,
-        layers: int | Sequence[int] | None = None,
-        image_size: int = 224,
-        pretrained: bool = False,
-        k: int = 30,
-        temperature: float = 0.02,
-        memory_size: int | None = None,
-        aug_epochs: int = 1,
-        sampling: str | None = None,
-        index: str = "auto",
-        index_params: dict[str, Any] | None = None,
-        key_dtype: str = "float16",
-        batch_size: int = 16,
-        device: str | torch.device = "cpu",
-        seed: int = 0,
+        encoder: str | Encoder = _BANK.encoder,
+        weights: str | Path | None = _BANK.weights,
+        layers: int | Sequence[int] | None = _BANK.layers,
+        image_size: int = _BANK.image_size,
+        pretrained: bool = _BANK.pretrained,
+        k: int = _SEARCH.k,
+        temperature: float = _SEARCH.temperature,
+        memory_size: int | None = _BANK.memory_size,
+        aug_epochs: int = _BANK.aug_epochs,
+        sampling: str | None = _BANK.sampling,
+        index: str = _SEARCH.index,
+        index_params: dict[str, Any] | None = _SEARCH.index_params,
+        key_dtype: str = _BANK.key_dtype,
+        batch_size: int = _SEARCH.batch_size,
+        device: str | torch.device = _SEARCH.device,
+        seed: int = _BANK.seed,
         progress: bool = True,
-        augment_first_epoch: bool = False,
-        features: str = "patch",
-        fungi_support: int = 100_000,
-        autocast: str | None = None,
+        augment_first_epoch: bool = _BANK.augment_first_epoch,
+        features: str = _BANK.features,
+        feature_options: dict[str, Any] | None = _BANK.feature_options,
+        autocast: str | None = _BANK.autocast,
     ) -> None:
         self.encoder = encoder
-        self.config = PredictorConfig(
-            encoder=encoder if isinstance(encoder, str) else encoder.name,
-            weights=str(weights) if weights is not None else None,
-            pretrained=pretrained,
-            layers=tuple(layers) if isinstance(layers, Sequence) else layers,
-            image_size=image_size,
-            k=k,
-            temperature=temperature,
-            memory_size=memory_size,
-            aug_epochs=aug_epochs,
-            augment_first_epoch=augment_first_epoch,
-            sampling=sampling,
-            index=index,
-            key_dtype=key_dtype,
-            batch_size=batch_size,
-            seed=seed,
-            features=features,
-            fungi_support=fungi_support,
-            autocast=autocast,
-        )
-        self.index_params = dict(index_params or {})
+        self.weights = weights
+        self.layers = layers
+        self.image_size = image_size
+        self.pretrained = pretrained
+        self.k = k
+        self.temperature = temperature
+        self.memory_size = memory_size
+        self.aug_epochs = aug_epochs
+        self.sampling = sampling
+        self.index = index
+        self.index_params = index_params
+        self.key_dtype = key_dtype
+        self.batch_size = batch_size
         self.device = device
+        self.seed = seed
         self.progress = progress
+        self.augment_first_epoch = augment_first_epoch
+        self.features = features
+        self.feature_options = feature_options
+        self.autocast = autocast
         self.timings = Timings()
 
+    # -- parameters -------------------------------------------------------------------
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments, as stored (scikit-learn's ``get_params``)."""
+        names = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in names if name != "self"}
+
+    def bank_spec(self) -> BankSpec:
+        """The :class:`BankSpec` this predictor's parameters ask for (validated)."""
+        values = {n: getattr(self, n) for n in BankSpec.field_names()}
+        values["encoder"] = self.encoder.name if isinstance(self.encoder, Encoder) else self.encoder
+        values["weights"] = str(self.weights) if self.weights is not None else None
+        if isinstance(self.layers, Sequence):
+            values["layers"] = tuple(self.layers)
+        values["feature_options"] = dict(self.feature_options or {})
+        spec = BankSpec(**values)
+        spec.validate()
+        return spec
+
+    @property
+    def search(self) -> SearchConfig:
+        """The :class:`SearchConfig` read at every search (validated)."""
+        values = {n: getattr(self, n) for n in SearchConfig.field_names()}
+        values["index_params"] = dict(self.index_params or {})
+        values["device"] = str(self.device)
+        search = SearchConfig(**values)
+        search.validate()
+        return search
+
     # -- fitting ----------------------------------------------------------------------
-    def _resolve_encoder(self) -> Encoder:
-        if getattr(self, "encoder_", None) is None:
-            if isinstance(self.encoder, Encoder):
-                self.encoder_ = self.encoder.to(self.device).eval()
-            else:
-                self.encoder_ = create_encoder(
-                    self.config.encoder,
-                    weights=self.config.weights,
-                    pretrained=self.config.pretrained and self.config.weights is None,
-                    device=self.device,
-                )
-        return self.encoder_
-
-    def _feature_dim(self) -> int:
-        encoder = self._resolve_encoder()
-        if self.config.features == "fungi":
-            return 2 * encoder.embed_dim
-        return encoder.feature_dim(self.config.layers)
-
-    def _encode(self, encoder: Encoder, views: list[torch.Tensor], layers: Any, batch_size: int):
-        """Views ``(3, H, W)`` → one ``(h, w, D)`` feature map each (patch or dense FUNGI)."""
-        if self.config.features == "fungi":
-            return self.fungi_.transform_patches(views)
-        return encode_batches(
-            encoder, views, layers=layers, batch_size=batch_size, autocast=self.config.autocast
+    def _prepare(self, spec: BankSpec) -> None:
+        """Fix ``spec_`` and build its encoder and (unfitted) feature extractor."""
+        if isinstance(self.encoder, Encoder):
+            encoder = self.encoder.to(self.device).eval()
+        else:
+            pretrained = spec.pretrained and spec.weights is None
+            encoder = create_encoder(
+                spec.encoder, weights=spec.weights, pretrained=pretrained, device=self.device
+            )
+        self.spec_, self.encoder_ = spec, encoder
+        self.extractor_ = create_extractor(
+            spec.features,
+            encoder,
+            layers=spec.layers,
+            autocast=spec.autocast,
+            batch_size=self.search.batch_size,
+            seed=spec.seed,
+            progress=self.progress,
+            **(spec.feature_options or {}),
         )
+        self.key_norms_ = None
 
-    def _fit_fungi(self, pairs: Pairs, support: torch.Tensor | None = None) -> None:
-        """Fix dense FUNGI's support set: a seeded sample of the prompt's patch features."""
-        from hbird.fungi.dense import DenseFungi
-
-        encoder = self._resolve_encoder()
-        if support is None:
-            feats = []
-            for i in tqdm(
-                range(len(pairs)), desc="FUNGI support", unit="img", disable=not self.progress
-            ):
-                image, _, _ = pairs.load(i)
-                view = resize_for_encoder(image, self.config.image_size, encoder.patch_size)
-                feats.append(encode_batches(encoder, [view])[0].reshape(-1, encoder.embed_dim))
-            support = torch.cat(feats)
-            if len(support) > self.config.fungi_support:
-                gen = torch.Generator().manual_seed(self.config.seed)
-                keep = torch.randperm(len(support), generator=gen)[: self.config.fungi_support]
-                support = support[torch.sort(keep).values]
-        self.fungi_ = DenseFungi(
-            encoder, seed=self.config.seed, batch_size=self.config.batch_size
-        ).fit(support)
+    def _plain_views(self, pairs: Pairs) -> Iterator[torch.Tensor]:
+        """The prompt images as the encoder sees them, unaugmented, loaded one by one."""
+        for i in range(len(pairs)):
+            image, _, _ = pairs.load(i)
+            yield resize_for_encoder(image, self.spec_.image_size, self.encoder_.patch_size)
 
     def _new_bank(self, spec: LabelSpec, num_images: int) -> MemoryBank:
-        encoder = self._resolve_encoder()
-        config = self.config.to_dict()
+        config = self.spec_.to_dict()
         config["budget_per_image"] = per_image_budget(
-            self.config.memory_size, num_images, self.config.aug_epochs
+            self.spec_.memory_size, num_images, self.spec_.aug_epochs
         )
-        config["sampling"] = self.config.sampling or default_sampler(spec.task)
-        return MemoryBank(
-            self._feature_dim(),
+        config["sampling"] = self.spec_.sampling or default_sampler(spec.task)
+        config["extractor"] = self.extractor_.identity()
+        bank = MemoryBank(
+            self.extractor_.feature_dim,
             spec,
-            encoder.identity(),
-            self.config.key_dtype,
+            self.encoder_.identity(),
+            self.spec_.key_dtype,
             config,
         )
+        bank.search = {n: v for n, v in self.search.to_dict().items() if n in RECORDED_SEARCH}
+        bank.attachments = self.extractor_.state()
+        return bank
 
     def fit(
         self,
@@ -310,10 +274,9 @@ class InContextPredictor:
 
     def fit_pairs(self, pairs: Pairs, label_spec: LabelSpec) -> InContextPredictor:
         """Build the memory from any :class:`Pairs` source."""
-        self.config.validate()
+        self._prepare(self.bank_spec())
         self.label_spec_ = label_spec
-        if self.config.features == "fungi":
-            self._fit_fungi(pairs)
+        self.extractor_.fit(self._plain_views(pairs))
         self.bank_ = self._new_bank(label_spec, len(pairs))
         for _, keys, values in self._memory_entries(pairs, self.bank_, start_index=0):
             self.bank_.append(keys, values)
@@ -334,6 +297,7 @@ class InContextPredictor:
             self.bank_.append(keys, values)
         self.bank_.num_images += len(pairs)
         self.index_.add(self.bank_.keys[before:])
+        self.key_norms_ = None
         return self
 
     def build_bank(
@@ -345,9 +309,8 @@ class InContextPredictor:
         overwrite: bool = False,
     ) -> Path:
         """Stream a (large) prompt into a bank folder, resuming an interrupted build."""
-        self.config.validate()
-        if self.config.features == "fungi":
-            self._fit_fungi(pairs)  # deterministic: a resumed build recomputes the same support
+        self._prepare(self.bank_spec())
+        self.extractor_.fit(self._plain_views(pairs))  # deterministic: same state on resume
         bank = self._new_bank(label_spec, len(pairs))
         writer = BankWriter(
             path,
@@ -361,67 +324,39 @@ class InContextPredictor:
         )
         for item, keys, values in self._memory_entries(pairs, bank, 0, skip=writer.done):
             writer.add(keys, values, item=item, images=int(item.startswith("0:")))
-        writer.bank.attachments = self._attachments()
+        writer.bank.search, writer.bank.attachments = bank.search, bank.attachments
         return writer.finalize()
 
     def _memory_entries(
         self, pairs: Pairs, bank: MemoryBank, start_index: int, skip: set[str] = frozenset()
     ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Yield ``(item, keys (n, D), values (n, C))`` per (epoch, image), ``item = "epoch:index"``."""
-        cfg = self.config
-        encoder = self._resolve_encoder()
-        spec = bank.label_spec
-        augment = PromptAugmentation(cfg.image_size, encoder.patch_size)
-        budget = bank.config["budget_per_image"]
-        sampler = bank.config["sampling"]
+        spec = self.spec_
         todo = [
             (epoch, i)
-            for epoch in range(cfg.aug_epochs)
+            for epoch in range(spec.aug_epochs)
             for i in range(len(pairs))
             if f"{epoch}:{start_index + i}" not in skip
         ]
-        bar = tqdm(total=len(todo), desc="building memory", unit="img", disable=not self.progress)
-        for chunk_start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[chunk_start : chunk_start + cfg.batch_size]
-            views = [
-                self._prompt_view(pairs, epoch, i, start_index, spec, augment) for epoch, i in chunk
-            ]
-            feats = self._encode(
-                encoder, [v[0] for v in views], layers=cfg.layers, batch_size=cfg.batch_size
-            )
-            for (epoch, i), (_, label, name), feat in zip(chunk, views, feats):
-                values, valid = self._pool(label, encoder.patch_size, spec, name)
-                gen = image_generator(cfg.seed + 1, epoch, start_index + i)
-                keep = sample_patches(sampler, values, valid, budget, gen)
-                yield (
-                    f"{epoch}:{start_index + i}",
-                    feat.reshape(-1, feat.shape[-1])[keep],
-                    values[keep],
-                )
-                bar.update(1)
-        bar.close()
-
-    def _prompt_view(
-        self, pairs: Pairs, epoch: int, i: int, start_index: int, spec: LabelSpec, augment
-    ):
-        """Load one prompt pair and produce the view the encoder sees in this epoch."""
-        image, label, label_name = pairs.load(i)
-        if epoch == 0 and not self.config.augment_first_epoch:
-            view = resize_for_encoder(
-                image, self.config.image_size, self._resolve_encoder().patch_size
-            )
-            return view, resize_label(label, tuple(view.shape[-2:])), label_name
-        gen = image_generator(self.config.seed, epoch, start_index + i)
-        view, label = augment(image, label, spec, gen)
-        return view, label, label_name
-
-    @staticmethod
-    def _pool(label: torch.Tensor, patch_size: int, spec: LabelSpec, name: str):
-        try:
-            values, valid = pool_labels(label, patch_size, spec)
-        except InputError as err:
-            raise InputError(f"label {name}: {err}") from None
-        return values, valid
+        batches = encode_prompt(
+            pairs,
+            self.extractor_.transform,
+            bank.label_spec,
+            spec.image_size,
+            self.encoder_.patch_size,
+            items=todo,
+            augment_first_epoch=spec.augment_first_epoch,
+            seed=spec.seed,
+            start=start_index,
+            batch_size=self.search.batch_size,
+            progress=self.progress and "building memory",
+        )
+        budget, sampler = bank.config["budget_per_image"], bank.config["sampling"]
+        for batch in batches:
+            for p in batch:
+                gen = image_generator(spec.seed + 1, p.epoch, p.image)
+                keep = sample_patches(sampler, p.values, p.valid, budget, gen)
+                yield p.item, p.features[keep], p.values[keep]
 
     def _check_not_empty(self) -> None:
         if len(self.bank_) == 0:
@@ -436,18 +371,20 @@ class InContextPredictor:
 
     def _empty_index(self) -> VectorIndex:
         """The configured index for the current bank, before any key is added."""
+        search = self.search
         return create_index(
-            self.config.index,
+            search.index,
             self.bank_.feature_dim,
             expected_size=len(self.bank_),
             device=self.device,
-            **self.index_params,
+            **search.index_params,
         )
 
     def _build_index(self, bank_path: Path | None = None) -> None:
         """Index the bank's keys; a saved bank keeps its built index in ``indexes/``."""
         source = content_id(MemoryBank.read_manifest(bank_path)) if bank_path else None
         cache = bank_path / INDEX_CACHE if bank_path else None
+        self.key_norms_ = None
         with self.timings.measure("index"):
             self.index_ = load_or_build(
                 self._empty_index(), self._fill_index, len(self.bank_), cache, source
@@ -483,7 +420,7 @@ class InContextPredictor:
         self._check_fitted()
         images = as_images(images) if isinstance(images, torch.Tensor) else list(images)
         out: list[DensePrediction] = []
-        bs = self.config.batch_size
+        bs = self.search.batch_size
         bar = tqdm(total=len(images), desc="predicting", unit="img", disable=not self.progress)
         for start in range(0, len(images), bs):
             loaded = [as_image(x) for x in images[start : start + bs]]
@@ -500,13 +437,9 @@ class InContextPredictor:
         self, images: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Eq. 1 for every patch: ``(h, w, C)`` soft labels and ``(h, w)`` top weights."""
-        encoder = self._resolve_encoder()
         with self.timings.measure("encode"):
-            size = self.config.image_size
-            views = [resize_for_encoder(x, size, encoder.patch_size) for x in images]
-            feats = self._encode(
-                encoder, views, layers=self.config.layers, batch_size=self.config.batch_size
-            )
+            size, patch = self.spec_.image_size, self.encoder_.patch_size
+            feats = self.extractor_.transform([resize_for_encoder(x, size, patch) for x in images])
         soft, top = [], []
         for feat in feats:
             h, w, d = feat.shape
@@ -522,37 +455,33 @@ class InContextPredictor:
         Cosines are exact whatever the index: from its scores when they are the exact inner
         products of the stored keys (divided by both norms), else recomputed from the keys.
         """
+        search = self.search
         with self.timings.measure("search"):
-            sims, ids = self.index_.search(queries, self.config.k)  # (Q, k)
+            sims, ids = self.index_.search(queries, search.k)  # (Q, k)
         with self.timings.measure("decode"):
             valid = ids >= 0
             safe = ids.clamp_min(0)
-            beta = self.config.temperature
+            beta = search.temperature
             if self.index_.exact_scores:
                 q_norms = torch.linalg.vector_norm(queries.to(torch.float32), dim=-1)  # (Q,)
                 cosines = sims / (q_norms[:, None] * self._key_norms()[safe]).clamp_min(1e-12)
                 weights = softmax_over_neighbours(cosines.masked_fill(~valid, 0.0), beta, valid)
             else:
-                keys = self.bank_.keys[safe]  # (Q, k, D)
+                keys = self.bank_.read_keys()[safe]  # (Q, k, D)
                 weights = neighbour_attention(queries, keys, beta, valid)
             return weights, self.bank_.values[safe]
 
     def _key_norms(self) -> torch.Tensor:
         """``(N,)`` float32 norms of the stored keys (1 up to their storage rounding)."""
-        norms = getattr(self, "key_norms_", None)
-        if norms is None or norms.shape[0] != len(self.bank_):
-            norms = self.key_norms_ = self.bank_.key_norms()
-        return norms
+        if self.key_norms_ is None:  # reset whenever the bank's keys change
+            self.key_norms_ = self.bank_.key_norms()
+        return self.key_norms_
 
     # -- persistence ------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the memory bank (with this predictor's settings) to a folder."""
+        """Write the memory bank to a folder: its manifest records the bank spec it was
+        built with and the search settings of ``fit``, never later changes."""
         self._check_fitted()
-        settings = self.config.to_dict()
-        if settings["sampling"] is None:  # keep the sampler the bank was built with, resolved
-            del settings["sampling"]
-        self.bank_.config.update(settings)
-        self.bank_.attachments = self._attachments()
         path = self.bank_.save(path, overwrite=overwrite)
         # keep the built index where the next load looks for it (keyed like a fresh build)
         empty = self._empty_index()
@@ -561,47 +490,99 @@ class InContextPredictor:
             self.index_.save(cache_path(path / INDEX_CACHE, source, empty))
         return path
 
-    def _attachments(self) -> dict[str, torch.Tensor]:
-        if self.config.features == "fungi":
-            return {"fungi_support": self.fungi_.support_}
-        return {}
-
     @classmethod
     def load(
         cls,
         path: str | Path,
         encoder: str | Encoder | None = None,
         weights: str | Path | None = None,
-        device: str | torch.device = "cpu",
         progress: bool = True,
-        index_params: dict[str, Any] | None = None,
-        **overrides: Any,
+        **search: Any,
     ) -> InContextPredictor:
         """Rebuild a predictor from a bank folder; refuses a bank made with another encoder.
 
-        ``overrides`` change search-time settings (``k``, ``temperature``, ``index``...);
-        ``index_params`` go to the index backend (e.g. ``{"k_factor": 16}`` for IVF-PQ).
+        Args:
+            encoder, weights: where to find the encoder the bank was built with (default:
+                the recorded name and weights file); checked against the bank's encoder.
+            **search: :class:`SearchConfig` fields that replace the bank's recorded search
+                settings (``k``, ``temperature``, ``index``, ``index_params``, ``device``,
+                ``batch_size``). A :class:`BankSpec` field cannot change: rebuild the bank.
         """
         manifest = MemoryBank.read_manifest(path)
-        config = PredictorConfig.from_dict(manifest.get("config", {}))
+        spec, recorded = split_stored_config(
+            manifest.get("config", {}), manifest.get("search"), f"{path}/manifest.json"
+        )
+        _check_search_overrides(search, spec, path)
         if weights is not None:
-            config = replace(config, weights=str(weights))
-        config = replace(config, **overrides)
-        predictor = cls(
-            encoder=encoder if encoder is not None else config.encoder,
-            **{k: v for k, v in asdict(config).items() if k != "encoder"},
-            index_params=index_params,
-            device=device,
-            progress=progress,
-        )
-        enc = predictor._resolve_encoder()
+            spec = replace(spec, weights=str(weights))
+        predictor = cls._from_spec(spec, encoder, progress, {**recorded, **search})
         predictor.bank_ = MemoryBank.load(  # keys stay on disk unless the index needs them
-            path, encoder=enc.identity(), feature_dim=predictor._feature_dim(), keys=False
+            path,
+            encoder=predictor.encoder_.identity(),
+            feature_dim=predictor.extractor_.feature_dim,
+            keys=False,
         )
-        predictor.label_spec_ = predictor.bank_.label_spec
-        if config.features == "fungi":
-            if "fungi_support" not in predictor.bank_.attachments:
-                raise BankError(f"{path} is a FUNGI bank without its support set; rebuild it")
-            predictor._fit_fungi(None, support=predictor.bank_.attachments["fungi_support"])
+        predictor._attach(predictor.bank_, str(path))
         predictor._build_index(Path(path))
         return predictor
+
+    @classmethod
+    def from_bank(
+        cls,
+        bank: MemoryBank,
+        encoder: str | Encoder | None = None,
+        progress: bool = True,
+        **search: Any,
+    ) -> InContextPredictor:
+        """A predictor over an in-memory bank (e.g. one built by a script), index built."""
+        spec, recorded = split_stored_config(bank.config, bank.search, "the bank's config")
+        _check_search_overrides(search, spec, "this bank")
+        predictor = cls._from_spec(spec, encoder, progress, {**recorded, **search})
+        bank.check_encoder(predictor.encoder_.identity(), predictor.extractor_.feature_dim)
+        predictor.bank_ = bank
+        predictor._attach(bank, "this bank")
+        predictor._build_index()
+        return predictor
+
+    @classmethod
+    def _from_spec(
+        cls, spec: BankSpec, encoder: str | Encoder | None, progress: bool, search: dict[str, Any]
+    ) -> InContextPredictor:
+        if isinstance(encoder, str):  # the identity check against the bank decides
+            spec = replace(spec, encoder=encoder)
+        params = {**spec.to_dict(), "layers": spec.layers, **search}
+        params["encoder"] = encoder if encoder is not None else spec.encoder
+        predictor = cls(**params, progress=progress)
+        predictor._prepare(spec)
+        return predictor
+
+    def _attach(self, bank: MemoryBank, source: str) -> None:
+        """Restore the extractor's fitted state from ``bank`` (checked against its record)."""
+        recorded = bank.config.get("extractor")
+        if recorded is not None and recorded != self.extractor_.identity():
+            raise BankError(
+                f"{source} was built with features {recorded}, but this hbird makes "
+                f"{self.extractor_.identity()} from its settings; rebuild the bank"
+            )
+        try:
+            self.extractor_.load_state(bank.attachments)
+        except BankError as err:
+            raise BankError(f"{source}: {err}") from None
+        self.label_spec_ = bank.label_spec
+
+
+def _check_search_overrides(overrides: dict[str, Any], spec: BankSpec, source: Any) -> None:
+    """Only search settings change on load; a bank setting names the rebuild."""
+    for name, value in overrides.items():
+        if name in BankSpec.field_names():
+            flag = "--" + name.replace("_", "-")
+            raise BankError(
+                f"{name} is a bank setting: {source} was built with {name}="
+                f"{getattr(spec, name)!r}; to use {name}={value!r} rebuild the bank "
+                f"(hbird bank build ... {flag} {value}, or fit a new predictor)"
+            )
+        if name not in SearchConfig.field_names():
+            raise TypeError(
+                f"unknown search setting {name!r}; search settings: "
+                f"{', '.join(SearchConfig.field_names())}"
+            )

@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 from hbird.cli.common import (
-    add_encoder_arguments,
     add_label_arguments,
-    add_memory_arguments,
-    parse_index_params,
+    add_predictor_arguments,
+    given_settings,
     predictor_from_args,
     prompt_dataset,
 )
@@ -18,6 +17,7 @@ from hbird.data.pairs import DatasetPairs
 from hbird.eval.report import layers_text
 from hbird.memory.bank import MemoryBank, check_bank_path
 from hbird.predictor import INDEX_CACHE, InContextPredictor
+from hbird.specs import SearchConfig, split_stored_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,18 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--shard-size", type=int, default=1_000_000, help="entries per shard file")
     build.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_encoder_arguments(build)
-    add_memory_arguments(build)
+    add_predictor_arguments(build)
     add_label_arguments(build)
     info = sub.add_parser("info", help="print a bank's manifest summary")
-    info.add_argument("bank", type=Path)
+    info.add_argument("bank", type=Path, help="the bank folder")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
 
 def format_info(path: Path, manifest: dict) -> str:
     spec = manifest["label_spec"]
     enc = manifest["encoder"]
-    cfg = manifest.get("config", {})
+    cfg, search = split_stored_config(
+        manifest.get("config", {}), manifest.get("search"), str(path / "manifest.json")
+    )
     size = sum(
         (path / s["file"]).stat().st_size for s in manifest["shards"] if (path / s["file"]).exists()
     )
@@ -58,9 +59,10 @@ def format_info(path: Path, manifest: dict) -> str:
             if spec["task"] == "segmentation"
             else ""
         ),
-        f"prompt      image size {cfg.get('image_size')}, layers {layers_text(cfg.get('layers'))}, "
-        f"aug epochs {cfg.get('aug_epochs')}, sampling {cfg.get('sampling')}, memory size {cfg.get('memory_size') or 'all'}",
-        f"retrieval   k {cfg.get('k')}, temperature {cfg.get('temperature')}, index {cfg.get('index')}",
+        f"prompt      image size {cfg.image_size}, layers {layers_text(cfg.layers)}, "
+        f"aug epochs {cfg.aug_epochs}, sampling {cfg.sampling}, memory size {cfg.memory_size or 'all'}",
+        f"features    {cfg.features}" + (f" {cfg.feature_options}" if cfg.feature_options else ""),
+        f"retrieval   k {search.get('k')}, temperature {search.get('temperature')}, index {search.get('index')}",
         f"created     {manifest.get('created', 'unknown')}",
     ]
     cached = sorted(p.name for p in (path / INDEX_CACHE).glob("*") if p.is_dir())
@@ -85,12 +87,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     # build the search index now and keep it with the bank, so the first predict is fast
-    InContextPredictor.load(
-        path,
-        encoder=predictor._resolve_encoder(),
-        device=args.device,
-        progress=not args.quiet,
-        index_params=parse_index_params(args.index_param),
-    )
+    search = given_settings(args, SearchConfig)
+    InContextPredictor.load(path, encoder=predictor.encoder_, progress=not args.quiet, **search)
     print(format_info(path, MemoryBank.read_manifest(path)))
     return 0

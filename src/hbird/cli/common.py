@@ -3,89 +3,140 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from hbird.io.options import parse_pairs
 from hbird.predictor import InContextPredictor
+from hbird.specs import BankSpec, SearchConfig, check_value, choices_of
 
 
-def parse_layers(text: str | None) -> int | tuple[int, ...] | None:
-    """``"-1"`` → -1; ``"8,9,10"`` → (8, 9, 10); None → None (last block)."""
-    if text is None:
-        return None
+def parse_layers(text: str) -> int | tuple[int, ...]:
+    """``"-1"`` → -1; ``"8,9,10"`` → (8, 9, 10)."""
     items = [int(t) for t in text.split(",") if t.strip()]
     return items[0] if len(items) == 1 else tuple(items)
 
 
-DEFAULT_ENCODER = "vit_small_patch14_dinov2.lvd142m"
+PARSERS: dict[Any, Callable[[str], Any]] = {
+    int: int,
+    float: float,
+    str: str,
+    "layers": parse_layers,
+}
+EXAMPLES = {"index_params": "k_factor=16", "feature_options": "support_size=1000"}
+KIND_NAMES = {int: "an integer", float: "a number", str: "text", "layers": "ints like 8,9,10"}
 
 
-AUTOCAST_HELP = (
-    "run the encoder under autocast: about 2x faster on a GPU, features change slightly "
-    "(default float32; with --bank: the bank's)"
-)
+def flag_of(f: dataclasses.Field) -> str:
+    """``image_size`` → ``--image-size``; option mappings take one ``KEY=VALUE`` per flag,
+    so ``index_params`` → ``--index-param``."""
+    name = f.name[:-1] if f.metadata.get("kind") == "options" else f.name
+    return "--" + name.replace("_", "-")
 
 
-def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("encoder")
-    group.add_argument(
-        "--encoder",
-        help=f"registry name: any timm ViT, hf:<id or dir>, test_vit... (default {DEFAULT_ENCODER}; "
-        "with --bank: the bank's encoder)",
-    )
-    group.add_argument("--weights", help="local checkpoint (.safetensors or .pth) for the encoder")
-    group.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="use the encoder's published weights when no --weights is given (downloads once; default on)",
-    )
-    group.add_argument(
-        "--layers", help="block index or comma-separated indices (default: last block)"
-    )
-    group.add_argument(
-        "--image-size", type=int, default=224, help="short side the encoder sees (default 224)"
-    )
-    group.add_argument("--batch-size", type=int, default=16, help="images per encoder forward")
-    group.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1...)")
-    group.add_argument("--autocast", choices=["bf16", "fp16"], help=AUTOCAST_HELP)
+def _value_parser(f: dataclasses.Field) -> Callable[[str], Any]:
+    """Parse a flag's text and check it against the field's valid values."""
+    kind = f.metadata.get("kind", str)
+
+    def parse(text: str) -> Any:
+        try:
+            value = PARSERS[kind](text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{f.name} must be {KIND_NAMES[kind]}, got {text!r}"
+            ) from None
+        try:
+            check_value(f, value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    return parse
 
 
-def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("memory and retrieval")
-    group.add_argument(
-        "--k", type=int, help="neighbours per query patch (default 30; with --bank: the bank's)"
+def _default_text(f: dataclasses.Field, preset: dict[str, Any] | None) -> str:
+    if f.metadata.get("default_text"):
+        text = f.metadata["default_text"]
+    elif isinstance(f.default, bool):
+        text = "on" if f.default else "off"
+    else:
+        text = str(f.default)
+    if preset is not None and f.name in preset:
+        text = f"the preset's; hummingbird: {preset[f.name]}"
+    return text
+
+
+def add_spec_arguments(
+    parser: argparse.ArgumentParser,
+    spec: type,
+    title: str,
+    names: Iterable[str] | None = None,
+    note: str | None = None,
+    preset: dict[str, Any] | None = None,
+    notes: dict[str, str] | None = None,
+) -> None:
+    """One flag per field of ``spec`` (a :mod:`hbird.specs` dataclass), from its metadata.
+
+    Flags not given stay out of the namespace (read them with :func:`given_settings`),
+    so the defaults are the spec's, a bank's, or a preset's. Numbers are checked against
+    the field's valid range when parsed.
+
+    Args:
+        names: only these fields (default: all).
+        note: appended to every default in the help (e.g. what ``--bank`` does to it).
+        preset: the fields the default preset sets, shown as the defaults.
+        notes: per-field notes that replace ``note``.
+    """
+    group = parser.add_argument_group(title)
+    wanted = set(names) if names is not None else None
+    for f in fields(spec):
+        if wanted is not None and f.name not in wanted:
+            continue
+        kind = f.metadata.get("kind", str)
+        field_note = (notes or {}).get(f.name, note)
+        default = _default_text(f, preset) + (f"; {field_note}" if field_note else "")
+        options: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind == "options":
+            options.update(action="append", metavar="KEY=VALUE")
+            default += "; repeatable"
+        elif choices_of(f) is not None:
+            options["choices"] = choices_of(f)
+        else:
+            options["type"] = _value_parser(f)
+        group.add_argument(flag_of(f), help=f"{f.metadata['help']} (default: {default})", **options)
+
+
+def given_settings(args: argparse.Namespace, spec: type) -> dict[str, Any]:
+    """The fields of ``spec`` given on the command line, parsed (``KEY=VALUE`` → dict)."""
+    given = {}
+    for f in fields(spec):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            if f.metadata.get("kind") == "options":
+                value = parse_pairs(value, flag_of(f), EXAMPLES.get(f.name, "name=value"))
+            given[f.name] = value
+    return given
+
+
+def add_predictor_arguments(parser: argparse.ArgumentParser, with_bank: bool = False) -> None:
+    """The bank spec's and the search settings' flags (``predict``, ``bank build``)."""
+    add_spec_arguments(
+        parser,
+        BankSpec,
+        "memory (how the bank is built)",
+        note="fixed by the bank with --bank" if with_bank else None,
+        notes={n: "with --bank: the bank's" for n in ("encoder", "weights")} if with_bank else None,
     )
-    group.add_argument(
-        "--temperature",
-        type=float,
-        help="softmax temperature β (default 0.02; with --bank: the bank's)",
-    )
-    group.add_argument(
-        "--memory-size", type=int, help="total memory budget |M| (default: keep every patch)"
-    )
-    group.add_argument(
-        "--aug-epochs", type=int, default=1, help="passes over the prompt; extra ones augmented"
-    )
-    group.add_argument(
-        "--index",
-        choices=["auto", "exact", "flat", "ivfpq", "hnsw", "scann"],
-        help="search backend (default auto; with --bank: the bank's)",
-    )
-    group.add_argument(
-        "--index-param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="index backend option, repeatable (e.g. k_factor=16 nprobe=16 for ivfpq)",
-    )
-    group.add_argument("--seed", type=int, default=0, help="seed for augmentation and sampling")
-    group.add_argument(
-        "--features",
-        choices=["patch", "fungi"],
-        default="patch",
-        help="patch features (default) or dense FUNGI (patch + projected SimCLR gradient)",
+    add_spec_arguments(
+        parser,
+        SearchConfig,
+        "search",
+        note="with --bank: the bank's" if with_bank else None,
     )
 
 
@@ -104,38 +155,16 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def explicit_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Settings a bank records that were given on the command line; the others keep the
-    predictor's defaults, or a loaded bank's values."""
-    given = {
-        "k": args.k,
-        "temperature": args.temperature,
-        "index": args.index,
-        "autocast": args.autocast,
-    }
-    return {name: value for name, value in given.items() if value is not None}
-
-
 def parse_index_params(items: list[str]) -> dict[str, Any]:
     """``["k_factor=16"]`` → ``{"k_factor": 16}`` (see :mod:`hbird.io.options`)."""
     return parse_pairs(items, "--index-param", "k_factor=16")
 
 
 def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:
+    """A predictor with the flags given; the others keep the defaults of :mod:`hbird.specs`."""
     return InContextPredictor(
-        encoder=args.encoder or DEFAULT_ENCODER,
-        weights=args.weights,
-        pretrained=args.pretrained,
-        layers=parse_layers(args.layers),
-        image_size=args.image_size,
-        memory_size=args.memory_size,
-        aug_epochs=args.aug_epochs,
-        **explicit_settings(args),
-        index_params=parse_index_params(args.index_param),
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-        features=args.features,
+        **given_settings(args, BankSpec),
+        **given_settings(args, SearchConfig),
         progress=not getattr(args, "quiet", False),
     )
 

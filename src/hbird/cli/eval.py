@@ -6,8 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hbird.cli.common import AUTOCAST_HELP, parse_index_params, parse_layers
-from hbird.eval.config import parse_overrides, preset_names
+from hbird.cli.common import add_spec_arguments, given_settings
+from hbird.eval.config import (
+    DEFAULT_PRESET,
+    PROTOCOL_FIELDS,
+    EvalConfig,
+    load_preset,
+    parse_overrides,
+    preset_names,
+)
+from hbird.specs import BankSpec, SearchConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,14 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset",
         required=True,
         help="spec: voc:root=DIR, ade20k:root=DIR, nyuv2:root=DIR, folder:root=DIR...",
-    )
-    parser.add_argument("--encoder", help="encoder name (default vit_small_patch16_224.dino)")
-    parser.add_argument("--weights", help="local checkpoint for the encoder")
-    parser.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="use published weights",
     )
     parser.add_argument(
         "--preset", help=f"settings preset: {', '.join(preset_names())}, or a YAML file"
@@ -40,20 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seeds", default="42,400,783", help="seeds of the few-shot subsets (default 42,400,783)"
     )
-    parser.add_argument(
-        "--features", choices=["patch", "fungi"], help="patch features (default) or dense FUNGI"
-    )
-    parser.add_argument("--layers", help="block index or comma-separated indices")
-    for flag, kind in (("--image-size", int), ("--k", int), ("--temperature", float), ("--memory-size", int),
-                       ("--aug-epochs", int), ("--batch-size", int), ("--seed", int), ("--max-queries", int)):  # fmt: skip
-        parser.add_argument(flag, type=kind)
-    parser.add_argument("--index", choices=["auto", "exact", "flat", "ivfpq", "hnsw", "scann"])
-    parser.add_argument("--device", help="torch device")
-    parser.add_argument("--autocast", choices=["bf16", "fp16"], help=AUTOCAST_HELP)
-    parser.add_argument(
-        "--index-param", action="append", default=[], metavar="KEY=VALUE",
-        help="index backend option, repeatable (e.g. k_factor=16 for ivfpq)",
-    )  # fmt: skip
+    preset = load_preset(DEFAULT_PRESET)
+    add_spec_arguments(parser, BankSpec, "memory (how the bank is built)", preset=preset)
+    add_spec_arguments(parser, SearchConfig, "search", preset=preset)
+    add_spec_arguments(parser, EvalConfig, "evaluation", names=PROTOCOL_FIELDS, preset=preset)
     parser.add_argument("--epochs", type=int, default=10, help="linear probe: training epochs")
     parser.add_argument("--lr", type=float, default=0.01, help="linear probe: SGD learning rate")
     parser.add_argument(
@@ -67,13 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Explicit flags (only those given); ``KEY=VALUE`` overrides are applied after them."""
-    names = ("weights", "pretrained", "image_size", "k", "temperature", "memory_size", "aug_epochs",
-             "batch_size", "seed", "max_queries", "index", "device", "features", "autocast")  # fmt: skip
-    config = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.layers is not None:
-        config["layers"] = parse_layers(args.layers)
-    if args.index_param:
-        config["index_params"] = parse_index_params(args.index_param)
+    config = given_settings(args, EvalConfig)
+    config.pop("encoder", None)  # passed on its own
     return config
 
 
@@ -81,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     common = dict(out=args.out, preset=args.preset, overrides=parse_overrides(args.overrides),
                   progress=not args.quiet, **config)  # fmt: skip
-    encoder = args.encoder
+    encoder = getattr(args, "encoder", None)
     if args.protocol == "linear":
         from hbird.eval.linear_probe import linear_probe
 

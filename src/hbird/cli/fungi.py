@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hbird.cli.common import DEFAULT_ENCODER
 from hbird.errors import InputError
 from hbird.io.files import write_json
 from hbird.io.options import parse_pairs
+from hbird.specs import DEFAULT_ENCODER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,11 +9,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hbird.cli.common import (
-    add_encoder_arguments,
     add_label_arguments,
-    add_memory_arguments,
-    explicit_settings,
-    parse_index_params,
+    add_predictor_arguments,
+    given_settings,
     predictor_from_args,
     prompt_dataset,
 )
@@ -21,6 +19,7 @@ from hbird.data.io import IMAGE_SUFFIXES, list_images, load_image
 from hbird.errors import InputError
 from hbird.io.files import atomic_file, write_json
 from hbird.predictor import InContextPredictor
+from hbird.specs import BankSpec, SearchConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay pictures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_encoder_arguments(parser)
-    add_memory_arguments(parser)
+    add_predictor_arguments(parser, with_bank=True)
     add_label_arguments(parser)
 
 
@@ -72,16 +70,11 @@ def query_files(paths: list[Path]) -> list[Path]:
 
 
 def load_predictor(args: argparse.Namespace) -> InContextPredictor:
-    if args.bank is not None:
-        overrides = {**explicit_settings(args), "batch_size": args.batch_size}
+    if args.bank is not None:  # a bank setting given here is refused by load: rebuild
+        settings = {**given_settings(args, BankSpec), **given_settings(args, SearchConfig)}
+        encoder, weights = settings.pop("encoder", None), settings.pop("weights", None)
         return InContextPredictor.load(
-            args.bank,
-            encoder=args.encoder,
-            weights=args.weights,
-            device=args.device,
-            progress=not args.quiet,
-            index_params=parse_index_params(args.index_param),
-            **overrides,
+            args.bank, encoder=encoder, weights=weights, progress=not args.quiet, **settings
         )
     predictor = predictor_from_args(args).fit_dataset(prompt_dataset(args, args.prompt))
     if args.save_bank is not None:
@@ -132,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     write_json(
         args.out / "settings.json",
         {
-            "predictor": predictor.config.to_dict(),
+            "predictor": {**predictor.spec_.to_dict(), **predictor.search.to_dict()},
             "label_spec": spec.to_dict(),
             "bank": {
                 "entries": len(predictor.bank_),

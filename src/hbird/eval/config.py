@@ -1,13 +1,15 @@
-"""Evaluation settings: a frozen dataclass, YAML presets, ``key=value`` overrides.
+"""Evaluation settings: the bank spec and search settings plus the protocol's own, YAML
+presets, ``key=value`` overrides.
 
 Presets live in ``hbird/configs/<name>.yaml`` (also reachable as ``configs/`` at the
-repository root); a preset sets some fields and everything else keeps its default.
+repository root); a preset sets some fields and everything else keeps its default (the
+defaults of :mod:`hbird.specs`). Without a preset, ``hummingbird`` (the paper's settings)
+applies.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,60 +18,52 @@ import yaml
 
 from hbird.errors import InputError
 from hbird.io.options import parse_pairs, parse_value
+from hbird.specs import BankSpec, Range, SearchConfig, setting
+
+DEFAULT_PRESET = "hummingbird"
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """Everything that decides an evaluation's numbers.
-
-    Attributes:
-        encoder, weights, pretrained, layers: the frozen encoder (see ``create_encoder``).
-        image_size: short side the encoder sees (paper: 512).
-        k, temperature, memory_size, aug_epochs, index, sampling: the retrieval protocol.
-        prompt_split, query_split: dataset splits (default: the dataset's train / val).
-        batch_size, device, seed: execution.
-        max_queries: score only the first N queries (smoke tests; None = all).
-        overlays: how many image | ground truth | prediction pictures to write.
-        features: ``"patch"`` (encoder features) or ``"fungi"`` (dense FUNGI).
-        autocast: ``"bf16"``/``"fp16"`` to encode under autocast (GPU speed; changes the
-            numbers slightly), ``None`` for float32.
-        index_params: options of the index backend, e.g. ``{"k_factor": 16}`` for IVF-PQ.
+class EvalConfig(BankSpec, SearchConfig):
+    """Everything that decides an evaluation's numbers: every :class:`BankSpec` and
+    :class:`SearchConfig` field (the predictor's settings), and the protocol's own below.
     """
 
-    encoder: str = "vit_small_patch16_224.dino"
-    weights: str | None = None
-    pretrained: bool = True
-    layers: int | tuple[int, ...] | None = None
-    image_size: int = 512
-    k: int = 30
-    temperature: float = 0.02
-    memory_size: int | None = 10_240_000
-    aug_epochs: int = 2
-    index: str = "auto"
-    sampling: str | None = None
-    prompt_split: str | None = None
-    query_split: str | None = None
-    batch_size: int = 16
-    device: str = "cpu"
-    seed: int = 0
-    max_queries: int | None = None
-    overlays: int = 6
-    features: str = "patch"
-    autocast: str | None = None
-    index_params: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(self.layers, tuple):
-            d["layers"] = list(self.layers)
-        return d
+    prompt_split: str | None = setting(
+        None, "dataset split of the prompt", default_text="the dataset's train split"
+    )
+    query_split: str | None = setting(
+        None, "dataset split of the queries", default_text="the dataset's val split"
+    )
+    max_queries: int | None = setting(
+        None,
+        "score only the first N queries (smoke tests)",
+        kind=int,
+        valid=Range(1),
+        default_text="all",
+    )
+    overlays: int = setting(
+        6, "how many image | ground truth | prediction pictures to write", kind=int, valid=Range(0)
+    )
 
     def predictor_kwargs(self) -> dict[str, Any]:
         """Arguments for :class:`~hbird.predictor.InContextPredictor`."""
-        keys = ("encoder", "weights", "pretrained", "layers", "image_size", "k", "temperature", "memory_size",
-                "aug_epochs", "index", "sampling", "batch_size", "device", "seed", "features",
-                "autocast", "index_params")  # fmt: skip
-        return {k: getattr(self, k) for k in keys}
+        names = BankSpec.field_names() + SearchConfig.field_names()
+        return {name: getattr(self, name) for name in names}
+
+    def bank_spec(self) -> BankSpec:
+        return BankSpec.from_values(self.to_dict())
+
+    def search(self) -> SearchConfig:
+        return SearchConfig.from_values(self.to_dict())
+
+
+PROTOCOL_FIELDS = tuple(
+    name
+    for name in EvalConfig.field_names()
+    if name not in BankSpec.field_names() + SearchConfig.field_names()
+)
+"""The evaluation's own settings (splits, query count, pictures)."""
 
 
 def preset_names() -> list[str]:
@@ -120,13 +114,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def resolve_config(
     preset: str | None = None, overrides: dict[str, Any] | None = None, **kwargs: Any
 ) -> EvalConfig:
-    """Defaults ← preset ← keyword arguments ← ``overrides`` (later wins)."""
-    data: dict[str, Any] = {}
-    if preset is not None:
-        data.update(load_preset(preset))
+    """Defaults ← preset (``hummingbird`` if None) ← keyword arguments ← ``overrides``."""
+    data = load_preset(DEFAULT_PRESET if preset is None else preset)
     data.update(kwargs)
     data.update(overrides or {})
     _check_keys(data, "settings")
-    if isinstance(data.get("layers"), list):
-        data["layers"] = tuple(data["layers"])
-    return replace(EvalConfig(), **data)
+    cfg = EvalConfig.from_values(data)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise InputError(f"settings: {err}") from None
+    return cfg

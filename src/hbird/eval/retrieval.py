@@ -114,9 +114,10 @@ def _predictor(
     bank = out / "bank"
     if not (bank / "manifest.json").is_file():
         predictor.build_bank(DatasetPairs(prompt), prompt.label_spec, bank)
+        kwargs["encoder"] = predictor.encoder_  # built once
     loaded = InContextPredictor.load(
         bank,
-        encoder=predictor._resolve_encoder(),
+        encoder=kwargs["encoder"],
         device=cfg.device,
         progress=progress,
         index_params=cfg.index_params,

@@ -17,6 +17,7 @@ Images are processed independently, so a patch's feature does not depend on the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,45 +32,36 @@ from hbird.fungi.heads import RandomHead
 from hbird.fungi.losses.simclr import info_nce
 from hbird.fungi.projection import RandomProjection, aligned_block_rows
 from hbird.index import create_index
+from hbird.specs import Range, Settings, setting
 
 
-class DenseFungi:
+@dataclass(eq=False, repr=False)
+class DenseFungi(Settings):
     """Per-patch FUNGI features for in-context dense prediction.
 
-    Args:
-        encoder: a frozen image encoder.
-        layer: gradient layer path (default: the last block's attention output projection).
-        seed: seeds the head and the projection.
-        num_neighbors: support neighbours fetched per token as negatives (default 5).
-        head_dim: width of the random head (96, as the image-level SimCLR loss).
-        temperature: InfoNCE temperature (0.07).
-        batch_size: images per forward/backward pass.
-        progress: show a progress bar.
+    Args: ``encoder`` (a frozen image encoder) and the fields below (help in their metadata).
 
     Attributes (after ``fit``):
         support_: ``(N, D)`` support features; index_: their L2-normalised copies, searched
         for negatives; head_, projection_, layer_name_, layer_.
     """
 
-    def __init__(
-        self,
-        encoder: Encoder,
-        layer: str | None = None,
-        seed: int = 0,
-        num_neighbors: int = 5,
-        head_dim: int = 96,
-        temperature: float = 0.07,
-        batch_size: int = 4,
-        progress: bool = False,
-    ) -> None:
-        self.encoder = encoder
-        self.layer = layer
-        self.seed = seed
-        self.num_neighbors = num_neighbors
-        self.head_dim = head_dim
-        self.temperature = temperature
-        self.batch_size = batch_size
-        self.progress = progress
+    encoder: Encoder
+    layer: str | None = setting(
+        None, "gradient layer path", default_text="the last block's attention output projection"
+    )
+    seed: int = setting(0, "seeds the head and the projection", kind=int)
+    num_neighbors: int = setting(
+        5, "support neighbours fetched per token as negatives", kind=int, valid=Range(1)
+    )
+    head_dim: int = setting(
+        96, "width of the random head (as the image-level SimCLR loss)", kind=int, valid=Range(1)
+    )
+    temperature: float = setting(
+        0.07, "InfoNCE temperature", kind=float, valid=Range(0, open_low=True)
+    )
+    batch_size: int = setting(4, "images per forward/backward pass", kind=int, valid=Range(1))
+    progress: bool = setting(False, "show a progress bar", kind=bool)
 
     @property
     def feature_dim(self) -> int:
@@ -78,10 +70,7 @@ class DenseFungi:
 
     def fit(self, support: torch.Tensor) -> DenseFungi:
         """Index the support set: prompt patch features ``(N, D)`` (or ``(..., D)``)."""
-        if self.num_neighbors < 1:
-            raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.validate()
         dim = self.encoder.embed_dim
         if support.shape[-1] != dim or support.numel() == 0:
             raise InputError(

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 import hbird
 from hbird.encoders.base import Encoder
 from hbird.encoders.precision import AUTOCAST_NAMES, autocast_context, parse_autocast
-from hbird.errors import InputError
+from hbird.errors import InputError, check_format_version
 from hbird.fungi.backbones import FungiBackbone, as_backbone
 from hbird.fungi.gradients import (
     PASS_ELEMENTS,
@@ -407,10 +407,7 @@ class FungiExtractor:
         if not config_path.is_file():
             raise InputError(f"{folder} is not a saved FUNGI extractor (no {CONFIG_FILE})")
         config = json.loads(config_path.read_text())
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise InputError(
-                f"{config_path} was written by a newer hbird; upgrade hbird to read it"
-            )
+        check_format_version(config.get("format_version"), FORMAT_VERSION, config_path, InputError)
         tensors = load_file(str(folder / TENSORS_FILE))
         saved_projection = config["projection"]
         matrix = saved_projection.get("kind") == "matrix"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hbird.errors import HbirdError, InputError
+from hbird.errors import HbirdError, InputError, check_format_version
 from hbird.io.files import atomic_folder, has_file, write_json
 
 FORMAT_VERSION = 1
@@ -319,9 +319,5 @@ def read_meta(folder: Path) -> dict[str, Any]:
     missing = {"format_version", "kind", "dim", "ntotal", "params"} - set(meta)
     if missing:
         raise InputError(f"{meta_path} lacks {sorted(missing)}; rebuild the index")
-    if meta["format_version"] > FORMAT_VERSION:
-        raise InputError(
-            f"{meta_path} has format version {meta['format_version']}, newer than this hbird "
-            f"reads ({FORMAT_VERSION}); upgrade hbird"
-        )
+    check_format_version(meta["format_version"], FORMAT_VERSION, meta_path, InputError)
     return meta

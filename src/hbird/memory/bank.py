@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from hbird.errors import BankError
+from hbird.errors import BankError, check_format_version
 from hbird.io.files import (
     check_replaceable,
     remove_folder,
@@ -90,6 +90,8 @@ class MemoryBank:
         config: free-form settings to record (sampling, image size, layers...).
 
     Attributes:
+        search: default search settings for loaders (``k``, temperature...); not part of
+            the bank's identity.
         attachments: named tensors stored beside the entries (e.g. the support set a
             feature transform needs), saved in ``attachments.safetensors``.
     """
@@ -109,6 +111,7 @@ class MemoryBank:
         self.encoder = dict(encoder)
         self.key_dtype = key_dtype
         self.config = dict(config or {})
+        self.search: dict[str, Any] = {}
         self.num_images = 0
         self.attachments: dict[str, torch.Tensor] = {}
         self._keys: list[torch.Tensor] = []
@@ -122,14 +125,23 @@ class MemoryBank:
 
     @property
     def keys(self) -> torch.Tensor:
-        """``(N, D)`` L2-normalised keys in ``key_dtype`` (read from the folder if they are still on disk)."""
-        self._restore_keys()
+        """``(N, D)`` L2-normalised keys in ``key_dtype``, in memory (see :meth:`read_keys`)."""
+        if self._keys_on_disk:
+            raise BankError(
+                f"this bank's keys are still in {self._source[0]}; call read_keys() to read "
+                "them into memory, or iter_keys() to stream them"
+            )
         self._consolidate()
         return (
             self._keys[0]
             if self._keys
             else torch.empty(0, self.feature_dim, dtype=KEY_DTYPES[self.key_dtype])
         )
+
+    def read_keys(self) -> torch.Tensor:
+        """:attr:`keys`, read from the bank's folder first if they are still on disk."""
+        self._restore_keys()
+        return self.keys
 
     @property
     def values(self) -> torch.Tensor:
@@ -201,6 +213,7 @@ class MemoryBank:
             "key_dtype": self.key_dtype,
             "label_spec": self.label_spec.to_dict(),
             "config": self.config,
+            "search": self.search,
             "counts": {"entries": len(self), "images": self.num_images},
             "shards": shards or [],
         }
@@ -238,7 +251,8 @@ class MemoryBank:
             resume=False,
         )
         writer.bank.attachments = dict(self.attachments)
-        keys, values = self.keys, self.values
+        writer.bank.search = dict(self.search)
+        keys, values = self.read_keys(), self.values
         for start in range(0, max(len(self), 1), shard_size):
             writer.add(keys[start : start + shard_size], values[start : start + shard_size])
         writer.num_images = self.num_images
@@ -262,11 +276,9 @@ class MemoryBank:
             raise BankError(
                 f"{manifest_path} is not valid JSON ({err}); the bank is damaged, rebuild it"
             ) from err
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BankError(
-                f"{manifest_path} has format version {version}; this hbird reads version {FORMAT_VERSION}"
-            )
+        check_format_version(
+            manifest.get("format_version"), FORMAT_VERSION, manifest_path, BankError
+        )
         return manifest
 
     @classmethod
@@ -301,6 +313,7 @@ class MemoryBank:
                 bank._keys.append(shard_keys)
             bank._values.append(values)
         bank.num_images = manifest["counts"]["images"]
+        bank.search = manifest.get("search", {})
         bank.attachments = read_attachments(path, manifest, verify=verify)
         bank._source = (path, manifest)
         bank._keys_on_disk = not keys
@@ -396,6 +409,7 @@ class BankWriter:
         self._pending_items: list[str] = []
         self._pending_images = 0
         self._signature = self.bank.manifest()
+        self._signature.pop("search")  # search defaults do not change the entries
         self._signature.pop("counts")
         self._signature.pop("shards")
         if self.staging.exists() and resume and self._load_progress():

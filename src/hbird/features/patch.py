@@ -1,0 +1,61 @@
+"""The encoder's own patch features."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from hbird.encoders.base import Encoder, Layers
+from hbird.encoders.inference import encode_batches
+
+
+class PatchFeatures:
+    """``Encoder.forward_patches`` of the chosen blocks, batched (nothing to fit).
+
+    Args:
+        encoder: a frozen encoder.
+        layers: block index or indices (default: the last block); several are concatenated.
+        autocast: ``"bf16"``/``"fp16"`` to encode under autocast, ``None`` for float32.
+        batch_size: most views per forward pass.
+        seed, progress: accepted like every extractor's; patch features use neither.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        layers: Layers = None,
+        autocast: str | None = None,
+        batch_size: int = 16,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.encoder = encoder
+        self.layers = layers
+        self.autocast = autocast
+        self.batch_size = batch_size
+        self.feature_dim = encoder.feature_dim(layers)
+
+    def fit(self, views: Iterable[torch.Tensor]) -> PatchFeatures:
+        return self
+
+    def transform(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``B`` views ``(3, H, W)`` → ``B`` maps ``(h, w, D)``."""
+        return encode_batches(
+            self.encoder,
+            views,
+            layers=self.layers,
+            batch_size=self.batch_size,
+            autocast=self.autocast,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        layers = list(self.layers) if isinstance(self.layers, tuple | list) else self.layers
+        return {"name": "patch", "layers": layers, "autocast": self.autocast}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> PatchFeatures:
+        return self
