@@ -6,12 +6,17 @@ import torch
 from hbird.data.synthetic import make_scenes
 from hbird.encoders import create_encoder
 from hbird.fungi import ImageBackbone, LinearTap, batched_gradients, create_loss, naive_gradients
+from hbird.fungi.losses.base import LOSSES
 
-SMALL_OPTIONS = {
+SMALL_OPTIONS = {  # tiny settings of every registered loss (the contract walks LOSSES)
     "kl": {},
     "dino": {"num_local": 3, "local_size": 16},
     "simclr": {"num_negative_inputs": 3},
 }
+
+
+def test_every_loss_has_small_options():
+    assert sorted(SMALL_OPTIONS) == LOSSES.names()
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,9 @@ def relative_error(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("name", ["kl", "dino", "simclr"])
+@pytest.mark.parametrize("name", LOSSES.names())
 def test_batched_equals_per_sample_autograd(setup, name):
+    """The loss contract: per-sample losses, exact batched gradients, state round trip."""
     backbone, layer, images = setup
     loss = build_loss(name, backbone, images)
     batch = backbone.prepare(images[:4])
@@ -45,6 +51,9 @@ def test_batched_equals_per_sample_autograd(setup, name):
     assert float(slow.norm(dim=1).min()) > 0  # the oracle is not trivially zero
     for i in range(4):
         assert relative_error(fast[i], slow[i]) <= 1e-5
+    restored = create_loss(name, backbone, seed=0, **SMALL_OPTIONS[name]).double()
+    restored.load_tensors(dict(loss.state_dict()))  # as a saved extractor reloads it
+    assert torch.equal(batched_gradients(backbone, layer, restored, batch), fast)
 
 
 def test_gradient_matches_finite_differences(setup):
@@ -74,9 +83,10 @@ def test_gradient_matches_finite_differences(setup):
     assert abs(numeric - analytic) <= 1e-5 * max(1.0, abs(analytic))
 
 
-def test_per_sample_gradient_does_not_depend_on_the_batch(setup):
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_per_sample_gradient_does_not_depend_on_the_batch(setup, name):
     backbone, layer, images = setup
-    loss = build_loss("dino", backbone, images)
+    loss = build_loss(name, backbone, images)
     alone = batched_gradients(backbone, layer, loss, backbone.prepare(images[2:3]))
     batch = batched_gradients(backbone, layer, loss, backbone.prepare(images[:4]))
     assert torch.allclose(alone[0], batch[2], rtol=1e-10, atol=1e-12)

@@ -5,16 +5,17 @@ import torch
 
 from hbird.pretrain import Batch, build_backbone, create_objective
 from hbird.pretrain.data import SyntheticImages, ViewDataset, collate
+from hbird.pretrain.objective import OBJECTIVES as REGISTRY
 from hbird.pretrain.presets import TINY_ARCH, TINY_VIT_KWARGS, tiny_options
 
-OBJECTIVES = ["hummingbird", "hummingbird++", "local_global", "ibot", "co2"]
+OBJECTIVES = REGISTRY.names()
 TARGETS = {"hummingbird": "target", "hummingbird++": "target", "ibot": "teacher", "co2": "momentum"}
 
 
 def make_objective(name, **overrides):
     torch.manual_seed(0)
     backbone = build_backbone(TINY_ARCH, TINY_VIT_KWARGS, seed=0)
-    extra = {"num_classes": 3} if name == "hummingbird++" else {}
+    extra = {"num_classes": 3} if REGISTRY.get(name).needs_labels else {}
     return create_objective(name, backbone, tiny_options(name, **overrides), **extra)
 
 

@@ -108,7 +108,7 @@ class Objective(nn.Module):
         for path, module in self.named_modules():
             if module is not self and callable(getattr(module, "no_weight_decay", None)):
                 names |= {f"{path}.{name}" for name in module.no_weight_decay()}
-        return names
+        return names & {name for name, _ in self.named_parameters()}
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
