@@ -31,6 +31,17 @@ _RENAMED = {
 }
 
 
+def _key_value_flag(group: Any, *flags: str, help: str) -> None:
+    """A repeatable ``KEY=VALUE`` flag; its values are collected in a list (see _RENAMED)."""
+    group.add_argument(
+        *flags,
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help=f"{help}; repeatable",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hbird.pretrain import OBJECTIVES
 
@@ -40,22 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--objective", choices=OBJECTIVES.names(), default=s, help="default hummingbird"
     )
-    run.add_argument(
-        "--option",
-        "-O",
-        action="append",
-        default=s,
-        metavar="KEY=VALUE",
-        help="objective setting, repeatable (e.g. -O contextualize=false -O pooling=mean)",
-    )
+    _key_value_flag(run, "--option", "-O", help="objective setting (e.g. -O pooling=mean)")
     run.add_argument("--arch", default=s, help="timm ViT name (default vit_small_patch16_224)")
-    run.add_argument(
-        "--model-option",
-        action="append",
-        default=s,
-        metavar="KEY=VALUE",
-        help="timm.create_model option, repeatable (e.g. --model-option drop_path_rate=0.1)",
-    )
+    _key_value_flag(run, "--model-option", help="timm.create_model option (drop_path_rate=0.1)")
     run.add_argument("--init-weights", default=s, help="weights file to start from")
     run.add_argument(
         "--tiny",
@@ -64,7 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a tiny ViT (patch 8, width 32, 2 blocks) with narrow heads, for CPU trials",
     )
     data = parser.add_argument_group("data and run")
-    data.add_argument("--data", default=s, help="imagefolder:root=<dir> or synthetic:n=..:seed=..")
+    data.add_argument(
+        "--data",
+        default=s,
+        help="dataset spec: imagefolder:root=<dir>, synthetic:n=..:seed=.., voc:root=...",
+    )
     data.add_argument(
         "--out", default=s, help="run folder (checkpoints, metrics.jsonl, config.json)"
     )
@@ -73,13 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--batch-size", type=int, default=s, help="global batch (default 256)")
     data.add_argument("--crop-size", type=int, default=s, help="view side in pixels (default 224)")
     data.add_argument("--min-scale", type=float, default=s, help="smallest crop area fraction")
-    data.add_argument(
-        "--view-option",
-        action="append",
-        default=s,
-        metavar="KEY=VALUE",
-        help="augmentation setting for every view, repeatable (e.g. --view-option hue=0)",
-    )
+    _key_value_flag(data, "--view-option", help="augmentation setting of every view (hue=0)")
     data.add_argument("--num-workers", type=int, default=s, help="loader workers per process")
     data.add_argument("--seed", type=int, default=s)
     data.add_argument(
@@ -175,7 +171,11 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"encoder written to {out / 'checkpoint.safetensors'}; use it with "
                 f"hbird predict --encoder {config.arch} --weights {out / 'checkpoint.safetensors'}"
-                + (" (its model options are read from the file's metadata)" if config.model_kwargs else "")
+                + (
+                    " (its model options are read from the file's metadata)"
+                    if config.model_kwargs
+                    else ""
+                )
             )
     finally:
         cleanup_distributed()

@@ -230,18 +230,10 @@ def batched_gradients_and_embeddings(
     return torch.cat(grads), [torch.cat(parts) for parts in zip(*embeddings)]
 
 
-def batched_gradients(
-    backbone: FungiBackbone,
-    layer: nn.Linear,
-    loss: GradientLoss,
-    batch: torch.Tensor | list[str],
-    autocast: torch.dtype | None = None,
-    max_pass_elements: int | None = PASS_ELEMENTS,
-) -> torch.Tensor:
-    """``(B, gradient_dim(layer))`` per-sample gradients; see :func:`batched_gradients_and_embeddings`."""
-    return batched_gradients_and_embeddings(
-        backbone, layer, loss, batch, autocast, max_pass_elements
-    )[0]
+def batched_gradients(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """``(B, gradient_dim(layer))`` per-sample gradients only; same arguments as
+    :func:`batched_gradients_and_embeddings`."""
+    return batched_gradients_and_embeddings(*args, **kwargs)[0]
 
 
 def naive_gradients(

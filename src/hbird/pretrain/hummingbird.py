@@ -40,6 +40,9 @@ from hbird.pretrain.objective import OBJECTIVES, Batch, Objective
 
 POOLINGS = ("attention", "mean", "cls")
 
+LabelledMemory = tuple[torch.Tensor, torch.Tensor]
+"""A snapshot of ``M_p``: ``(keys (M, D), labels (M,))``, labels ``-1`` where unknown."""
+
 
 def contextualize(
     queries: torch.Tensor,
@@ -258,12 +261,9 @@ class Hummingbird(Objective):
         return losses
 
     def extra_losses(
-        self,
-        batch: Batch,
-        pooled: list[torch.Tensor],
-        memory: tuple[torch.Tensor, torch.Tensor] | None,
+        self, batch: Batch, pooled: list[torch.Tensor], memory: LabelledMemory | None
     ) -> dict[str, torch.Tensor]:
-        """Hook for Hummingbird++: ``memory`` is ``(keys (M, D), labels (M,))`` before this batch."""
+        """Hook for Hummingbird++: ``memory`` is ``M_p`` as it was before this batch."""
         return {}
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hbird.pretrain.backbone import ViTBackbone
 from hbird.pretrain.distributed import mean_over_processes
-from hbird.pretrain.hummingbird import Hummingbird, HummingbirdConfig
+from hbird.pretrain.hummingbird import Hummingbird, HummingbirdConfig, LabelledMemory
 from hbird.pretrain.objective import OBJECTIVES, Batch
 
 
@@ -90,21 +90,13 @@ class HummingbirdPlusPlus(Hummingbird):
         return True
 
     def extra_losses(
-        self,
-        batch: Batch,
-        pooled: list[torch.Tensor],
-        memory: tuple[torch.Tensor, torch.Tensor] | None,
+        self, batch: Batch, pooled: list[torch.Tensor], memory: LabelledMemory | None
     ) -> dict[str, torch.Tensor]:
         cfg = self.config
         keys, labels = memory
         terms = [
             retrieval_class_loss(
-                y,
-                keys,
-                labels,
-                batch.labels,
-                self.num_classes,
-                cfg.label_temperature,
+                y, keys, labels, batch.labels, self.num_classes, cfg.label_temperature
             )
             for y in pooled
         ]
