@@ -4,10 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hbird.data import DATASETS, create_dataset, parse_spec, write_subset
-from hbird.errors import InputError
+from hbird.errors import HbirdError, InputError
 from hbird.io.options import parse_value
 
 
@@ -71,11 +72,28 @@ def test_parse_spec_errors(spec, match):
 
 
 def test_registry_lists_the_builtin_datasets():
-    assert DATASETS.names() == [
-        "ade20k", "cityscapes", "cocostuff", "folder", "imagefolder", "nyuv2", "synthetic", "voc"
-    ]
+    builtin = "ade20k cityscapes cocostuff folder imagefolder nyuv2 synthetic voc".split()
+    assert DATASETS.names() == builtin
     with pytest.raises(KeyError, match="unknown dataset 'kitti'.*registered: ade20k"):
         create_dataset("kitti:root=/x")
+    try:  # the CLI prints HbirdErrors as one line, so the message must read well unquoted
+        create_dataset("nosuch:root=x")
+    except HbirdError as err:
+        assert str(err).startswith("unknown dataset 'nosuch'; registered: ade20k, cityscapes")
+    else:
+        raise AssertionError("an unknown dataset name must raise")
+
+
+def test_seed_goes_to_a_dataset_that_takes_one():
+    a = create_dataset("synthetic:n=3:seed=1:size=16")
+    b = create_dataset("synthetic:n=3:seed=2:size=16")
+    assert not torch.equal(a[0].image, b[0].image)  # seed= drew other scenes
+    full = create_dataset("synthetic:n=8:seed=1:size=16")
+    picked = create_dataset("synthetic:n=8:seed=1:size=16:fraction=0.5")  # and seeds the subset
+    assert len(picked) == 4 and len(set(picked.names)) == 4
+    by_name = dict(zip(full.names, range(len(full))))
+    for i, name in enumerate(picked.names):
+        assert torch.equal(picked[i].image, full[by_name[name]].image)
 
 
 @pytest.fixture

@@ -156,6 +156,8 @@ def test_synthetic_classification_is_seeded_and_balanced():
     val = load_classification("synthetic:train=6:val=4:classes=3:size=32", "val")
     assert len(train) == 6 and len(val) == 4
     assert not torch.equal(train.images[0], val.images[0])
+    with pytest.raises(InputError, match=r"give each split a size >= 1"):
+        load_classification("synthetic:train=0:val=4", "train")
 
 
 def test_folder_layouts(tmp_path):

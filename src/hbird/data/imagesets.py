@@ -21,14 +21,8 @@ import torch
 
 from hbird.data.datasets import DATASETS, DenseDataset, Sample
 from hbird.data.io import IMAGE_SUFFIXES, load_image
-from hbird.data.synthetic import default_class_names, make_scene
 from hbird.errors import InputError
 from hbird.labelspec import LabelSpec
-
-_SCENE_OPTIONS = sorted(
-    set(inspect.signature(make_scene).parameters)
-    - {"rng_or_seed", "size", "num_classes", "include_class"}
-)
 
 
 class SyntheticDataset(DenseDataset):
@@ -50,11 +44,15 @@ class SyntheticDataset(DenseDataset):
     def __init__(
         self, n: int = 512, seed: int = 0, size: int = 64, classes: int = 4, **scene_options: Any
     ) -> None:
-        unknown = sorted(set(scene_options) - set(_SCENE_OPTIONS))
+        from hbird.data.synthetic import default_class_names, make_scene  # draws in PIL, viz
+
+        drawn_here = {"rng_or_seed", "size", "num_classes", "include_class"}
+        options = sorted(set(inspect.signature(make_scene).parameters) - drawn_here)
+        unknown = sorted(set(scene_options) - set(options))
         if unknown:
             raise InputError(
                 f"bad arguments for synthetic data: it does not take {', '.join(unknown)}; it takes "
-                f"n, seed, size, classes, {', '.join(_SCENE_OPTIONS)}"
+                f"n, seed, size, classes, {', '.join(options)}"
             )
         if int(n) < 1 or int(classes) < 2:
             raise InputError(
@@ -78,6 +76,8 @@ class SyntheticDataset(DenseDataset):
         return item % (self.num_scene_classes - 1)
 
     def _load(self, item: int) -> Sample:
+        from hbird.data.synthetic import make_scene
+
         scene = make_scene(
             np.random.default_rng(self._seeds[item]),
             size=(self.size, self.size),
