@@ -3,7 +3,6 @@ import pytest
 import torch
 from PIL import Image
 
-from hbird.data.io import load_depth, load_image, load_mask
 from hbird.data.synthetic import (
     CLASS_NAMES,
     SyntheticScene,
@@ -14,6 +13,7 @@ from hbird.data.synthetic import (
     make_scenes,
     write_scene_folder,
 )
+from hbird.io.images import load_depth, load_image, load_mask
 
 PATCH = 8
 

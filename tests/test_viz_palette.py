@@ -3,16 +3,16 @@ import pytest
 import torch
 from PIL import Image
 
-from hbird.data.io import load_depth, load_mask
 from hbird.errors import InputError
-from hbird.viz.palette import (
-    IGNORE_COLOR,
-    colorize_mask,
+from hbird.io.images import (
     depth_to_png_array,
+    load_depth,
+    load_mask,
     save_depth_png,
     save_label_png,
     voc_palette,
 )
+from hbird.viz.palette import IGNORE_COLOR, colorize_mask
 
 
 def reference_voc_colour(i: int) -> tuple[int, int, int]:

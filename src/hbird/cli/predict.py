@@ -15,9 +15,9 @@ from hbird.cli.common import (
     predictor_from_args,
     prompt_dataset,
 )
-from hbird.data.io import IMAGE_SUFFIXES, list_images, load_image
 from hbird.errors import InputError
 from hbird.io.files import atomic_file, write_json
+from hbird.io.images import IMAGE_SUFFIXES, list_images, load_image
 from hbird.predictor import InContextPredictor
 from hbird.specs import BankSpec, SearchConfig
 
@@ -84,7 +84,8 @@ def load_predictor(args: argparse.Namespace) -> InContextPredictor:
 
 def write_prediction(out: Path, stem: str, image, prediction, spec, overlays: bool) -> list[str]:
     """Write ``<stem>.png`` (+ ``.npy`` for depth) and ``<stem>_overlay.png``; return file names."""
-    from hbird.viz import save_depth_png, save_label_png, save_prediction_panel
+    from hbird.io.images import save_depth_png, save_label_png
+    from hbird.viz import save_prediction_panel
 
     written = [f"{stem}.png"]
     if spec.is_classification:

@@ -40,8 +40,8 @@ import torch
 
 from hbird._optional import require
 from hbird.data.fewshot import fewshot_indices, names_to_indices, read_subset
-from hbird.data.io import load_depth, load_image, load_mask
 from hbird.errors import InputError
+from hbird.io.images import load_depth, load_image, load_mask
 from hbird.io.options import parse_spec
 from hbird.labelspec import LabelSpec
 from hbird.registry import Registry

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from hbird.data.datasets import DATASETS, FilePairDataset, LabelledFile, existing_dir
 from hbird.data.fewshot import read_subset
-from hbird.data.io import list_images
 from hbird.errors import InputError
+from hbird.io.images import list_images
 from hbird.labelspec import LabelSpec
 
 LABEL_FOLDERS = {"segmentation": "masks", "depth": "depth"}

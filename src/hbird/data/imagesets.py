@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from hbird.data.datasets import DATASETS, DenseDataset, Sample
-from hbird.data.io import IMAGE_SUFFIXES, load_image
 from hbird.errors import InputError
+from hbird.io.images import IMAGE_SUFFIXES, load_image
 from hbird.labelspec import LabelSpec
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hbird.data.io import load_depth, load_image, load_mask, pil_to_tensor_rgb
 from hbird.errors import InputError
+from hbird.io.images import load_depth, load_image, load_mask, pil_to_tensor_rgb
 from hbird.labelspec import LabelSpec
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor

@@ -13,7 +13,7 @@ a depth set by their class, with a small per-instance offset and tilt. Nearer ob
 occlude farther ones.
 
 Images are quantised to 8 bits and depths to millimetres, so a scene written with
-``write_scene_folder`` reads back through ``hbird.data.io`` bit for bit.
+``write_scene_folder`` reads back through ``hbird.io.images`` bit for bit.
 
 Everything is drawn from a local ``numpy.random.Generator``; the global RNGs are never
 touched. Scene ``i`` of ``make_scenes(n, seed)`` does not depend on ``n``.
@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hbird.viz.palette import DEPTH_PNG_SCALE, save_depth_png, save_label_png
+from hbird.io.files import write_text
+from hbird.io.images import DEPTH_PNG_SCALE, save_depth_png, save_image, save_label_png
 
 SHAPES = ("disc", "box", "triangle", "ellipse", "diamond", "hexagon", "pentagon")
 CLASS_NAMES = ("background", *SHAPES)
@@ -407,9 +408,9 @@ def write_scene_folder(
     for i, scene in enumerate(scenes):
         stem = f"{prefix}_{i:04d}"
         rgb = np.round(scene.image.permute(1, 2, 0).numpy() * 255.0).astype(np.uint8)
-        Image.fromarray(rgb).save(folders["images"] / f"{stem}.png", format="PNG")
+        save_image(folders["images"] / f"{stem}.png", Image.fromarray(rgb))
         save_label_png(folders["masks"] / f"{stem}.png", scene.mask)
         if with_depth:
             save_depth_png(folders["depth"] / f"{stem}.png", scene.depth)
-    (root / "classes.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    write_text(root / "classes.txt", "".join(f"{name}\n" for name in names))
     return root

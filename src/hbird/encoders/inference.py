@@ -18,7 +18,7 @@ def _check_image(i: int, image: torch.Tensor) -> None:
     if not image.is_floating_point():
         raise ValueError(
             f"image {i} has dtype {image.dtype}; pass float images in [0, 1] "
-            "(e.g. from hbird.data.io or image.float() / 255)"
+            "(e.g. from hbird.io.images or image.float() / 255)"
         )
 
 

@@ -23,8 +23,8 @@ from typing import Any, overload
 import torch
 
 from hbird.data.datasets import DenseDataset, create_dataset
-from hbird.data.io import list_images, load_image, load_mask
 from hbird.errors import InputError
+from hbird.io.images import list_images, load_image, load_mask
 from hbird.io.options import parse_spec
 from hbird.io.seeds import derive_seed
 

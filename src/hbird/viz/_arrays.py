@@ -17,7 +17,7 @@ def to_numpy(x: Any) -> np.ndarray:
 def as_rgb_uint8(image: Any) -> np.ndarray:
     """An image in any usual layout → ``(H, W, 3)`` uint8.
 
-    Accepted: ``(3, H, W)`` float in [0, 1] (what ``hbird.data.io.load_image`` returns),
+    Accepted: ``(3, H, W)`` float in [0, 1] (what ``hbird.io.images.load_image`` returns),
     ``(H, W, 3)`` uint8 or float in [0, 1], ``(H, W)`` grayscale (uint8 or float), a PIL image.
     """
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL

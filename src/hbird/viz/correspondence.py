@@ -8,6 +8,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from hbird.io.images import save_image
 from hbird.viz._arrays import as_rgb_uint8, to_numpy
 from hbird.viz.overlay import panel, resize_to_height
 
@@ -88,7 +89,4 @@ def plot_neighbours(
         pictures.append(_boxed(img, yx, patch_size, height, NEIGHBOUR_BOX, f"neighbour {rank}"))
         titles.append(f"#{rank}  sim {sim:.3f}")
     picture = panel(pictures, titles, height=height)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, format="PNG")
-    return path
+    return save_image(path, picture)

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 
+from hbird.io.images import save_image
 from hbird.viz._arrays import as_rgb_uint8, resize_nearest, to_numpy
 from hbird.viz._text import TEXT_COLOR, fit_text, font, line_height
 from hbird.viz.colorbar import Scale, colour_bar
@@ -266,7 +267,4 @@ def save_prediction_panel(
         info.add_text(SCALES_KEY, json.dumps([s.to_dict() for s, _, _ in scales]))
     if legend_ids:
         picture = _stack(picture, class_legend(legend_ids, class_names, picture.width))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, format="PNG", pnginfo=info)
-    return path
+    return save_image(path, picture, pnginfo=info)
