@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from hbird.cli.common import (
-    add_label_arguments,
     add_predictor_arguments,
     given_settings,
     predictor_from_args,
@@ -33,7 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--overwrite", action="store_true", help="replace an existing bank folder")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     add_predictor_arguments(build)
-    add_label_arguments(build)
     info = sub.add_parser("info", help="print a bank's manifest summary")
     info.add_argument("bank", type=Path, help="the bank folder")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")

@@ -124,7 +124,8 @@ def given_settings(args: argparse.Namespace, spec: type) -> dict[str, Any]:
 
 
 def add_predictor_arguments(parser: argparse.ArgumentParser, with_bank: bool = False) -> None:
-    """The bank spec's and the search settings' flags (``predict``, ``bank build``)."""
+    """The bank spec's, the search settings' and the prompt labels' flags (``predict``,
+    ``bank build``)."""
     add_spec_arguments(
         parser,
         BankSpec,
@@ -138,6 +139,7 @@ def add_predictor_arguments(parser: argparse.ArgumentParser, with_bank: bool = F
         "search",
         note="with --bank: the bank's" if with_bank else None,
     )
+    add_label_arguments(parser)
 
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:

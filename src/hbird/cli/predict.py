@@ -9,7 +9,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hbird.cli.common import (
-    add_label_arguments,
     add_predictor_arguments,
     given_settings,
     predictor_from_args,
@@ -42,7 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlays", action="store_true", help="skip the overlay pictures")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_predictor_arguments(parser, with_bank=True)
-    add_label_arguments(parser)
 
 
 def query_files(paths: list[Path]) -> list[Path]:

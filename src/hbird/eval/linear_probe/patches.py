@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from hbird.data.transforms import resize_for_encoder, resize_label
-from hbird.encoders import Encoder, encode_batches
+from hbird.data.pairs import DatasetPairs
+from hbird.encoders import Encoder
 from hbird.errors import InputError
 from hbird.eval.config import EvalConfig
+from hbird.features.patch import PatchFeatures
 from hbird.labelspec import LabelSpec
-from hbird.memory.labels import pool_labels
+from hbird.memory.prompt import encode_prompt
 
 
 @dataclass
@@ -60,30 +60,29 @@ def extract_patch_table(
     cache_dtype: str = "float16",
     progress: bool = True,
 ) -> PatchTable:
-    """Encode every prompt image once at ``cfg.image_size`` and pool its labels to patches."""
+    """Encode every prompt image once at ``cfg.image_size`` and pool its labels to patches
+    (:func:`hbird.memory.prompt.encode_prompt`, as the memory bank does)."""
     dtype = getattr(torch, cache_dtype)
+    extractor = PatchFeatures(encoder, cfg.layers, cfg.autocast, cfg.batch_size)
+    batches = encode_prompt(
+        DatasetPairs(prompt),
+        extractor.transform,
+        spec,
+        cfg.image_size,
+        encoder.patch_size,
+        batch_size=cfg.batch_size,
+        progress=progress and "prompt features",
+    )
     features, targets, owners, seconds = [], [], [], []
-    bar = tqdm(total=len(prompt), desc="prompt features", unit="img", disable=not progress)
-    for start in range(0, len(prompt), cfg.batch_size):
+    t0 = time.perf_counter()
+    for batch in batches:  # (the next batch is loaded and encoded when it is asked for)
+        for p in batch:
+            features.append(p.features[p.valid].to(dtype))
+            targets.append(p.values[p.valid])
+            owners.append(torch.full((int(p.valid.sum()),), p.image, dtype=torch.int64))
+        per_image = (time.perf_counter() - t0) / len(batch)
+        seconds += [per_image] * len(batch)
         t0 = time.perf_counter()
-        samples = [prompt[i] for i in range(start, min(start + cfg.batch_size, len(prompt)))]
-        views = [resize_for_encoder(s.image, cfg.image_size, encoder.patch_size) for s in samples]
-        feats = encode_batches(
-            encoder, views, layers=cfg.layers, batch_size=cfg.batch_size, autocast=cfg.autocast
-        )
-        for offset, (sample, view, feat) in enumerate(zip(samples, views, feats)):
-            label = resize_label(sample.label, tuple(view.shape[-2:]))
-            try:
-                values, valid = pool_labels(label, encoder.patch_size, spec)
-            except InputError as err:
-                raise InputError(f"label of prompt image {sample.name}: {err}") from None
-            features.append(feat.reshape(-1, feat.shape[-1])[valid].to(dtype))
-            targets.append(values[valid])
-            owners.append(torch.full((int(valid.sum()),), start + offset, dtype=torch.int64))
-        per_image = (time.perf_counter() - t0) / len(samples)
-        seconds += [per_image] * len(samples)
-        bar.update(len(samples))
-    bar.close()
     table = PatchTable(
         torch.cat(features),
         torch.cat(targets),
