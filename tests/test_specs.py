@@ -9,7 +9,7 @@ from hbird import InContextPredictor
 from hbird.cli import build_parser, main
 from hbird.errors import BankError, InputError, check_format_version
 from hbird.eval import resolve_config
-from hbird.specs import DEFAULT_ENCODER, BankSpec, SearchConfig
+from hbird.specs import DEFAULT_ENCODER, BankSpec, SearchConfig, split_stored_config
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,17 @@ def test_stored_configs_of_earlier_versions_load_and_unknown_keys_are_reported(b
     with pytest.warns(UserWarning, match="unknown setting.*colour"):
         loaded = InContextPredictor.load(old, progress=False)
     assert (loaded.k, loaded.memory_size, loaded.image_size) == (7, 120, 64)
+
+
+def test_a_flat_fungi_config_of_before_splits_into_spec_and_search():
+    old = {"features": "fungi", "fungi_support": 300, "image_size": 64, "k": 5, "index": "exact"}
+    spec, search = split_stored_config(old, None, "old/manifest.json")
+    assert (spec.features, spec.feature_options, spec.image_size) == (
+        "fungi",
+        {"support_size": 300},
+        64,
+    )
+    assert search == {"k": 5, "index": "exact"}
 
 
 def test_format_versions_are_checked_one_way():

@@ -6,8 +6,9 @@
     p.save("voc_bank/"); p2 = InContextPredictor.load("voc_bank/")
     p.add(more_images, more_masks)         # grow the prompt without rebuilding
 
-It wires the rooms together: encoders → memory (labels, sampling, augmentation, bank)
-→ index → decode. Constructor arguments are stored as given; ``fit`` validates them.
+It wires the rooms together: encoders → a feature extractor (``features``) → memory
+(labels, sampling, augmentation, bank) → index → decode. Constructor arguments are stored
+as given; ``fit`` validates them (``hbird.specs`` defines them and their defaults).
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ class InContextPredictor:
         names = inspect.signature(type(self).__init__).parameters
         return {name: getattr(self, name) for name in names if name != "self"}
 
+    @property
     def bank_spec(self) -> BankSpec:
         """The :class:`BankSpec` this predictor's parameters ask for (validated)."""
         values = {n: getattr(self, n) for n in BankSpec.field_names()}
@@ -274,7 +276,7 @@ class InContextPredictor:
 
     def fit_pairs(self, pairs: Pairs, label_spec: LabelSpec) -> InContextPredictor:
         """Build the memory from any :class:`Pairs` source."""
-        self._prepare(self.bank_spec())
+        self._prepare(self.bank_spec)
         self.label_spec_ = label_spec
         self.extractor_.fit(self._plain_views(pairs))
         self.bank_ = self._new_bank(label_spec, len(pairs))
@@ -309,7 +311,7 @@ class InContextPredictor:
         overwrite: bool = False,
     ) -> Path:
         """Stream a (large) prompt into a bank folder, resuming an interrupted build."""
-        self._prepare(self.bank_spec())
+        self._prepare(self.bank_spec)
         self.extractor_.fit(self._plain_views(pairs))  # deterministic: same state on resume
         bank = self._new_bank(label_spec, len(pairs))
         writer = BankWriter(

@@ -51,12 +51,6 @@ class EvalConfig(BankSpec, SearchConfig):
         names = BankSpec.field_names() + SearchConfig.field_names()
         return {name: getattr(self, name) for name in names}
 
-    def bank_spec(self) -> BankSpec:
-        return BankSpec.from_values(self.to_dict())
-
-    def search(self) -> SearchConfig:
-        return SearchConfig.from_values(self.to_dict())
-
 
 PROTOCOL_FIELDS = tuple(
     name
