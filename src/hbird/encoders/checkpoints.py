@@ -16,7 +16,6 @@ Position embeddings saved for another grid are resampled to the model's grid.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from hbird.errors import InputError
+from hbird.io.checkpoints import architecture_options, is_hbird_checkpoint, read_metadata
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -215,16 +215,11 @@ def hbird_checkpoint_options(path: str | Path) -> dict[str, Any]:
 
     ``hbird pretrain`` writes the timm ``create_model`` options its architecture needs
     (``model_kwargs``) and its normalisation (``mean``, ``std``) into the safetensors
-    metadata, so ``--encoder <arch> --weights checkpoint.safetensors`` rebuilds the same
+    metadata (:mod:`hbird.io.checkpoints`), so ``--encoder <arch> --weights checkpoint.safetensors`` rebuilds the same
     network. Returns ``{"model_kwargs": {...}, "mean": [...], "std": [...]}`` or ``{}``.
     """
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
         return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if not meta.get("format", "").startswith("hbird-pretrain"):
-        return {}
-    return {key: json.loads(meta[key]) for key in ("model_kwargs", "mean", "std") if key in meta}
+    meta = read_metadata(path)
+    return architecture_options(meta) if is_hbird_checkpoint(meta, path) else {}

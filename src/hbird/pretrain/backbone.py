@@ -7,7 +7,6 @@ Training-only parameters (iBOT's mask token, heads) live in the objectives.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from hbird.encoders.timm_backend import build_timm_model, timm_mean_std
+from hbird.io.checkpoints import architecture_metadata
 
 
 @dataclass
@@ -106,12 +106,7 @@ class ViTBackbone(nn.Module):
 
     def metadata(self) -> dict[str, str]:
         """String metadata that lets anyone rebuild this architecture (safetensors header)."""
-        return {
-            "arch": self.arch,
-            "model_kwargs": json.dumps(self.model_kwargs, sort_keys=True),
-            "mean": json.dumps(list(self.mean)),
-            "std": json.dumps(list(self.std)),
-        }
+        return architecture_metadata(self.arch, self.model_kwargs, self.mean, self.std)
 
 
 def build_backbone(

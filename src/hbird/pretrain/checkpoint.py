@@ -5,8 +5,8 @@ A run folder holds two files:
 * ``checkpoint.safetensors`` — the exported backbone as a plain timm state dict, loadable
   with ``hbird.encoders.create_encoder(arch, weights=path, **model_kwargs)`` (or
   :func:`encoder_from_checkpoint`, which reads ``arch`` and ``model_kwargs`` from the
-  file's metadata). Metadata keys: ``format``, ``arch``, ``model_kwargs`` (JSON),
-  ``mean``/``std`` (JSON), ``objective``, ``step`` and ``config`` (JSON).
+  file's metadata). Metadata keys (:mod:`hbird.io.checkpoints`): ``format``, ``arch``,
+  ``model_kwargs``, ``mean``/``std``, ``objective``, ``step`` and ``config`` (JSON).
 * ``trainer_state.safetensors`` — everything needed to resume: the objective's full state
   (online and target networks, heads, queues, centres) under ``objective.``, the
   optimizer's tensors under ``optimizer.``, and in the metadata the step, the optimizer's
@@ -26,9 +26,14 @@ import torch
 from torch import nn
 
 from hbird.errors import InputError
+from hbird.io.checkpoints import (
+    FORMAT,
+    architecture_options,
+    is_hbird_checkpoint,
+    read_metadata,
+)
 from hbird.io.files import save_tensors
 
-FORMAT = "hbird-pretrain-1"
 EXPORT_NAME = "checkpoint.safetensors"
 STATE_NAME = "trainer_state.safetensors"
 
@@ -39,17 +44,6 @@ def save_export(backbone: nn.Module, path: str | Path, metadata: dict[str, str])
     meta = {"format": FORMAT, **backbone.metadata(), **metadata}
     save_tensors(path, dict(backbone.model.state_dict()), meta)
     return path
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The safetensors header metadata of ``path`` (empty for files without any)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist; check the path")
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
 
 
 def encoder_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
@@ -65,7 +59,7 @@ def encoder_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"
             f"{path} has no 'arch' in its metadata, so it is not an hbird pretraining checkpoint; "
             "load it with create_encoder(<arch>, weights=...) instead"
         )
-    kwargs = json.loads(meta.get("model_kwargs", "{}"))
+    kwargs = architecture_options(meta).get("model_kwargs", {})
     return create_encoder(meta["arch"], weights=path, device=device, **kwargs)
 
 
@@ -127,7 +121,7 @@ def load_state(
 
     path = Path(path)
     meta = read_metadata(path)
-    if meta.get("format") != FORMAT or "step" not in meta:
+    if not is_hbird_checkpoint(meta, path) or "step" not in meta:
         raise InputError(f"{path} is not an hbird trainer state (format {meta.get('format')!r})")
     tensors = load_file(str(path))
     own = {k[len("objective.") :]: v for k, v in tensors.items() if k.startswith("objective.")}
