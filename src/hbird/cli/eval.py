@@ -44,7 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_spec_arguments(parser, BankSpec, "memory (how the bank is built)", preset=preset)
     add_spec_arguments(parser, SearchConfig, "search", preset=preset)
     add_spec_arguments(parser, EvalConfig, "evaluation", names=PROTOCOL_FIELDS, preset=preset)
-    parser.add_argument("--epochs", type=int, default=10, help="linear probe: training epochs")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="linear probe: training epochs (default 10; fast-adaptation: 1, 2, 5 and 10)",
+    )
     parser.add_argument("--lr", type=float, default=0.01, help="linear probe: SGD learning rate")
     parser.add_argument(
         "--patch-batch-size", type=int, default=1024, help="linear probe: patches per SGD step"
@@ -71,17 +75,18 @@ def run(args: argparse.Namespace) -> int:
         from hbird.eval.linear_probe import linear_probe
 
         report = linear_probe(
-            encoder, args.dataset, epochs=args.epochs, lr=args.lr,
+            encoder, args.dataset, epochs=10 if args.epochs is None else args.epochs, lr=args.lr,
             patch_batch_size=args.patch_batch_size, **common,
         )  # fmt: skip
         print(report.summary())
         return 0
     if args.protocol == "fast-adaptation":
-        from hbird.eval.fast_adaptation import fast_adaptation
+        from hbird.eval.fast_adaptation import DEFAULT_LINEAR_EPOCHS, fast_adaptation
 
         fractions = args.fractions.split(",") if args.fractions else ("1/64", "1/16", "1/4", "1/1")
         result = fast_adaptation(
             encoder, args.dataset, fractions=fractions, lr=args.lr,
+            linear_epochs=DEFAULT_LINEAR_EPOCHS if args.epochs is None else [args.epochs],
             patch_batch_size=args.patch_batch_size, **common,
         )  # fmt: skip
         print(result.summary())
