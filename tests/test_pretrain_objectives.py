@@ -148,12 +148,27 @@ def test_ibot_exports_the_teacher_and_warms_its_temperature():
     assert objective.teacher_temperature(0.9) == pytest.approx(cfg.teacher_temperature)
 
 
-def test_ibot_centres_move_towards_the_teacher_mean(images):
+def test_ibot_centres_are_the_ema_of_the_teacher_mean(images):
+    """Wang's thesis, appendix E.1, Algorithm 1 (iBOT): C ← m·C + (1 − m)·mean of the teacher's
+    [CLS] outputs over both global views, C' ← m'·C' + (1 − m')·mean over their patch tokens."""
     objective = make_objective("ibot")
     batch = make_batch(objective, images)
+    g = torch.Generator().manual_seed(0)
+    before_cls = torch.randn(objective.center_cls.shape, generator=g)
+    before_patch = torch.randn(objective.center_patch.shape, generator=g)
+    objective.center_cls.copy_(before_cls)
+    objective.center_patch.copy_(before_patch)
+    teacher = objective.teacher
     with torch.no_grad():
+        outs = [teacher.backbone(v) for v in batch.views[:2]]  # the global views, unmasked
+        t_cls = torch.cat([teacher.head(o.cls) for o in outs])  # (2B, K)
+        t_patch = torch.cat([teacher.head(o.tokens) for o in outs])  # (2B, N, K)
         objective(batch, 0.0)
-    assert objective.center_cls.abs().sum() > 0 and objective.center_patch.abs().sum() > 0
+    m = objective.config.center_momentum
+    torch.testing.assert_close(objective.center_cls, m * before_cls + (1 - m) * t_cls.mean(0))
+    torch.testing.assert_close(
+        objective.center_patch, m * before_patch + (1 - m) * t_patch.mean((0, 1))
+    )
 
 
 def test_ibot_views_carry_masks_of_the_patch_grid(images):
