@@ -2,6 +2,7 @@
 
 - :func:`assert_same_neighbours`: search results against an oracle's, up to ties, in
   the way of faiss's ``contrib.evaluation.check_ref_knn_with_draws``.
+- :func:`eq1_weights`: eq. 1 of Balazevic et al. (2023), §3.1, in float64.
 - :func:`miou`: mean IoU from pixel counts in numpy (not hbird's ConfusionMatrix).
 """
 
@@ -43,6 +44,17 @@ def assert_same_neighbours(
                     f"at similarity {ref[start]:.6g}"
                 )
             start = stop
+
+
+def eq1_weights(queries: torch.Tensor, keys: torch.Tensor, beta: float) -> torch.Tensor:
+    """``(Q, D)`` queries and their neighbours' ``(Q, k, D)`` keys → ``(Q, k)`` float64 weights.
+
+    Eq. 1 (§3.1): ``s_ij = <q_i, k_j> / (|q_i| |k_j|) / β``, ``a_i = softmax_j(s_i)``.
+    """
+    q, k = queries.double(), keys.double()
+    s = (k @ q[:, :, None])[..., 0] / (k.norm(dim=-1) * q.norm(dim=-1, keepdim=True) * beta)
+    a = (s - s.max(dim=1, keepdim=True).values).exp()
+    return a / a.sum(dim=1, keepdim=True)
 
 
 def miou(

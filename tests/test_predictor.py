@@ -10,6 +10,7 @@ from hbird.data.pairs import Pairs
 from hbird.errors import BankError, InputError
 from hbird.memory.bank import MemoryBank
 from hbird.metrics import ConfusionMatrix, DepthMetrics
+from oracles import eq1_weights
 
 
 def predictor(**kw):
@@ -264,10 +265,9 @@ def test_autocast_is_close_to_float32_and_saved_with_the_bank(tmp_path, scenes, 
 @pytest.mark.parametrize("kind", ["exact", "flat", "hnsw", "ivfpq"])
 def test_eq1_weights_from_index_scores_equal_recomputed_cosines(scenes, kind):
     """Fast path: indexes with exact scores skip regathering keys; the oracle recomputes
-    eq. 1 from the stored keys (decode.neighbour_attention)."""
+    eq. 1 from the stored keys (tests/oracles.py, written from the paper)."""
     if kind != "exact":
         pytest.importorskip("faiss")
-    from hbird.decode import neighbour_attention
 
     prompt, queries = scenes
     p = predictor(index=kind, k=10).fit(
@@ -278,8 +278,8 @@ def test_eq1_weights_from_index_scores_equal_recomputed_cosines(scenes, kind):
     q = feats.reshape(-1, feats.shape[-1]) * 3.0  # unnormalised queries: cosines, not dots
     weights, values = p.attend(q)
     _, ids = p.index_.search(q, 10)
-    oracle = neighbour_attention(q, p.bank_.keys[ids], p.temperature)
-    torch.testing.assert_close(weights, oracle, rtol=1e-4, atol=1e-5)
+    oracle = eq1_weights(q, p.bank_.keys[ids], p.temperature)
+    torch.testing.assert_close(weights.double(), oracle, rtol=1e-4, atol=1e-5)
     assert torch.equal(values, p.bank_.values[ids])
 
 
@@ -305,14 +305,15 @@ def test_loaded_predictor_keeps_the_banks_keys_on_disk(tmp_path, scenes, fitted,
 
 def test_approximate_index_scores_fall_back_to_recomputed_cosines(scenes):
     pytest.importorskip("faiss")
-    from hbird.decode import neighbour_attention
-
     prompt, queries = scenes
     p = predictor(index="ivfpq", index_params={"refine": "float16"}, key_dtype="float32", k=10)
     p.fit([s.image for s in prompt], [s.mask for s in prompt], num_classes=4)
     assert not p.index_.exact_scores  # float32 keys, float16 re-ranking copy
     feats = p.extractor_.transform([queries[0].image])[0]
     q = feats.reshape(-1, feats.shape[-1])
-    weights, _ = p.attend(q)
+    weights, values = p.attend(q)
     _, ids = p.index_.search(q, 10)
-    torch.testing.assert_close(weights, neighbour_attention(q, p.bank_.keys[ids], p.temperature))
+    # eq. 1 from the stored float32 keys, not from the index's float16 scores
+    oracle = eq1_weights(q, p.bank_.keys[ids], p.temperature)
+    torch.testing.assert_close(weights.double(), oracle, rtol=1e-5, atol=1e-6)
+    assert torch.equal(values, p.bank_.values[ids])
