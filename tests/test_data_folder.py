@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from hbird.data import FolderDataset, create_dataset
+from hbird.data.synthetic import make_scenes, write_scene_folder
 from hbird.errors import InputError
 from hbird.metrics import ConfusionMatrix
 
@@ -186,9 +187,8 @@ def test_duplicate_stems_are_refused(tmp_path):
 
 
 def test_reads_what_synthetic_scenes_write(tmp_path):
-    synthetic = pytest.importorskip("hbird.data.synthetic")
-    scenes = synthetic.make_scenes(2, seed=0, num_classes=3)
-    synthetic.write_scene_folder(tmp_path, scenes)
+    scenes = make_scenes(2, seed=0, num_classes=3)
+    write_scene_folder(tmp_path, scenes)
     seg = FolderDataset(tmp_path, task="segmentation")
     depth = FolderDataset(tmp_path, task="depth")
     assert seg.label_spec.num_classes == 3
