@@ -1,4 +1,4 @@
-"""Benchmark layouts built as tiny fixtures: label conventions, spec strings, mIoU = 1 on own labels."""
+"""Benchmark layouts built as tiny fixtures: label conventions, spec strings, raw-to-class tables."""
 
 from pathlib import Path
 
@@ -37,14 +37,24 @@ def _mask(path: Path, values: list[int], mode: str = "L", seed: int = 0) -> np.n
     return arr
 
 
-def _own_labels_give_perfect_miou(ds) -> None:
+IGNORE = 255
+IDENTITY = {v: v for v in range(256)}
+
+
+def _labels_follow_tables(ds, tables: list[dict[int, int]]) -> None:
+    """Sample ``i``'s label is ``tables[i][raw value]`` of its label file, pixel by pixel
+    (the tables are written out in the tests), and a confusion matrix built with the
+    dataset's label spec counts exactly the pixels the tables do not map to 255."""
     spec = ds.label_spec
     cm = ConfusionMatrix(spec.num_classes, spec.ignore_index)
-    for sample in ds:
-        pred = torch.where(sample.label == spec.ignore_index, 0, sample.label)
-        cm.update(pred, sample.label)
-    assert cm.compute().miou == 1.0
-    assert cm.matrix.sum() > 0
+    kept = 0
+    for sample, table in zip(ds, tables, strict=True):
+        raw = np.asarray(Image.open(sample.label_path))
+        want = torch.from_numpy(np.vectorize(table.__getitem__, otypes=[np.int64])(raw))
+        assert torch.equal(sample.label, want), sample.name
+        cm.update(torch.where(want == IGNORE, 0, want), sample.label)
+        kept += int((want != IGNORE).sum())
+    assert int(cm.matrix.sum()) == kept > 0 and cm.compute().miou == 1.0
 
 
 # ------------------------------------------------------------------ VOC
@@ -84,7 +94,7 @@ def test_voc_keeps_ids_and_255_as_ignore(voc_root):
     assert s.image.shape == (3, H, W) and s.image.dtype == torch.float32
     assert 0 <= s.image.min() and s.image.max() <= 1
     assert s.image_path == voc_root / "JPEGImages" / "2007_000001.jpg"
-    _own_labels_give_perfect_miou(ds)
+    _labels_follow_tables(ds, [IDENTITY, IDENTITY])  # VOC stores class ids and 255
 
 
 def test_voc_trainaug_reads_segmentation_class_aug(voc_root):
@@ -126,7 +136,8 @@ def test_ade20k_zero_becomes_ignore_and_ids_shift_down(tmp_path):
     assert torch.equal(label[raw > 0], raw[raw > 0] - 1)
     assert set(label.unique().tolist()) == {0, 1, 149, 255}
     assert ds.label_spec.class_names[0] == "wall" and ds.label_spec.class_names[149] == "flag"
-    _own_labels_give_perfect_miou(ds)
+    shift = {0: IGNORE, **{v: v - 1 for v in range(1, 151)}}
+    _labels_follow_tables(ds, [shift, shift])
     _mask(root / "annotations" / "validation" / "ADE_val_00000002.png", [0, 151], "L", 1)
     with pytest.raises(InputError, match=r"raw values \[151\].*ADE20K"):
         ds[1]
@@ -165,7 +176,7 @@ def test_cityscapes_train_ids_and_label_id_mapping(tmp_path):
         assert (mapped[torch.from_numpy(raw) == raw_id] == train_id).all()
     assert sorted(CITYSCAPES_ID_TO_TRAINID.values()) == list(range(19))
     assert ds.label_spec.class_names[13] == "car"
-    _own_labels_give_perfect_miou(ds)
+    _labels_follow_tables(ds, [IDENTITY, expected])  # labelTrainIds as they are; labelIds mapped
 
 
 # ------------------------------------------------------------------ COCO-Stuff
@@ -192,7 +203,8 @@ def test_cocostuff_171_mapping(coco_root):
     label = ds[0].label
     # person 0 -> 0; stop sign 12 -> 11 (street sign 11 unused); banner 91 -> 80;
     # sky-other 156 -> 145; wood 181 -> 170; unlabelled 255 stays 255
-    for raw_id, new_id in {0: 0, 12: 11, 91: 80, 156: 145, 181: 170, 255: 255}.items():
+    table = {0: 0, 12: 11, 91: 80, 156: 145, 181: 170, 255: 255}
+    for raw_id, new_id in table.items():
         assert (label[raw == raw_id] == new_id).all()
     names = ds.label_spec.class_names
     assert (names[0], names[11], names[80], names[145], names[170]) == (
@@ -202,7 +214,7 @@ def test_cocostuff_171_mapping(coco_root):
         "sky-other",
         "wood",
     )
-    _own_labels_give_perfect_miou(ds)
+    _labels_follow_tables(ds, [table])
 
 
 def test_cocostuff_27_mapping(coco_root):
@@ -226,7 +238,7 @@ def test_cocostuff_27_mapping(coco_root):
         assert (label[raw == raw_id] == names.index(coarse)).all()
     assert names.index("person") == 9 and names.index("sky") == 23 and len(names) == 27
     assert (label[raw == 255] == 255).all()
-    _own_labels_give_perfect_miou(ds)
+    _labels_follow_tables(ds, [{0: 9, 12: 8, 91: 17, 156: 23, 181: 24, 255: IGNORE}])
 
 
 def test_cocostuff_tables_are_consistent():
