@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 
+from hbird.data.datasets import create_dataset
 from hbird.errors import InputError
 from hbird.eval import evaluate, parse_overrides, resolve_config
 
@@ -41,7 +43,7 @@ def test_presets_and_overrides():
 
 def test_eval_writes_every_report_file(tmp_path, dataset):
     out = tmp_path / "run"
-    report = evaluate("test_vit", dataset, out=out, progress=False, **FAST)
+    report = evaluate("test_vit", dataset, out=out, progress=False, **dict(FAST, index="auto"))
     assert report.metrics["miou"] > 0.7
     for name in ("config.json", "metrics.json", "per_class.csv", "summary.md"):
         assert (out / name).is_file(), name
@@ -53,13 +55,24 @@ def test_eval_writes_every_report_file(tmp_path, dataset):
         "memory_entries": report.counts["memory_entries"],
         "queries": 8,
     }
-    # the index actually searched is on record (what auto resolved to, with its parameters)
+    # the index actually searched is on record: auto is exact up to 20k entries on a CPU
+    # (docs/evaluation.md), and this bank has 20 images x 80 patches
+    assert report.counts["memory_entries"] == 1600
     assert saved["search"]["kind"] == report.search["kind"] == "exact"
     assert saved["search"]["ntotal"] == report.counts["memory_entries"]
     summary = (out / "summary.md").read_text()
     assert "no Hungarian matching" in summary and "| miou |" in summary
-    assert "index exact, layers 0" in summary
+    assert "index auto → exact, layers 0" in summary
     assert (out / "per_class.csv").read_text().splitlines()[0] == "class,iou,precision,recall"
+
+
+def test_auto_above_the_exact_limit_searches_with_ivfpq(dataset, monkeypatch):
+    pytest.importorskip("faiss")
+    import hbird.index
+
+    monkeypatch.setattr(hbird.index, "AUTO_EXACT_MAX", 1000)  # below this bank's 1600 entries
+    report = evaluate("test_vit", dataset, progress=False, **dict(FAST, index="auto", max_queries=1))
+    assert report.search["kind"] == "ivfpq" and report.search["ntotal"] == 1600
 
 
 def test_summary_names_what_auto_resolved_to():
@@ -91,10 +104,17 @@ def test_run_folder_refuses_other_settings(tmp_path, dataset):
         evaluate("test_vit", dataset, out=out, progress=False, **dict(FAST, k=5))
 
 
-def test_depth_protocol(tmp_path, dataset):
+def test_depth_protocol_beats_the_mean_depth_baseline(tmp_path, dataset):
     spec = dataset.replace("task=segmentation", "task=depth")
     report = evaluate("test_vit", spec, progress=False, **FAST)
     assert report.task == "depth" and 0 < report.metrics["rmse"] < 2.0
+    # baseline: every query pixel predicted as the prompt's mean depth; RMSE per image
+    # over valid (> 0) pixels, averaged over images, as the protocol reports it
+    prompt = [s.label.numpy() for s in create_dataset(spec, split="train")]
+    mean_depth = np.concatenate([d[d > 0] for d in prompt]).mean()
+    queries = [s.label.numpy() for s in create_dataset(spec, split="val")]
+    baseline = np.mean([np.sqrt(np.mean((d[d > 0] - mean_depth) ** 2)) for d in queries])
+    assert report.metrics["rmse"] < 0.6 * baseline  # about 1.08 against 2.32
     assert {"abs_rel", "log10", "delta1", "delta2", "delta3"} <= set(report.metrics)
 
 
