@@ -4,6 +4,8 @@
   the way of faiss's ``contrib.evaluation.check_ref_knn_with_draws``.
 - :func:`eq1_weights`: eq. 1 of Balazevic et al. (2023), §3.1, in float64.
 - :func:`miou`: mean IoU from pixel counts in numpy (not hbird's ConfusionMatrix).
+- :func:`retrieval_miou`: the retrieval protocol by hand: the predictor fitted on a
+  prompt, its predictions scored by :func:`miou` (no evaluation harness involved).
 """
 
 from __future__ import annotations
@@ -76,3 +78,15 @@ def miou(
             union[c] += np.sum((p == c) | (t == c))
     present = union > 0
     return float(np.mean(inter[present] / union[present]))
+
+
+def retrieval_miou(prompt, queries, num_classes: int, **settings) -> float:
+    """mIoU of ``InContextPredictor(**settings)`` fitted on dataset ``prompt``, over ``queries``.
+
+    ``settings`` are predictor arguments (encoder, layers, image_size, k, ...).
+    """
+    from hbird.predictor import InContextPredictor
+
+    predictor = InContextPredictor(**settings, progress=False).fit_dataset(prompt)
+    preds = predictor.predict([s.image for s in queries])
+    return miou(preds, [s.label for s in queries], num_classes)
