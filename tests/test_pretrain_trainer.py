@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,6 +15,7 @@ from hbird.pretrain.checkpoint import EXPORT_NAME, STATE_NAME
 from hbird.pretrain.data import SyntheticImages
 from hbird.pretrain.evaluation import RetrievalProbe, synthetic_set
 from hbird.pretrain.presets import TINY_ARCH, TINY_VIT_KWARGS, tiny_options
+from oracles import miou
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +57,29 @@ def test_run_folder_has_checkpoints_config_and_metrics(finished_run):
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     evaluated = [r["step"] for r in records if "eval/miou" in r]
     assert evaluated == [0, 2, 4]  # before training, every eval_every steps, at the end
-    assert all(0.0 <= r["eval/miou"] <= 1.0 for r in records if "eval/miou" in r)
     assert all("loss" in r and "lr" in r for r in records[1:])
     saved = json.loads((out / "config.json").read_text())
     assert saved["objective"] == "hummingbird" and saved["model_kwargs"] == TINY_VIT_KWARGS
+
+
+def test_last_logged_eval_is_the_retrieval_miou_of_the_exported_weights(finished_run):
+    _, _, out = finished_run
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r["eval/miou"] for r in records if r["step"] == 4)
+    # the probe's protocol by hand: the exported step-4 weights as an encoder, a bank of
+    # the probe's prompt set, its query set scored by a numpy mIoU
+    prompt, query = synthetic_set(4, 100, 48), synthetic_set(3, 200, 48)
+    predictor = InContextPredictor(
+        encoder=encoder_from_checkpoint(out / EXPORT_NAME),
+        image_size=48,
+        k=5,
+        temperature=0.02,
+        memory_size=None,
+        index="exact",
+        progress=False,
+    ).fit(prompt.images, prompt.masks, num_classes=4)
+    want = miou(predictor.predict(query.images), query.masks, 4)
+    assert logged == pytest.approx(want, abs=1e-9)
 
 
 def test_checkpoint_is_a_plain_timm_state_dict_with_metadata(finished_run):
@@ -116,7 +137,14 @@ def test_checkpoint_drives_in_context_prediction(finished_run, scenes):
         progress=False,
     ).fit([s.image for s in prompt[:4]], [s.mask for s in prompt[:4]], num_classes=4)
     masks = predictor.predict(torch.stack([s.image for s in query[:2]]))
-    assert masks.shape == (2, 64, 80) and int(masks.max()) < 4
+    assert masks.shape == (2, 64, 80)
+    # k = 1 on the prompt itself: every patch retrieves its own entry (cosine 1), so the
+    # soft labels are each 8x8 patch's class fractions, counted here from the masks
+    predictor.k = 1
+    for sample, pred in zip(prompt[:4], predictor.predict_dense([s.image for s in prompt[:4]])):
+        blocks = sample.mask.numpy().reshape(8, 8, 10, 8).transpose(0, 2, 1, 3).reshape(8, 10, 64)
+        fractions = np.stack([(blocks == c).mean(-1) for c in range(4)], axis=-1)  # (8, 10, 4)
+        np.testing.assert_allclose(pred.patch_labels.numpy(), fractions, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["hummingbird", "ibot"])
