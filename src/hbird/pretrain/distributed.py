@@ -44,11 +44,6 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def launched_by_torchrun() -> bool:
-    """True when ``torchrun`` (or another launcher) set ``WORLD_SIZE`` > 1."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def init_distributed(
     device: str | None = None,
     backend: str | None = None,
