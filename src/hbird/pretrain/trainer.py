@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -157,6 +158,25 @@ def _no_buffer_broadcast() -> dict[str, bool]:
     )
 
 
+def loader_worker_limit() -> int:
+    """Data-loader workers one process may start: its share of the CPU cores it may use.
+
+    Under ``torchrun`` the ``LOCAL_WORLD_SIZE`` processes of a machine split the cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def format_seconds(seconds: float) -> str:
+    """``75 → "1m15s"``, ``3725 → "1h02m"``, ``9 → "9s"``: a duration to read at a glance."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class Trainer:
     """Builds the backbone, the objective, the optimizer and (optionally) the data.
 
@@ -233,11 +253,17 @@ class Trainer:
         sampler = EpochSampler(
             len(dataset), cfg.batch_size, self.dist.rank, self.dist.world_size, cfg.seed
         )
+        workers = min(cfg.num_workers, loader_worker_limit())
+        if workers < cfg.num_workers:
+            self.log_fn(
+                f"num_workers {cfg.num_workers} is more than this process's share of the CPU "
+                f"cores; using {workers} data-loader worker(s)"
+            )
         loader = DataLoader(
             dataset,
             batch_size=sampler.local_batch,
             sampler=sampler,
-            num_workers=cfg.num_workers,
+            num_workers=workers,
             collate_fn=collate,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
@@ -359,7 +385,8 @@ class Trainer:
             if eval_now:
                 record.update(self.evaluate())
             if log_now or eval_now:
-                self._record(record)
+                left = (self.total_steps - self.step) * record.get("step_time", 0.0)
+                self._record(record, f" eta {format_seconds(left)}" if log_now and not done else "")
                 timer, timed_from = time.perf_counter(), self.step
             if done or (cfg.save_every and self.step % cfg.save_every == 0):
                 self.save()
@@ -369,7 +396,8 @@ class Trainer:
         return last
 
     # -- files ------------------------------------------------------------------------
-    def _record(self, record: dict[str, Any]) -> None:
+    def _record(self, record: dict[str, Any], note: str = "") -> None:
+        """Append ``record`` to ``metrics.jsonl`` and log it, followed by ``note``."""
         if not self.dist.is_main:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -377,7 +405,7 @@ class Trainer:
         shown = " ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
         )
-        self.log_fn(f"[{self.config.objective}] {shown}")
+        self.log_fn(f"[{self.config.objective}] {shown}{note}")
 
     def save(self) -> None:
         """Write the encoder export and the resumable state (main process only)."""
