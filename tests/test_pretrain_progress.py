@@ -3,27 +3,12 @@
 import re
 
 import pytest
+import torch
 
-from hbird.pretrain import PretrainConfig, Trainer
+from hbird.pretrain import Trainer
 from hbird.pretrain.data import SyntheticImages
-from hbird.pretrain.presets import TINY_ARCH, TINY_VIT_KWARGS, tiny_options
-from hbird.pretrain.trainer import format_seconds, loader_worker_limit
-
-
-def tiny_config(tmp_path, **kw):
-    base = dict(
-        objective="hummingbird",
-        objective_options=tiny_options("hummingbird"),
-        arch=TINY_ARCH,
-        model_kwargs=TINY_VIT_KWARGS,
-        steps=4,
-        batch_size=4,
-        crop_size=32,
-        num_workers=0,
-        log_every=2,
-        out=str(tmp_path / "run"),
-    )
-    return PretrainConfig(**{**base, **kw})
+from hbird.pretrain.trainer import format_seconds, process_cores
+from test_pretrain_trainer import config as tiny_config
 
 
 def test_format_seconds():
@@ -31,14 +16,14 @@ def test_format_seconds():
     assert {s: format_seconds(s) for s in cases} == cases
 
 
-def test_worker_limit_is_the_process_share_of_its_cores(monkeypatch):
+def test_process_cores_is_the_process_share_of_its_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert loader_worker_limit() == 4
+    assert process_cores() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes share the machine
-    assert loader_worker_limit() == 2
+    assert process_cores() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert loader_worker_limit() == 0  # load in the main process rather than oversubscribe
+    assert process_cores() == 0  # load in the main process rather than oversubscribe
 
 
 def test_more_workers_than_cores_are_capped_and_said(tmp_path, monkeypatch):
@@ -56,7 +41,9 @@ def test_more_workers_than_cores_are_capped_and_said(tmp_path, monkeypatch):
 def test_log_lines_show_the_time_left(tmp_path):
     lines = []
     trainer = Trainer(
-        tiny_config(tmp_path), images=SyntheticImages(n=8, seed=0, size=32), log=lines.append
+        tiny_config(tmp_path, log_every=2),
+        images=SyntheticImages(n=8, seed=0, size=32),
+        log=lines.append,
     )
     trainer.fit()
     step_lines = [line for line in lines if line.startswith("[hummingbird] step")]
@@ -66,3 +53,21 @@ def test_log_lines_show_the_time_left(tmp_path):
     eta = re.search(r"eta (\d+)s$", step_lines[0])
     assert eta is not None and int(eta.group(1)) == pytest.approx(2 * step_time, abs=1)
     assert "eta" not in step_lines[1]  # the last line: nothing left
+
+
+def test_cpu_training_threads_and_workers_fit_in_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads_while_logging = []
+        trainer = Trainer(
+            tiny_config(tmp_path), images=SyntheticImages(n=8, seed=0, size=32),
+            log=lambda line: threads_while_logging.append(torch.get_num_threads()),
+        )  # fmt: skip
+        trainer.fit()
+        assert threads_while_logging and set(threads_while_logging) == {1}  # 1 core, 0 workers
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)

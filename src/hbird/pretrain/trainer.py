@@ -21,6 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,13 +159,22 @@ def _no_buffer_broadcast() -> dict[str, bool]:
     )
 
 
-def loader_worker_limit() -> int:
-    """Data-loader workers one process may start: its share of the CPU cores it may use.
-
-    Under ``torchrun`` the ``LOCAL_WORLD_SIZE`` processes of a machine split the cores.
-    """
+def process_cores() -> int:
+    """CPU cores this process may keep busy: the cores it may run on, divided among the
+    ``LOCAL_WORLD_SIZE`` processes ``torchrun`` starts on the machine (0 if fewer than them)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+@contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads lowered to ``count`` (at least 1) inside the block, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, count)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def format_seconds(seconds: float) -> str:
@@ -253,7 +263,7 @@ class Trainer:
         sampler = EpochSampler(
             len(dataset), cfg.batch_size, self.dist.rank, self.dist.world_size, cfg.seed
         )
-        workers = min(cfg.num_workers, loader_worker_limit())
+        workers = min(cfg.num_workers, process_cores())
         if workers < cfg.num_workers:
             self.log_fn(
                 f"num_workers {cfg.num_workers} is more than this process's share of the CPU "
@@ -358,7 +368,19 @@ class Trainer:
         return result
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``total_steps``; returns the last logged record (with the final eval)."""
+        """Train to ``total_steps``; returns the last logged record (with the final eval).
+
+        On a CPU, torch's threads are lowered for the run so that they and the loader's
+        workers fit in this process's cores (tiny models otherwise spend most of their
+        time in threads waiting on each other), and restored afterwards.
+        """
+        if self.device.type != "cpu":
+            return self._fit()
+        workers = self.loader.num_workers if self.loader is not None else 0
+        with cpu_threads(process_cores() - workers):
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.config
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
