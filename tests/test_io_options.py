@@ -2,11 +2,12 @@
 
 import pytest
 
-from hbird.cli import main
-from hbird.cli.common import parse_index_params
+from hbird.cli import build_parser, main
+from hbird.cli.common import given_settings
 from hbird.errors import InputError
 from hbird.eval.config import parse_overrides
 from hbird.io.options import parse_pairs, parse_spec, parse_value
+from hbird.specs import SearchConfig
 
 
 @pytest.mark.parametrize(
@@ -35,10 +36,16 @@ def test_pairs_read_dashes_as_underscores_and_refuse_a_key_twice():
         parse_pairs(["nprobe=8", "nprobe=16"], "--index-param", "nprobe=16")
 
 
+def index_param_flag(text):
+    """``hbird eval --index-param TEXT`` as the CLI reads it."""
+    args = build_parser().parse_args(["eval", "--dataset", "x", "--index-param", text])
+    return given_settings(args, SearchConfig)
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: parse_index_params(["k_factor"]), r"--index-param: 'k_factor' is not key=value \(e\.g\. k_factor=16\)"),
+        (lambda: index_param_flag("k_factor"), r"--index-param: 'k_factor' is not key=value \(e\.g\. k_factor=16\)"),
         (lambda: parse_overrides(["=3"]), r"eval override: '=3' is not key=value \(e\.g\. k=50\)"),
         (lambda: parse_spec("voc:split"), r"dataset spec 'voc:split'.*e\.g\. 'voc:root="),
     ],

@@ -157,11 +157,6 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_index_params(items: list[str]) -> dict[str, Any]:
-    """``["k_factor=16"]`` → ``{"k_factor": 16}`` (see :mod:`hbird.io.options`)."""
-    return parse_pairs(items, "--index-param", "k_factor=16")
-
-
 def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:
     """A predictor with the flags given; the others keep the defaults of :mod:`hbird.specs`."""
     return InContextPredictor(
