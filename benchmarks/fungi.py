@@ -1,13 +1,14 @@
-"""Benchmark FUNGI feature extraction: batched per-sample gradients vs a naive per-image loop.
+"""Benchmark FUNGI feature extraction under both presets, and how close ``fast`` is to ``paper``.
 
-For each image size, each loss alone and all of them together, in this process and on
-the same images, it measures
+For each image size, each preset (``paper``: FUNGI Table 17 and the authors' code;
+``fast``: hbird's older, cheaper views), each loss alone and all of them together, in
+this process and on the same images, it measures
 
 - throughput (images per second after a warm-up, best of ``--repeats`` runs) of
   ``FungiExtractor`` with its batched gradients (passes of many samples; the prefix up
   to the layer under no_grad; per-sample gradients by the closed form of a linear layer)
   and of two naive loops that handle one image at a time (all views of that image in one
-  forward pass):
+  forward pass), on the same views and losses:
   ``naive``: frozen model, ``torch.autograd.grad`` w.r.t. the layer's parameters only
   (the strongest simple baseline; also the tests' oracle);
   ``naive_full_backward``: the model's parameters all trainable, ``loss.backward()`` and
@@ -20,14 +21,21 @@ the same images, it measures
   parts);
 - peak memory: growth of the process RSS during each run (sampled every 2 ms; glibc is
   told to return freed memory at once so runs do not hide behind earlier peaks), and the
-  CUDA peak when run on a GPU.
+  CUDA peak when run on a GPU;
+- ``fast_over_paper``: per loss set, the paper preset's batched time over the fast one's
+  (how much of a speed-up is only less work).
 
-The losses use the paper's settings (Table 17: DINO 2 + 10 crops, SimCLR 49 patches,
-heads 768 / 2048 / 96) at each of ``--image-sizes``; ``--negatives`` sets the number of training
-images whose patches form SimCLR's negative batch (the fit is not timed).
+With ``--cosines`` it also reports, per feature part, the cosine similarity between the
+features of the paper preset and those of ``fast``, of the paper preset with one setting
+set back to ``fast``'s, and of the paper preset with another crop seed or another draw of
+negatives (the noise floor of the paper setting itself), all on the same images.
+
+``--negatives`` sets the number of training images whose views form SimCLR's negative
+batch (default: each preset's, 256 and 64; the fit is not timed).
 
     python benchmarks/fungi.py --threads 1                 # test_vit at 224 and 64
-    python benchmarks/fungi.py --encoder vit_small_patch14_dinov2 --image-sizes 224 --images 8
+    python benchmarks/fungi.py --image-sizes 64 --images 4 --repeats 1 --cosines
+    python benchmarks/fungi.py --encoder vit_small_patch16_224 --image-sizes 224 --images 8
 
 Writes JSON to ``benchmarks/results/fungi.json`` unless ``--out`` says otherwise.
 """
@@ -49,12 +57,15 @@ import torch
 from _common import rss_bytes, write_report
 
 from hbird.encoders import create_encoder
-from hbird.fungi import FungiExtractor
+from hbird.fungi import PRESETS, FungiExtractor
 from hbird.fungi.data import synthetic_classification
 from hbird.fungi.gradients import PASS_ELEMENTS, flatten_linear_grads
+from hbird.fungi.presets import FAST_NEGATIVE_INPUTS, preset_loss_options
+from hbird.fungi.views import snap_to_patch
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "fungi.json"
 LOSSES = ("kl", "dino", "simclr")
+PAPER_NEGATIVE_INPUTS = 256
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-sizes", type=int, nargs="+", default=[224, 64])
     parser.add_argument("--images", type=int, default=32, help="images timed per run")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--negatives", type=int, default=64, help="SimCLR negative images")
+    parser.add_argument(
+        "--negatives", type=int, help="SimCLR negative images (default: each preset's, 256 / 64)"
+    )
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument(
+        "--cosines", action="store_true", help="also compare the presets' features (see above)"
+    )
+    parser.add_argument("--no-timing", action="store_true", help="only the --cosines part")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -83,7 +101,6 @@ def return_freed_memory_to_the_os() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 17)) and bool(
         libc.mallopt(m_trim_threshold, 1 << 17)
     )
-
 
 
 @contextmanager
@@ -142,7 +159,9 @@ def naive_full_backward_loop(
         for image in images:
             batch = backbone.prepare([image])
             with torch.no_grad():
-                parts["embedding"].append(fx._normalised(backbone.embed(batch)))
+                parts["embedding"].append(
+                    fx._normalised(backbone.embed(backbone.input_view(batch)))
+                )
             grads = []
             for loss in fx.losses_.values():
                 root.zero_grad(set_to_none=True)
@@ -167,7 +186,7 @@ def forward_floor(fx: FungiExtractor, images: list[torch.Tensor]) -> None:
         for start in range(0, len(images), fx.batch_size):
             batch = backbone.prepare(images[start : start + fx.batch_size])
             if not any(loss.input_group is not None for loss in fx.losses_.values()):
-                backbone.embed(batch)
+                backbone.embed(backbone.input_view(batch))
             for loss in fx.losses_.values():
                 for group in loss.make_views(batch):
                     step = max(1, PASS_ELEMENTS // group.views[0].numel())
@@ -219,6 +238,65 @@ def measure(
     return out
 
 
+def cosines(parts: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+    """Per part: mean and min over images of the cosine of two L2-normalised features."""
+    out = {}
+    for name, ref in reference.items():
+        cos = (parts[name].double() * ref.double()).sum(dim=1)
+        out[name] = {"mean": float(cos.mean()), "min": float(cos.min())}
+    return out
+
+
+def preset_cosines(
+    encoder: Any, train: list[torch.Tensor], images: list[torch.Tensor], size: int, args: Any
+) -> dict[str, Any]:
+    """Cosines to the paper preset's features of ``fast``, of one setting at a time set back
+    to ``fast``'s, and of the paper preset with other random draws (the noise floor).
+
+    Every variant uses the first training images as negatives (``negatives=``); variants
+    whose SimCLR views are the paper's reuse the paper's negative embeddings."""
+    negatives = args.negatives or PAPER_NEGATIVE_INPUTS
+    fast_negatives = args.negatives or FAST_NEGATIVE_INPUTS
+    base = dict(seed=args.seed, batch_size=args.batch_size, image_size=size)
+    paper = FungiExtractor(encoder, negatives=train[:negatives], **base).fit(train)
+    reference = paper.extract_parts(images)
+    embedded = paper.losses_["simclr"].negatives  # (negatives · V, D), input after input
+    views = paper.losses_["simclr"].views.num_patches
+    fast = preset_loss_options("fast", paper.backbone_)
+    local = snap_to_patch(size * 96 / 224, paper.backbone_.patch_size)
+    variants: dict[str, dict[str, Any]] = {
+        "fast": dict(preset="fast", negatives=train[:fast_negatives]),
+        "paper, short-side canvas": dict(resize="short-side", negatives=train[:negatives]),
+        "paper, DINO local crops 96/224": dict(loss_options={"dino": {"local_size": local}}),
+        "paper, DINO boxes shared, bilinear": dict(
+            loss_options={"dino": {"boxes": "shared", "interpolation": "bilinear"}}
+        ),
+        "paper, SimCLR patches at their size, spread": dict(
+            loss_options={"simclr": {k: fast["simclr"][k] for k in ("view_size", "grid")}},
+            negatives=train[:negatives],
+        ),
+        f"paper, {fast_negatives} SimCLR negatives": dict(
+            negatives=embedded[: fast_negatives * views]
+        ),
+        "paper, another crop seed (noise floor)": dict(
+            loss_options={"dino": {"crop_seed": args.seed + 1}}
+        ),
+        "paper, other negative images (noise floor)": dict(
+            negatives=train[negatives : 2 * negatives]
+        ),
+    }
+    out = {}
+    for name, options in variants.items():
+        if name.endswith(" SimCLR negatives") and fast_negatives == negatives:
+            continue
+        options.setdefault("negatives", embedded)
+        fx = FungiExtractor(encoder, **base, **options).fit(train)
+        out[name] = cosines(fx.extract_parts(images), reference)
+        row = "  ".join(f"{k} {v['mean']:.4f}" for k, v in out[name].items())
+        print(f"{size:>4}px cosine to paper | {name:<46} {row}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     rss_is_exact = return_freed_memory_to_the_os()
@@ -227,38 +305,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     encoder = create_encoder(args.encoder, device=device)
     results: dict[str, Any] = {}
+    loss_sets = [(name,) for name in LOSSES] + [LOSSES]
     for size in args.image_sizes:
-        data = synthetic_classification(max(args.images, args.negatives), seed=args.seed, size=size)
+        most = args.negatives or PAPER_NEGATIVE_INPUTS
+        count = max(args.images, 2 * most if args.cosines else most)
+        data = synthetic_classification(count, seed=args.seed, size=size)
         images = list(data.images[: args.images])
-        options = {"simclr": {"num_negative_inputs": args.negatives}}
-        results[str(size)] = {}
-        for losses in [(name,) for name in LOSSES] + [LOSSES]:
-            key = "+".join(losses)
-            fx = FungiExtractor(
-                encoder,
-                losses=losses,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                image_size=size,
-                loss_options=options,
-            ).fit(data.images)
-            row = results[str(size)][key] = measure(fx, images, device, args.repeats)
-            print(
-                f"{size:>4}px {key:<15} batched {row['batched']['images_per_second']:8.2f} img/s | "
-                f"floor {row['forward_only_floor']['images_per_second']:8.2f} img/s | "
-                f"naive {row['naive']['images_per_second']:7.2f} img/s ({row['naive']['batched_speedup']:4.2f}x) | "
-                f"naive full backward {row['naive_full_backward']['images_per_second']:7.2f} img/s "
-                f"({row['naive_full_backward']['batched_speedup']:4.2f}x) | "
-                f"max |diff| {max(row[k]['max_abs_feature_difference'] for k in ('naive', 'naive_full_backward')):.1e} | "
-                f"peak RSS +{row['batched']['peak_rss_growth_mb']:.0f} / "
-                f"+{row['naive']['peak_rss_growth_mb']:.0f} / +{row['naive_full_backward']['peak_rss_growth_mb']:.0f} MB",
-                flush=True,
+        options = (
+            {} if args.negatives is None else {"simclr": {"num_negative_inputs": args.negatives}}
+        )
+        by_size = results[str(size)] = {}
+        for preset in [] if args.no_timing else args.presets:
+            by_size[preset] = {}
+            for losses in loss_sets:
+                key = "+".join(losses)
+                fx = FungiExtractor(
+                    encoder,
+                    losses=losses,
+                    seed=args.seed,
+                    preset=preset,
+                    batch_size=args.batch_size,
+                    image_size=size,
+                    loss_options=options,
+                ).fit(data.images)
+                row = by_size[preset][key] = measure(fx, images, device, args.repeats)
+                row["loss_settings"] = {name: loss.settings for name, loss in fx.losses_.items()}
+                print(
+                    f"{size:>4}px {preset:<5} {key:<15} batched {row['batched']['images_per_second']:8.2f} img/s | "
+                    f"floor {row['forward_only_floor']['images_per_second']:8.2f} img/s | "
+                    f"naive {row['naive']['images_per_second']:7.2f} img/s ({row['naive']['batched_speedup']:4.2f}x) | "
+                    f"naive full backward {row['naive_full_backward']['images_per_second']:7.2f} img/s "
+                    f"({row['naive_full_backward']['batched_speedup']:4.2f}x) | "
+                    f"max |diff| {max(row[k]['max_abs_feature_difference'] for k in ('naive', 'naive_full_backward')):.1e} | "
+                    f"peak RSS +{row['batched']['peak_rss_growth_mb']:.0f} / "
+                    f"+{row['naive']['peak_rss_growth_mb']:.0f} / +{row['naive_full_backward']['peak_rss_growth_mb']:.0f} MB",
+                    flush=True,
+                )
+        if {"paper", "fast"} <= set(by_size):
+            by_size["fast_over_paper"] = {
+                "+".join(losses): {
+                    key: by_size["paper"]["+".join(losses)][key]["seconds"]
+                    / by_size["fast"]["+".join(losses)][key]["seconds"]
+                    for key in ("batched", "naive", "forward_only_floor")
+                }
+                for losses in loss_sets
+            }
+            for key, ratio in by_size["fast_over_paper"].items():
+                print(
+                    f"{size:>4}px {key:<15} paper time / fast time: batched {ratio['batched']:.2f}x"
+                )
+        if args.cosines:
+            by_size["cosine_to_paper"] = preset_cosines(
+                encoder, list(data.images), images, size, args
             )
     report = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "encoder": encoder.identity(),
-        "gradient_layer": fx.layer_name_,
-        "loss_settings": {name: loss.settings for name, loss in fx.losses_.items()},
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
