@@ -184,6 +184,8 @@ def test_given_negatives_replace_the_seeded_choice(encoder, images):
     (group,) = loss.make_views(by_inputs.backbone_.prepare(images[4:6]))
     with torch.no_grad():
         assert torch.allclose(loss.negatives, by_inputs.backbone_.embed(group.views), atol=1e-6)
+    with pytest.raises(ValueError, match="simclr loss is not in losses"):
+        FungiExtractor(encoder, losses=("kl",), negatives=chosen).fit(images[:4])
     with pytest.raises(ValueError, match=r"\(N, 32\) embeddings"):
         FungiExtractor(encoder, **base, negatives=torch.zeros(4, 7)).fit(images[:4])
 

@@ -171,6 +171,14 @@ class FungiExtractor:
             raise ValueError(
                 f"loss_options name {unknown}, which are not FUNGI losses ({', '.join(LOSSES)})"
             )
+        for arg, loss, value in (
+            ("crop_boxes", "dino", self.crop_boxes),
+            ("negatives", "simclr", self.negatives),
+        ):
+            if value is not None and loss not in self.losses:
+                raise ValueError(
+                    f"{arg} is given but the {loss} loss is not in losses {self.losses}"
+                )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_pass_elements is not None and self.max_pass_elements < 1:
