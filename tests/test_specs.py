@@ -144,3 +144,13 @@ def test_spec_fields_are_split_between_bank_and_search():
     assert {"k", "temperature", "index", "index_params", "device", "batch_size"} == search
     built = {"encoder", "layers", "image_size", "memory_size", "aug_epochs", "key_dtype"}
     assert built | {"seed", "features", "autocast", "sampling"} <= bank
+
+
+def test_extractor_settings_it_cannot_honour_are_reported(folder_dataset, tmp_path, capsys):
+    root = folder_dataset.split("root=")[1].split(":")[0]
+    build = ["bank", "build", "--prompt", f"{root}/train", "--task", "segmentation", "--quiet"]
+    build += ["--encoder", "test_vit"]
+    assert main([*build, "--out", str(tmp_path / "a"), "--feature-option", "support_size=3"]) == 2
+    assert "features 'patch' does not take that option" in capsys.readouterr().err
+    assert main([*build, "--out", str(tmp_path / "b"), "--features", "fungi", "--layers", "0"]) == 2
+    assert "leave layers unset" in capsys.readouterr().err

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from hbird.errors import InputError
+
 DEFAULT_ENCODER = "vit_small_patch14_dinov2.lvd142m"
 
 
@@ -80,26 +82,27 @@ def choices_of(f: dataclasses.Field) -> list[str] | None:
 
 
 def check_value(f: dataclasses.Field, value: Any) -> None:
-    """Raise ``ValueError`` naming ``f`` and its valid values if ``value`` does not fit."""
+    """Raise :class:`InputError` (a ``ValueError``) naming ``f`` and its valid values if
+    ``value`` does not fit."""
     if value is None and f.default is None:
         return
     kind, valid = f.metadata.get("kind", str), f.metadata.get("valid")
     if kind == "layers":
         items = value if isinstance(value, tuple) else (value,)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in items) or not items:
-            raise ValueError(f"{f.name} must be a block index or indices (ints), got {value!r}")
+            raise InputError(f"{f.name} must be a block index or indices (ints), got {value!r}")
     elif kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{f.name} must be an integer, got {value!r}")
+        raise InputError(f"{f.name} must be an integer, got {value!r}")
     elif kind is bool and not isinstance(value, bool):
-        raise ValueError(f"{f.name} must be true or false, got {value!r}")
+        raise InputError(f"{f.name} must be true or false, got {value!r}")
     elif kind == "options" and not isinstance(value, dict):
-        raise ValueError(f"{f.name} must be a mapping of option names to values, got {value!r}")
+        raise InputError(f"{f.name} must be a mapping of option names to values, got {value!r}")
     if valid is not None and value not in valid:
         finite = " and finite" if kind is float else ""
-        raise ValueError(f"{f.name} must be {valid}{finite}, got {value!r}")
+        raise InputError(f"{f.name} must be {valid}{finite}, got {value!r}")
     choices = choices_of(f)
     if choices is not None and value not in choices:
-        raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
+        raise InputError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def normalise_value(f: dataclasses.Field, value: Any) -> Any:
@@ -117,7 +120,7 @@ class Settings:
         return tuple(f.name for f in fields(cls))
 
     def validate(self) -> None:
-        """Raise ``ValueError`` for the first field outside its valid values."""
+        """Raise :class:`InputError` for the first field outside its valid values."""
         for f in fields(self):
             check_value(f, getattr(self, f.name))
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from hbird.encoders.base import Encoder
+from hbird.errors import InputError
 from hbird.features.patch import PatchFeatures
 from hbird.registry import Factory, Registry
 
@@ -26,7 +27,8 @@ class FeatureExtractor(Protocol):
 
     Built by ``FEATURE_EXTRACTORS.create(name, encoder, layers=..., autocast=...,
     batch_size=..., seed=..., progress=..., **options)``; every factory takes these
-    common arguments and raises ``ValueError`` for those it cannot honour.
+    common arguments and raises :class:`~hbird.errors.InputError` for those it cannot
+    honour.
     """
 
     feature_dim: int
@@ -67,10 +69,15 @@ def _fungi(encoder: Encoder, **kwargs: Any) -> FeatureExtractor:
 def create_extractor(name: str, encoder: Encoder, **kwargs: Any) -> FeatureExtractor:
     """The extractor registered as ``name`` for ``encoder`` (see :class:`FeatureExtractor`)."""
     if name not in FEATURE_EXTRACTORS:
-        raise ValueError(
+        raise InputError(
             f"unknown features {name!r}; choose one of {', '.join(FEATURE_EXTRACTORS.names())}"
         )
-    return FEATURE_EXTRACTORS.create(name, encoder, **kwargs)
+    try:
+        return FEATURE_EXTRACTORS.create(name, encoder, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise InputError(f"features {name!r} does not take that option ({err})") from None
 
 
 __all__ = ["FEATURE_EXTRACTORS", "FeatureExtractor", "PatchFeatures", "create_extractor"]

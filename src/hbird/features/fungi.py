@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from hbird.encoders.base import Encoder
 from hbird.encoders.inference import encode_batches
-from hbird.errors import BankError
+from hbird.errors import BankError, InputError
 from hbird.fungi.dense import DenseFungi
 
 SUPPORT = "fungi_support"
@@ -44,11 +44,11 @@ class FungiFeatures:
         support_size: int = 100_000,
     ) -> None:
         if layers is not None:
-            raise ValueError("features='fungi' uses the last block's features; leave layers unset")
+            raise InputError("features='fungi' uses the last block's features; leave layers unset")
         if autocast is not None:
-            raise ValueError("features='fungi' runs in full precision; leave autocast unset")
+            raise InputError("features='fungi' runs in full precision; leave autocast unset")
         if isinstance(support_size, bool) or not isinstance(support_size, int) or support_size < 1:
-            raise ValueError(f"fungi support_size must be an integer >= 1, got {support_size!r}")
+            raise InputError(f"fungi support_size must be an integer >= 1, got {support_size!r}")
         self.encoder = encoder
         self.seed = seed
         self.progress = progress
