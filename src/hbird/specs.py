@@ -69,8 +69,7 @@ def setting(
         choices: allowed strings, or a function returning them (e.g. registry names).
         default_text: what the default means, when its value does not say (``None``).
     """
-    meta = {"help": help, "kind": kind, "valid": valid, "choices": choices}
-    meta["default_text"] = default_text
+    meta = dict(help=help, kind=kind, valid=valid, choices=choices, default_text=default_text)
     return field(default=default, metadata=meta)
 
 
