@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from hbird.errors import HbirdError
 
@@ -33,24 +33,31 @@ def _installed_version() -> str:
         return "(not installed: no package metadata; pip install -e . records it)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``hbird`` parser. Every subcommand is listed; only ``commands`` (default: all)
+    get their arguments, so a run imports just the one module it needs (``hbird --help``
+    imports none)."""
     parser = argparse.ArgumentParser(
         prog="hbird",
         description="In-context dense scene understanding with frozen vision encoders.",
     )
     parser.add_argument("--version", action="version", version=f"hbird {_installed_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    configured = set(COMMANDS if commands is None else commands)
     for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"hbird.cli.{name}")
         cmd = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        if name in configured:
+            module = importlib.import_module(f"hbird.cli.{name}")
+            module.add_arguments(cmd)
+            cmd.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)  # the first positional
+    args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (HbirdError, FileNotFoundError, ImportError) as err:
