@@ -35,6 +35,7 @@ from hbird.decode import (
     softmax_over_neighbours,
 )
 from hbird.encoders import Encoder, create_encoder
+from hbird.encoders.normalization import with_normalize
 from hbird.errors import BankError, InputError
 from hbird.features import create_extractor
 from hbird.index import VectorIndex, create_index
@@ -111,6 +112,15 @@ class InContextPredictor:
         autocast: ``"bf16"`` or ``"fp16"`` runs the encoder under autocast (about 2x faster
             on a GPU; features change slightly, so the setting is saved with the bank and
             used for queries too); ``None`` (default) for float32.
+        normalize: image mean/std: ``"model"`` (default, the weights' own), ``"imagenet"``
+            or ``"M,M,M/S,S,S"`` (:mod:`hbird.encoders.normalization`); recorded in the
+            bank's encoder identity, and applied to an ``Encoder`` instance too.
+        resize: ``"short-side"`` (default, aspect kept) or ``"square"`` (squashed to
+            ``image_size`` × ``image_size``, as open-hummingbird-eval does); predictions
+            come back at each query's own size either way.
+        label_pooling: ``"exclude_ignore"`` (default: ignore pixels are left out of a
+            patch's class fractions) or ``"ignore_as_class0"`` (they count as class 0, as
+            open-hummingbird-eval pools them; segmentation only).
 
     Attributes (after ``fit`` or ``load``):
         spec_: the :class:`~hbird.specs.BankSpec` of the memory; encoder_, extractor_
@@ -140,6 +150,9 @@ class InContextPredictor:
         features: str = _BANK.features,
         feature_options: dict[str, Any] | None = _BANK.feature_options,
         autocast: str | None = _BANK.autocast,
+        normalize: str = _BANK.normalize,
+        resize: str = _BANK.resize,
+        label_pooling: str = _BANK.label_pooling,
     ) -> None:
         self.encoder = encoder
         self.weights = weights
@@ -162,6 +175,9 @@ class InContextPredictor:
         self.features = features
         self.feature_options = feature_options
         self.autocast = autocast
+        self.normalize = normalize
+        self.resize = resize
+        self.label_pooling = label_pooling
         self.timings = Timings()
 
     # -- parameters -------------------------------------------------------------------
@@ -197,11 +213,15 @@ class InContextPredictor:
     def _prepare(self, spec: BankSpec) -> None:
         """Fix ``spec_`` and build its encoder and (unfitted) feature extractor."""
         if isinstance(self.encoder, Encoder):
-            encoder = self.encoder.to(self.device).eval()
+            encoder = with_normalize(self.encoder.to(self.device).eval(), spec.normalize)
         else:
             pretrained = spec.pretrained and spec.weights is None
             encoder = create_encoder(
-                spec.encoder, weights=spec.weights, pretrained=pretrained, device=self.device
+                spec.encoder,
+                weights=spec.weights,
+                pretrained=pretrained,
+                device=self.device,
+                normalize=spec.normalize,
             )
         self.spec_, self.encoder_ = spec, encoder
         self.extractor_ = create_extractor(
@@ -220,9 +240,19 @@ class InContextPredictor:
         """The prompt images as the encoder sees them, unaugmented, loaded one by one."""
         for i in range(len(pairs)):
             image, _, _ = pairs.load(i)
-            yield resize_for_encoder(image, self.spec_.image_size, self.encoder_.patch_size)
+            yield self._view(image)
+
+    def _view(self, image: torch.Tensor) -> torch.Tensor:
+        """``(3, H, W)`` → the unaugmented view the encoder sees (``resize`` mode)."""
+        spec = self.spec_
+        return resize_for_encoder(image, spec.image_size, self.encoder_.patch_size, spec.resize)
 
     def _new_bank(self, spec: LabelSpec, num_images: int) -> MemoryBank:
+        if self.spec_.label_pooling == "ignore_as_class0" and not spec.is_classification:
+            raise InputError(
+                f"label_pooling=ignore_as_class0 (--label-pooling) pools class ids; the "
+                f"prompt's labels are {spec.task}: use label_pooling=exclude_ignore"
+            )
         config = self.spec_.to_dict()
         config["budget_per_image"] = per_image_budget(
             self.spec_.memory_size, num_images, self.spec_.aug_epochs
@@ -348,6 +378,8 @@ class InContextPredictor:
             self.encoder_.patch_size,
             items=todo,
             augment_first_epoch=spec.augment_first_epoch,
+            resize=spec.resize,
+            ignore_as_class0=spec.label_pooling == "ignore_as_class0",
             seed=spec.seed,
             start=start_index,
             batch_size=self.search.batch_size,
@@ -440,8 +472,7 @@ class InContextPredictor:
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Eq. 1 for every patch: ``(h, w, C)`` soft labels and ``(h, w)`` top weights."""
         with self.timings.measure("encode"):
-            size, patch = self.spec_.image_size, self.encoder_.patch_size
-            feats = self.extractor_.transform([resize_for_encoder(x, size, patch) for x in images])
+            feats = self.extractor_.transform([self._view(x) for x in images])
         soft, top = [], []
         for feat in feats:
             h, w, d = feat.shape

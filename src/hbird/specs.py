@@ -50,12 +50,28 @@ class Range:
         return " and ".join(parts)
 
 
+class Normalization:
+    """Valid ``normalize`` texts (:func:`hbird.encoders.normalization.parse_normalize`)."""
+
+    def __contains__(self, text: object) -> bool:
+        from hbird.encoders.normalization import parse_normalize
+
+        try:
+            parse_normalize(text)  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return "model, imagenet or MEAN,MEAN,MEAN/STD,STD,STD (RGB, 0..1 scale)"
+
+
 def setting(
     default: Any,
     help: str,
     *,
     kind: type | str = str,
-    valid: Range | None = None,
+    valid: Range | Normalization | None = None,
     choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
     default_text: str | None = None,
 ) -> Any:
@@ -65,7 +81,8 @@ def setting(
         help: one line, shown in ``--help`` (the default is appended there).
         kind: the type of a set value: ``int``, ``float``, ``bool``, ``str``,
             ``"layers"`` (an int or a tuple of ints) or ``"options"`` (a ``dict``).
-        valid: numeric range of a set value (``None`` is allowed when the default is None).
+        valid: numeric range of a set value (``None`` is allowed when the default is None),
+            or another container of the valid values (:class:`Normalization`).
         choices: allowed strings, or a function returning them (e.g. registry names).
         default_text: what the default means, when its value does not say (``None``).
     """
@@ -181,6 +198,17 @@ class BankSpec(Settings):
         kind=int,
         valid=Range(1),
     )
+    normalize: str = setting(
+        "model",
+        "image mean/std: model (the weights' own), imagenet, or MEAN,MEAN,MEAN/STD,STD,STD",
+        valid=Normalization(),
+    )
+    resize: str = setting(
+        "short-side",
+        "how images reach image_size: short-side (aspect kept) or square (squashed to SxS); "
+        "predictions are at the original size either way",
+        choices=("short-side", "square"),
+    )
     memory_size: int | None = setting(
         None,
         "total memory budget |M|",
@@ -199,6 +227,12 @@ class BankSpec(Settings):
         "patch sampler",
         choices=("rarity", "random"),
         default_text="rarity for classes, random otherwise",
+    )
+    label_pooling: str = setting(
+        "exclude_ignore",
+        "patch class fractions: exclude_ignore (ignore pixels left out) or ignore_as_class0 "
+        "(ignore pixels counted as class 0, as open-hummingbird-eval does)",
+        choices=("exclude_ignore", "ignore_as_class0"),
     )
     key_dtype: str = setting("float16", "storage of the keys", choices=("float16", "float32"))
     seed: int = setting(0, "seed of augmentation, sampling and feature extractors", kind=int)

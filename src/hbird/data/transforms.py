@@ -1,8 +1,10 @@
 """Geometric transforms shared by prompt and query images.
 
 The encoder sees each image resized so its short side is ``image_size`` and both sides
-are multiples of the patch size (aspect ratio kept up to that rounding). Labels follow
-with nearest-neighbour resampling so class ids and invalid markers are never blended.
+are multiples of the patch size (aspect ratio kept up to that rounding): resize mode
+``"short-side"``. Mode ``"square"`` squashes every image to ``image_size`` × ``image_size``
+(rounded to the patch size), as open-hummingbird-eval does. Labels follow with
+nearest-neighbour resampling so class ids and invalid markers are never blended.
 """
 
 from __future__ import annotations
@@ -10,9 +12,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+RESIZE_MODES = ("short-side", "square")
 
-def encoder_size(height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
-    """Size ``(H', W')`` the encoder sees: short side ≈ ``image_size``, multiples of the patch."""
+
+def encoder_size(
+    height: int, width: int, image_size: int, patch_size: int, resize: str = "short-side"
+) -> tuple[int, int]:
+    """Size ``(H', W')`` the encoder sees, multiples of the patch: short side ≈
+    ``image_size`` (``resize="short-side"``), or both sides ≈ ``image_size`` (``"square"``)."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if resize == "square":
+        height = width = image_size
     scale = image_size / min(height, width)
 
     def snap(side: int) -> int:
@@ -41,6 +52,9 @@ def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out if label.ndim == 3 else out[..., 0]
 
 
-def resize_for_encoder(image: torch.Tensor, image_size: int, patch_size: int) -> torch.Tensor:
+def resize_for_encoder(
+    image: torch.Tensor, image_size: int, patch_size: int, resize: str = "short-side"
+) -> torch.Tensor:
     """``(3, H, W)`` in [0, 1] → ``(3, H', W')`` with ``(H', W') = encoder_size(...)``."""
-    return resize_image(image, encoder_size(image.shape[-2], image.shape[-1], image_size, patch_size))
+    height, width = image.shape[-2:]
+    return resize_image(image, encoder_size(height, width, image_size, patch_size, resize))

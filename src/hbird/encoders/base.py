@@ -96,8 +96,9 @@ class Encoder(nn.Module):
     def identity(self) -> dict[str, str]:
         """What a memory bank records to refuse being searched with another encoder.
 
-        ``config_hash`` covers the architecture; ``weights_hash`` the parameter values
-        (a hash of a fixed sample of every tensor, cheap even for ViT-g).
+        ``config_hash`` covers the architecture and the normalisation (``mean``, ``std``,
+        also given as they are); ``weights_hash`` the parameter values (a hash of a fixed
+        sample of every tensor, cheap even for ViT-g).
         """
         config = {
             "name": self.name,
@@ -116,4 +117,10 @@ class Encoder(nn.Module):
             sample = flat[::step].to(torch.float64).cpu().numpy()
             digest.update(key.encode())
             digest.update(sample.tobytes())
-        return {"name": self.name, "config_hash": config_hash, "weights_hash": digest.hexdigest()[:16]}
+        return {
+            "name": self.name,
+            "config_hash": config_hash,
+            "weights_hash": digest.hexdigest()[:16],
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }

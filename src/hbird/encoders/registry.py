@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from hbird.encoders.base import Encoder
+from hbird.encoders.normalization import with_normalize
 from hbird.errors import HbirdError
 from hbird.registry import Registry
 
@@ -74,6 +75,7 @@ def create_encoder(
     weights: str | Path | None = None,
     pretrained: bool = False,
     device: str | torch.device = "cpu",
+    normalize: str = "model",
     **kwargs: Any,
 ) -> Encoder:
     """Build an encoder by name, frozen: eval mode, ``requires_grad=False``, on ``device``.
@@ -83,6 +85,8 @@ def create_encoder(
         weights: local weights file to load (timm, DINO or DINOv2 layout for timm models).
         pretrained: fetch the backend's pretrained weights for ``name``.
         device: where the encoder lives.
+        normalize: ``"model"`` (the weights' own mean and std), ``"imagenet"`` or
+            ``"M,M,M/S,S,S"`` (see :mod:`hbird.encoders.normalization`).
         **kwargs: backend options (e.g. ``img_size`` for timm, ``seed`` for test encoders).
 
     Raises:
@@ -100,4 +104,4 @@ def create_encoder(
 
         encoder = create_timm_encoder(name, weights=weights, pretrained=pretrained, **kwargs)
     encoder.requires_grad_(False)
-    return encoder.eval().to(device)
+    return with_normalize(encoder.eval().to(device), normalize)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from hbird.data.datasets import create_dataset
 from hbird.data.pairs import DatasetPairs
 from hbird.encoders import Encoder, create_encoder
+from hbird.encoders.normalization import with_normalize
 from hbird.errors import InputError
 from hbird.eval.config import EvalConfig, resolve_config
 from hbird.eval.report import Report
@@ -66,12 +67,13 @@ def open_datasets(dataset: Any, cfg: EvalConfig) -> tuple[Any, Any, str]:
 def load_encoder(encoder: str | Encoder | None, cfg: EvalConfig) -> Encoder:
     """The frozen encoder an evaluation uses: ``encoder`` itself, or built from ``cfg``."""
     if isinstance(encoder, Encoder):
-        return encoder.to(cfg.device).eval()
+        return with_normalize(encoder.to(cfg.device).eval(), cfg.normalize)
     return create_encoder(
         encoder or cfg.encoder,
         weights=cfg.weights,
         pretrained=cfg.pretrained and cfg.weights is None,
         device=cfg.device,
+        normalize=cfg.normalize,
     )
 
 

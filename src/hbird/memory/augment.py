@@ -47,6 +47,8 @@ class PromptAugmentation:
         scale: range of the random rescaling factor.
         jitter: maximum strength of each colour jitter.
         jitter_p: probability of applying each colour jitter.
+        resize: the encoder input's shape, ``"short-side"`` or ``"square"``
+            (:func:`hbird.data.transforms.encoder_size`).
     """
 
     image_size: int
@@ -54,14 +56,14 @@ class PromptAugmentation:
     scale: tuple[float, float] = (0.5, 2.0)
     jitter: float = 0.1
     jitter_p: float = 0.5
+    resize: str = "short-side"
 
     def __call__(
         self, image: torch.Tensor, label: torch.Tensor, spec: LabelSpec, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(3, H, W)`` image in [0, 1] and ``(H, W[, C])`` label → both at encoder size."""
-        out_h, out_w = encoder_size(
-            image.shape[-2], image.shape[-1], self.image_size, self.patch_size
-        )
+        height, width = image.shape[-2:]
+        out_h, out_w = encoder_size(height, width, self.image_size, self.patch_size, self.resize)
         s = self._uniform(generator, *self.scale)
         scaled = (max(1, round(out_h * s)), max(1, round(out_w * s)))
         image = resize_image(image, scaled)

@@ -228,6 +228,14 @@ class MemoryBank:
                 f"{feature_dim}-d ones; use the encoder and layers the bank was built with "
                 f"({self.encoder.get('name')}) or rebuild the bank"
             )
+        recorded = (self.encoder.get("mean"), self.encoder.get("std"))
+        if None not in recorded and recorded != (encoder.get("mean"), encoder.get("std")):
+            mean, std = (",".join(f"{x:g}" for x in v) for v in recorded)
+            raise BankError(
+                f"{source} was built with images normalised by mean {mean} and std {std}, but "
+                f"the encoder in use normalises with mean {encoder.get('mean')} and std "
+                f"{encoder.get('std')}; use normalize={mean}/{std} (--normalize), or rebuild the bank"
+            )
         for field in ("name", "config_hash", "weights_hash"):
             if self.encoder.get(field) != encoder.get(field):
                 raise BankError(

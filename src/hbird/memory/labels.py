@@ -4,7 +4,9 @@ Every memory entry pairs one patch feature with one patch label:
 
 - segmentation: the fraction of the patch's labelled pixels that belong to each class;
   ignore-index pixels are left out of the fractions and a patch with no labelled
-  pixel is marked invalid (it is never stored);
+  pixel is marked invalid (it is never stored). The rule ``ignore_as_class0`` instead
+  counts ignore pixels as class 0 (open-hummingbird-eval's pooling: every patch is
+  valid, and its fractions are over all its pixels);
 - depth / regression: the mean of the patch's valid pixels per channel; a pixel is
   invalid if it is NaN, inf, outside ``[min_value, max_value]`` or, for depth, ≤ 0.
 
@@ -39,12 +41,18 @@ def patch_ids(
 
 
 def pool_segmentation(
-    mask: torch.Tensor, patch_size: int, num_classes: int, ignore_index: int | None = 255
+    mask: torch.Tensor,
+    patch_size: int,
+    num_classes: int,
+    ignore_index: int | None = 255,
+    ignore_as_class0: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Class fractions per patch.
 
     Args:
         mask: ``(H, W)`` integer class ids, ``H`` and ``W`` multiples of ``patch_size``.
+        ignore_as_class0: count ``ignore_index`` pixels as class 0 instead of leaving
+            them out.
 
     Returns:
         values: ``(h · w, num_classes)`` float32, rows sum to 1 for valid patches, 0 else.
@@ -52,6 +60,8 @@ def pool_segmentation(
     """
     h, w = _check_grid(tuple(mask.shape), patch_size)
     mask = mask.long()
+    if ignore_as_class0 and ignore_index is not None:
+        mask = mask.masked_fill(mask == ignore_index, 0)
     keep = torch.ones_like(mask, dtype=torch.bool) if ignore_index is None else mask != ignore_index
     labels = mask[keep]
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
@@ -104,9 +114,11 @@ def pool_regression(
 
 
 def pool_labels(
-    label: torch.Tensor, patch_size: int, spec: LabelSpec
+    label: torch.Tensor, patch_size: int, spec: LabelSpec, ignore_as_class0: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch on ``spec.task``; returns ``(values (N, value_dim), valid (N,))``."""
+    """Dispatch on ``spec.task``; returns ``(values (N, value_dim), valid (N,))``.
+    ``ignore_as_class0`` applies to segmentation only (see :func:`pool_segmentation`)."""
     if spec.task == "segmentation":
-        return pool_segmentation(label, patch_size, int(spec.num_classes), spec.ignore_index)
+        num_classes, ignore = int(spec.num_classes), spec.ignore_index
+        return pool_segmentation(label, patch_size, num_classes, ignore, ignore_as_class0)
     return pool_regression(label, patch_size, spec)

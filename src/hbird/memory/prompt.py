@@ -56,6 +56,8 @@ def encode_prompt(
     patch_size: int,
     items: Iterable[tuple[int, int]] | None = None,
     augment_first_epoch: bool = False,
+    resize: str = "short-side",
+    ignore_as_class0: bool = False,
     seed: int = 0,
     start: int = 0,
     batch_size: int = 16,
@@ -70,13 +72,15 @@ def encode_prompt(
         image_size, patch_size: the short side the encoder sees, and its patch.
         items: ``(epoch, i)`` pairs to encode (default: epoch 0 of every image).
         augment_first_epoch: augment epoch 0 too (later epochs always are).
+        resize: ``"short-side"`` or ``"square"`` (:func:`hbird.data.transforms.encoder_size`).
+        ignore_as_class0: pool ignore pixels as class 0 (:func:`hbird.memory.labels.pool_segmentation`).
         seed: seeds the augmentation (per epoch and image, ``image_generator``).
         start: offset of ``pairs`` in the whole prompt (seeds and ``PromptPatches.image``).
         batch_size: views per ``transform`` call.
         progress: a progress bar; a string is its description.
     """
     todo = list(items) if items is not None else [(0, i) for i in range(len(pairs))]
-    augment = PromptAugmentation(image_size, patch_size)
+    augment = PromptAugmentation(image_size, patch_size, resize=resize)
     desc = progress if isinstance(progress, str) else "prompt features"
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress)
     for chunk_start in range(0, len(todo), batch_size):
@@ -85,7 +89,7 @@ def encode_prompt(
         for epoch, i in chunk:
             image, label, name = pairs.load(i)
             if epoch == 0 and not augment_first_epoch:
-                view = resize_for_encoder(image, image_size, patch_size)
+                view = resize_for_encoder(image, image_size, patch_size, resize)
                 label = resize_label(label, tuple(view.shape[-2:]))
             else:
                 view, label = augment(
@@ -97,7 +101,7 @@ def encode_prompt(
         batch = []
         for (epoch, i), feat, label, name in zip(chunk, transform(views), labels, names):
             try:
-                values, valid = pool_labels(label, patch_size, label_spec)
+                values, valid = pool_labels(label, patch_size, label_spec, ignore_as_class0)
             except InputError as err:
                 raise InputError(f"label {name}: {err}") from None
             features = feat.reshape(-1, feat.shape[-1])

@@ -70,6 +70,8 @@ def extract_patch_table(
         spec,
         cfg.image_size,
         encoder.patch_size,
+        resize=cfg.resize,
+        ignore_as_class0=cfg.label_pooling == "ignore_as_class0",
         batch_size=cfg.batch_size,
         progress=progress and "prompt features",
     )

@@ -54,7 +54,8 @@ def score_linear_head(
         t0 = time.perf_counter()
         batch = [queries[i] for i in range(start, min(start + cfg.batch_size, n))]
         t1 = time.perf_counter()
-        views = [resize_for_encoder(s.image, cfg.image_size, encoder.patch_size) for s in batch]
+        size, patch = cfg.image_size, encoder.patch_size
+        views = [resize_for_encoder(s.image, size, patch, cfg.resize) for s in batch]
         feats = encode_batches(
             encoder, views, layers=cfg.layers, batch_size=cfg.batch_size, autocast=cfg.autocast
         )
