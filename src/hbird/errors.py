@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
 
 class HbirdError(Exception):
     """Base class for hbird's user-facing errors."""
@@ -9,6 +14,34 @@ class HbirdError(Exception):
 
 class InputError(HbirdError, ValueError):
     """An input file or array is unusable (missing, unreadable, wrong size or values)."""
+
+
+UNSET = object()
+"""Marks a message that names a setting without a value."""
+_spelling: ContextVar[Callable[[str, Any], str] | None] = ContextVar("spelling", default=None)
+
+
+def spell(name: str, value: Any = UNSET) -> str:
+    """How the user gives setting ``name`` (and ``value``), for error messages.
+
+    In Python: ``task='depth'`` (or ``task=`` without a value). Under the command line
+    (:func:`spelled_as`), its flag: ``--task depth`` (or ``--task``).
+    """
+    to_text = _spelling.get()
+    if to_text is not None:
+        return to_text(name, value)
+    return f"{name}=" if value is UNSET else f"{name}={value!r}"
+
+
+@contextlib.contextmanager
+def spelled_as(to_text: Callable[[str, Any], str]) -> Iterator[None]:
+    """Within the block, :func:`spell` writes settings with ``to_text(name, value)``
+    (``value`` is :data:`UNSET` when a message names only the setting)."""
+    token = _spelling.set(to_text)
+    try:
+        yield
+    finally:
+        _spelling.reset(token)
 
 
 class BankError(HbirdError):

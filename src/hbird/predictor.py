@@ -34,7 +34,7 @@ from hbird.decode import (
     neighbour_attention,
     softmax_over_neighbours,
 )
-from hbird.encoders import Encoder, create_encoder
+from hbird.encoders import Encoder, check_device, create_encoder
 from hbird.encoders.normalization import with_normalize
 from hbird.errors import BankError, InputError
 from hbird.features import create_extractor
@@ -213,7 +213,9 @@ class InContextPredictor:
     def _prepare(self, spec: BankSpec) -> None:
         """Fix ``spec_`` and build its encoder and (unfitted) feature extractor."""
         if isinstance(self.encoder, Encoder):
-            encoder = with_normalize(self.encoder.to(self.device).eval(), spec.normalize)
+            encoder = with_normalize(
+                self.encoder.to(check_device(self.device)).eval(), spec.normalize
+            )
         else:
             pretrained = spec.pretrained and spec.weights is None
             encoder = create_encoder(
@@ -354,8 +356,12 @@ class InContextPredictor:
             shard_size=shard_size,
             overwrite=overwrite,
         )
-        for item, keys, values in self._memory_entries(pairs, bank, 0, skip=writer.done):
-            writer.add(keys, values, item=item, images=int(item.startswith("0:")))
+        try:
+            for item, keys, values in self._memory_entries(pairs, bank, 0, skip=writer.done):
+                writer.add(keys, values, item=item, images=int(item.startswith("0:")))
+        except BaseException:  # an error or Ctrl-C: keep finished shards, or nothing
+            writer.discard_if_empty()
+            raise
         writer.bank.search, writer.bank.attachments = bank.search, bank.attachments
         return writer.finalize()
 

@@ -7,10 +7,11 @@ modules can never silently shadow each other.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
-from hbird.errors import HbirdError
+from hbird.errors import HbirdError, InputError, spell
 
 T = TypeVar("T")
 
@@ -66,6 +67,32 @@ class Registry(Generic[T]):
         if not callable(factory):
             raise TypeError(f"{self.kind} {name!r} is not callable")
         return factory(*args, **kwargs)
+
+
+def check_options(
+    what: str, factory: Callable[..., Any], options: Iterable[str], setting: str, fixed=()
+) -> None:
+    """Raise :class:`InputError` if ``factory`` takes no keyword of that name for some of
+    ``options``; the message lists the ones it takes.
+
+    Args:
+        what: the component, for the message (``"index 'hnsw'"``).
+        setting: the setting the options came from (``"index_params"``), named in the fix.
+        fixed: arguments hbird passes itself (not listed as options).
+    """
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # it checks its own
+    takes = [
+        n for n, p in params.items()
+        if n not in ("self", *fixed) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]  # fmt: skip
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise InputError(
+            f"{what} has no option {', '.join(unknown)}; it takes "
+            f"{', '.join(takes) or 'none'} (set them with {spell(setting)})"
+        )
 
 
 Factory = Callable[..., Any]

@@ -1,6 +1,13 @@
 """The ``hbird`` console script: one subcommand per module, callable in-process.
 
-Each ``cli/<command>.py`` exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Each ``cli/<command>.py`` exposes ``add_arguments(parser)`` and ``run(args) -> int``, and
+may expose ``SETTING_FLAGS`` (library setting name → the flag that sets it, where it is not
+``--<name>``) and ``interrupted(args) -> str`` (what Ctrl-C kept and how to resume).
+
+Errors meant for people (:class:`hbird.errors.HbirdError`, missing files, unwritable
+paths) end in one ``hbird <command>: error: ...`` line and exit status 2; Ctrl-C ends in
+one line and exit status 130. Library messages name settings through
+:func:`hbird.errors.spell`, which here writes their flags.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import importlib
 import sys
 from collections.abc import Iterable, Sequence
 
-from hbird.errors import HbirdError
+from hbird.errors import HbirdError, spelled_as
 
 COMMANDS = {
     "predict": "predict labels for query images from a prompt folder or a saved bank",
@@ -49,7 +56,11 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         if name in configured:
             module = importlib.import_module(f"hbird.cli.{name}")
             module.add_arguments(cmd)
-            cmd.set_defaults(_run=module.run)
+            cmd.set_defaults(
+                _run=module.run,
+                _flags=getattr(module, "SETTING_FLAGS", {}),
+                _interrupted=getattr(module, "interrupted", None),
+            )
     return parser
 
 
@@ -58,11 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # the first positional
     args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
+    from hbird.cli.common import flag_spelling, max_pixels_from
+
     try:
-        return int(args._run(args) or 0)
-    except (HbirdError, FileNotFoundError, ImportError) as err:
+        with spelled_as(flag_spelling(args._flags)), max_pixels_from(args):
+            return int(args._run(args) or 0)
+    except (HbirdError, OSError, ImportError) as err:
         print(f"hbird {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = args._interrupted(args) if args._interrupted else "nothing is resumable"
+        print(f"\nhbird {args.command}: interrupted (Ctrl-C); {kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from hbird.cli.common import (
 )
 from hbird.data.pairs import DatasetPairs
 from hbird.eval.report import layers_text
-from hbird.memory.bank import MemoryBank, check_bank_path
+from hbird.io.files import check_output
+from hbird.memory.bank import MemoryBank, check_bank_path, is_bank
 from hbird.predictor import INDEX_CACHE, InContextPredictor
 from hbird.specs import SearchConfig, split_stored_config
 
@@ -69,12 +70,30 @@ def format_info(path: Path, manifest: dict) -> str:
     return "\n".join(lines)
 
 
+SETTING_FLAGS = {"root": "--prompt"}
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    if getattr(args, "bank_command", None) != "build":
+        return "nothing was written"
+    if is_bank(args.out):
+        return (
+            f"the bank {args.out} is complete, its search index is not; the first "
+            f"'hbird predict --bank {args.out}' builds and keeps it"
+        )
+    partial = args.out.with_name(args.out.name + ".partial")
+    if not partial.is_dir():
+        return "nothing was kept (no shard was finished); run the same command again"
+    return f"the images encoded so far are kept in {partial}; run the same command to resume"
+
+
 def run(args: argparse.Namespace) -> int:
     if args.bank_command == "info":
         manifest = MemoryBank.read_manifest(args.bank)
         print(json.dumps(manifest, indent=2) if args.json else format_info(args.bank, manifest))
         return 0
     check_bank_path(args.out, args.overwrite)  # before any work, and before anything is deleted
+    check_output(args.out, "--out")
     dataset = prompt_dataset(args, args.prompt)
     predictor = predictor_from_args(args)
     path = predictor.build_bank(

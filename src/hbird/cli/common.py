@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from hbird.errors import UNSET
 from hbird.io.options import parse_pairs
 from hbird.predictor import InContextPredictor
 from hbird.specs import BankSpec, SearchConfig, check_value, choices_of
@@ -33,8 +35,84 @@ KIND_NAMES = {int: "an integer", float: "a number", str: "text", "layers": "ints
 def flag_of(f: dataclasses.Field) -> str:
     """``image_size`` → ``--image-size``; option mappings take one ``KEY=VALUE`` per flag,
     so ``index_params`` → ``--index-param``."""
-    name = f.name[:-1] if f.metadata.get("kind") == "options" else f.name
-    return "--" + name.replace("_", "-")
+    return flag_spelling({})(f.name, UNSET)
+
+
+OPTION_FIELDS = tuple(
+    f.name
+    for spec in (BankSpec, SearchConfig)
+    for f in fields(spec)
+    if f.metadata["kind"] == "options"
+)
+
+
+def flag_spelling(flags: dict[str, str]) -> Callable[[str, Any], str]:
+    """Library setting ``name`` → how it is given on this command line, for
+    :func:`hbird.errors.spell`: ``flags[name]`` (``"--prompt"``, or ``"root="`` for a key of
+    a ``--dataset`` spec), else ``--name`` (``index_params`` → ``--index-param``)."""
+
+    def to_text(name: str, value: Any) -> str:
+        singular = name[:-1] if name in OPTION_FIELDS else name  # one KEY=VALUE per flag
+        flag = flags.get(name) or "--" + singular.replace("_", "-")
+        if value is UNSET or value is True:  # a switch: --overwrite
+            return flag
+        return f"{flag}{value}" if flag.endswith("=") else f"{flag} {value}"
+
+    return to_text
+
+
+def add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-pixels``: the largest image read (see :func:`hbird.io.images.pixel_limit`)."""
+    from hbird.io.images import DEFAULT_MAX_PIXELS
+
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int("--max-pixels"),
+        help="refuse images with more pixels than this, a guard against decompression bombs "
+        f"(default {DEFAULT_MAX_PIXELS:,}); raise it for trusted huge images",
+    )
+
+
+@contextlib.contextmanager
+def max_pixels_from(args: argparse.Namespace) -> Iterator[None]:
+    """Apply ``--max-pixels`` (if the command has it and it was given) within the block."""
+    if getattr(args, "max_pixels", None) is None:
+        yield
+        return
+    from hbird.io.images import pixel_limit
+
+    with pixel_limit(args.max_pixels):
+        yield
+
+
+def _positive_int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {text!r}")
+        return value
+
+    return parse
+
+
+def int_list(flag: str) -> Callable[[str], list[int]]:
+    """An argparse type: ``"42,400,783"`` → ``[42, 400, 783]``, errors naming ``flag``."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be comma-separated integers like 42,400,783, got {text!r}"
+            )
+        return values
+
+    return parse
 
 
 def _value_parser(f: dataclasses.Field) -> Callable[[str], Any]:
@@ -140,6 +218,7 @@ def add_predictor_arguments(parser: argparse.ArgumentParser, with_bank: bool = F
         note="with --bank: the bank's" if with_bank else None,
     )
     add_label_arguments(parser)
+    add_max_pixels_argument(parser)
 
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hbird.demo import REAL_WEIGHTS_HINT, DemoConfig, run_demo
+    from hbird.io.files import check_output
+
+    check_output(args.out, "--out")
 
     print("hbird demo: synthetic scenes and a tiny UNTRAINED encoder (test_vit), all offline.")
     m = run_demo(args.out, DemoConfig(seed=args.seed), progress=not args.quiet)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from hbird.cli.common import add_spec_arguments, given_settings
+from hbird.cli.common import add_max_pixels_argument, add_spec_arguments, given_settings, int_list
 from hbird.eval.config import (
     DEFAULT_PRESET,
     PROTOCOL_FIELDS,
@@ -15,7 +15,10 @@ from hbird.eval.config import (
     parse_overrides,
     preset_names,
 )
+from hbird.io.files import check_output
 from hbird.specs import BankSpec, SearchConfig
+
+SETTING_FLAGS = {"root": "root=", "split": "split="}  # keys of the --dataset spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fractions", help="data-efficiency sweep, e.g. 1/128,1/64,1/32 (retrieval protocol)"
     )
     parser.add_argument(
-        "--seeds", default="42,400,783", help="seeds of the few-shot subsets (default 42,400,783)"
+        "--seeds",
+        type=int_list("--seeds"),
+        default=[42, 400, 783],
+        help="seeds of the few-shot subsets (default 42,400,783)",
     )
     preset = load_preset(DEFAULT_PRESET)
     add_spec_arguments(parser, BankSpec, "memory (how the bank is built)", preset=preset)
@@ -54,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--patch-batch-size", type=int, default=1024, help="linear probe: patches per SGD step"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_max_pixels_argument(parser)
     parser.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. memory_size=null k=50"
     )
@@ -66,7 +73,15 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    if args.out is None:
+        return "nothing was kept (no --out); give --out DIR to make a run resumable"
+    return f"the results finished so far are kept in {args.out}; run the same command to resume"
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_output(args.out, "--out")
     config = config_from_args(args)
     common = dict(out=args.out, preset=args.preset, overrides=parse_overrides(args.overrides),
                   progress=not args.quiet, **config)  # fmt: skip
@@ -94,9 +109,8 @@ def run(args: argparse.Namespace) -> int:
     if args.fractions:
         from hbird.eval.fractions import evaluate_fractions
 
-        seeds = [int(s) for s in args.seeds.split(",")]
         result = evaluate_fractions(
-            encoder, args.dataset, fractions=args.fractions.split(","), seeds=seeds, **common
+            encoder, args.dataset, fractions=args.fractions.split(","), seeds=args.seeds, **common
         )
         print(result.summary())
         return 0

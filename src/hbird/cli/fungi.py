@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from hbird.errors import InputError
-from hbird.io.files import write_json
+from hbird.io.files import check_output, write_json
 from hbird.io.options import parse_pairs
 from hbird.specs import DEFAULT_ENCODER
+
+SETTING_FLAGS = {"loss_options": "--loss-option"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     from hbird.fungi.data import load_classification
     from hbird.fungi.evaluate import cumulative_feature_sets, format_table, knn_table
 
+    if args.out is not None:
+        check_output(args.out, "--out", kind="file")
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     train = load_classification(args.dataset, args.train_split)
     test = load_classification(args.dataset, args.test_split)

@@ -15,10 +15,13 @@ from hbird.cli.common import (
     prompt_dataset,
 )
 from hbird.errors import InputError
-from hbird.io.files import atomic_file, write_json
+from hbird.io.files import atomic_file, check_output, write_json
 from hbird.io.images import IMAGE_SUFFIXES, list_images, load_image
+from hbird.memory.bank import check_bank_path
 from hbird.predictor import InContextPredictor
 from hbird.specs import BankSpec, SearchConfig
+
+SETTING_FLAGS = {"root": "--prompt"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,16 +111,27 @@ def write_prediction(out: Path, stem: str, image, prediction, spec, overlays: bo
     return written
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    return (
+        f"the predictions written so far are kept in {args.out} (settings.json comes last); "
+        "run the same command again to finish"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
+    check_output(args.out, "--out")
+    if args.save_bank is not None:
+        check_bank_path(args.save_bank)
+        check_output(args.save_bank, "--save-bank")
     files = query_files(args.query)
     predictor = load_predictor(args)
     spec = predictor.label_spec_
-    args.out.mkdir(parents=True, exist_ok=True)
     outputs = {}
     predictor.progress = False  # one bar over the files instead of one per call
     for file in tqdm(files, desc="predicting", unit="img", disable=args.quiet):
         image = load_image(file)
         prediction = predictor.predict_dense([image])[0]
+        args.out.mkdir(parents=True, exist_ok=True)  # after the first success: no empty folder
         outputs[str(file)] = write_prediction(
             args.out, file.stem, image, prediction, spec, not args.no_overlays
         )

@@ -40,7 +40,7 @@ import torch
 
 from hbird._optional import require
 from hbird.data.fewshot import fewshot_indices, names_to_indices, read_subset
-from hbird.errors import InputError
+from hbird.errors import InputError, spell
 from hbird.io.images import load_depth, load_image, load_mask
 from hbird.io.options import parse_spec
 from hbird.labelspec import LabelSpec
@@ -256,7 +256,7 @@ class FilePairDataset(DenseDataset):
 def existing_dir(path: str | Path, what: str) -> Path:
     path = Path(str(path)).expanduser()
     if not path.is_dir():
-        raise InputError(f"{what} {path} is not a folder; check root=")
+        raise InputError(f"{what} {path} is not a folder; check {spell('root')}")
     return path
 
 

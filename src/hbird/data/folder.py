@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hbird.data.datasets import DATASETS, FilePairDataset, LabelledFile, existing_dir
 from hbird.data.fewshot import read_subset
-from hbird.errors import InputError
+from hbird.errors import InputError, spell
 from hbird.io.images import list_images
 from hbird.labelspec import LabelSpec
 
@@ -69,7 +69,8 @@ def _resolve_task(base: Path, task: str | None) -> str:
                 "(class ids) for segmentation or depth/<stem>.png (16-bit mm) / .npy (metres) for depth"
             )
         raise InputError(
-            f"{base} has both masks/ and depth/; pass task='segmentation' or task='depth'"
+            f"{base} has both masks/ and depth/; pass {spell('task', 'segmentation')} or "
+            f"{spell('task', 'depth')}"
         )
     if task not in LABEL_FOLDERS:
         raise InputError(f"task must be one of {sorted(LABEL_FOLDERS)}, not {task!r}")

@@ -12,12 +12,19 @@ from hbird.encoders import hf_backend as _hf_backend  # noqa: F401  (registers "
 from hbird.encoders import test_encoders as _test_encoders  # noqa: F401  (registers test_*)
 from hbird.encoders.base import Encoder
 from hbird.encoders.inference import encode_batches
-from hbird.encoders.registry import ENCODERS, UnknownEncoderError, create_encoder, list_encoders
+from hbird.encoders.registry import (
+    ENCODERS,
+    UnknownEncoderError,
+    check_device,
+    create_encoder,
+    list_encoders,
+)
 
 __all__ = [
     "ENCODERS",
     "Encoder",
     "UnknownEncoderError",
+    "check_device",
     "create_encoder",
     "encode_batches",
     "list_encoders",

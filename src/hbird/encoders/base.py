@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hbird.errors import InputError, spell
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -63,7 +65,10 @@ class Encoder(nn.Module):
         for i in items:
             j = i + self.num_blocks if i < 0 else i
             if not 0 <= j < self.num_blocks:
-                raise ValueError(f"layer {i} is out of range for {self.name} with {self.num_blocks} blocks")
+                raise InputError(
+                    f"{spell('layers', i)} is out of range: {self.name} has {self.num_blocks} "
+                    f"blocks (0 to {self.num_blocks - 1}, or -1 for the last)"
+                )
             out.append(j)
         return out
 

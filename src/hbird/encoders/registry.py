@@ -22,7 +22,7 @@ import torch
 
 from hbird.encoders.base import Encoder
 from hbird.encoders.normalization import with_normalize
-from hbird.errors import HbirdError
+from hbird.errors import HbirdError, InputError, spell
 from hbird.registry import Registry
 
 ENCODERS: Registry = Registry("encoder")
@@ -70,6 +70,27 @@ def _unknown(name: str) -> UnknownEncoderError:
     )
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; :class:`InputError` if it is not a device name or
+    this machine has no such device (``cuda`` with no visible GPU, ``mps`` off a Mac)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(
+            f"{spell('device', device)} is not a torch device name; use e.g. "
+            f"{spell('device', 'cpu')} or {spell('device', 'cuda')}"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        missing = "no GPU is visible to torch (torch.cuda.is_available() is False)"
+    elif dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        missing = f"only {torch.cuda.device_count()} GPU(s) are visible"
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        missing = "Apple's MPS backend is not available here"
+    else:
+        return dev
+    raise InputError(f"{spell('device', device)}: {missing}; {spell('device', 'cpu')} works")
+
+
 def create_encoder(
     name: str,
     weights: str | Path | None = None,
@@ -92,6 +113,7 @@ def create_encoder(
     Raises:
         UnknownEncoderError: ``name`` is not registered and timm does not know it.
     """
+    check_device(device)
     entry = _registered_entry(name)
     if entry is not None:
         encoder = ENCODERS.create(entry, name, weights=weights, pretrained=pretrained, **kwargs)

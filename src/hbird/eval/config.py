@@ -80,7 +80,17 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
                 f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}, or a .yaml path"
             )
         text = candidate.read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise InputError(
+            f"preset {name_or_path} is not valid YAML{line} ({getattr(err, 'problem', err)}); "
+            "write one 'setting: value' per line, e.g. 'k: 30'"
+        ) from None
+    if not isinstance(data, dict):
+        raise InputError(f"preset {name_or_path} must map settings to values, e.g. 'k: 30'")
     _check_keys(data, f"preset {name_or_path}")
     return data
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hbird.encoders.base import Encoder
+from hbird.errors import InputError, spell
 from hbird.fungi.views import Views, canvas_side, center_square, snap_to_patch, square_images
 
 
@@ -82,8 +83,9 @@ class FungiBackbone(abc.ABC):
             module = self.root.get_submodule(path)
         except AttributeError:
             linears = [n for n, m in self.root.named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(
-                f"{self.name} has no module {path!r}; linear layers are e.g. {linears[-4:]}"
+            raise InputError(
+                f"{spell('layer', path)}: {self.name} has no such module; its linear layers "
+                f"are e.g. {', '.join(linears[-4:])}"
             ) from None
         if not isinstance(module, nn.Linear):
             raise ValueError(

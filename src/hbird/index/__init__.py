@@ -30,7 +30,7 @@ from hbird.index.exact import ExactIndex
 from hbird.index.faiss_backends import FaissFlatIndex, FaissHNSWIndex, FaissIVFPQIndex
 from hbird.index.recall import recall_at_k
 from hbird.index.scann_backend import ScannIndex
-from hbird.registry import Registry
+from hbird.registry import Registry, check_options
 
 __all__ = [
     "AUTO_EXACT_MAX",
@@ -129,6 +129,8 @@ def create_index(
             f"unknown index kind {kind!r}; choose 'auto' or one of: {', '.join(INDEXES)}"
         )
     cls = INDEXES.get(kind)
+    fixed = ("dim", "expected_size", "device")
+    check_options(f"index {kind!r}", cls.__init__, params, "index_params", fixed)
     if cls.uses_expected_size and expected_size:
         params.setdefault("expected_size", expected_size)
     if cls is ExactIndex:

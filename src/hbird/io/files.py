@@ -160,6 +160,34 @@ def check_replaceable(
     )
 
 
+def check_output(path: PathLike, flag: str, kind: str = "folder") -> None:
+    """Raise :class:`InputError` unless ``path`` can be written as a ``kind`` (``"folder"``
+    or ``"file"``); call it before any work. Refused, naming ``flag`` and the path: an
+    existing path of the other kind, a file where a parent folder would go, and a place
+    where this process cannot create files (tried, so read-only disks count too).
+    """
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} is a file, not a folder; give a folder path")
+    if kind == "file" and path.is_dir():
+        example = path / "results.json"
+        raise InputError(f"{flag} {path} is a folder; give a file path, e.g. {example}")
+    parent = path if path.is_dir() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    try:
+        handle, probe = tempfile.mkstemp(dir=parent, prefix=".hbird-write-test.")
+    except OSError as err:
+        raise InputError(
+            f"{flag} {path}: cannot create files in {parent} ({err.strerror}); "
+            "choose a folder you can write to"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
+
+
 def _some_names(folder: Path, most: int = 3) -> str:
     names = sorted(p.name for p in folder.iterdir())
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

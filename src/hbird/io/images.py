@@ -13,6 +13,9 @@ convention :func:`load_depth` reads.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +32,46 @@ DEPTH_PNG_SCALE = 1000.0
 """Depth PNG units per metre (millimetres)."""
 
 
+DEFAULT_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+"""Images with more pixels are refused (PIL's decompression-bomb error limit, ~179 MP)."""
+_max_pixels = DEFAULT_MAX_PIXELS
+
+
+@contextlib.contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Within the block, images with more than ``max_pixels`` pixels are refused (raise
+    it for trusted huge images; lower it to refuse them sooner)."""
+    global _max_pixels
+    saved = _max_pixels, Image.MAX_IMAGE_PIXELS
+    _max_pixels, Image.MAX_IMAGE_PIXELS = max_pixels, None  # PIL's own check: replaced
+    try:
+        yield
+    finally:
+        _max_pixels, Image.MAX_IMAGE_PIXELS = saved
+
+
+def _too_large(path: Path, what: str, size: tuple[int, int] | None, limit: int) -> InputError:
+    shape = f" ({size[0]}x{size[1]} = {size[0] * size[1]:,} pixels)" if size else ""
+    return InputError(
+        f"{what} {path} is larger than the limit of {limit:,} pixels{shape}, a guard "
+        "against decompression bombs; if you trust the file, raise the limit with "
+        "--max-pixels N (Python: hbird.io.images.pixel_limit(N)) or downscale it"
+    )
+
+
 def _open(path: Path, what: str) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist; check the path (it must be a file)")
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():  # over the limit is an error below, not a warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        if img.width * img.height > _max_pixels:
+            raise _too_large(path, what, img.size, _max_pixels)
         img.load()
+    except Image.DecompressionBombError:
+        raise _too_large(path, what, None, 2 * Image.MAX_IMAGE_PIXELS) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise InputError(
             f"{what} {path} could not be read as an image ({err}); "

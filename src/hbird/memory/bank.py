@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from hbird.errors import BankError, check_format_version
+from hbird.errors import BankError, check_format_version, spell
 from hbird.io.files import (
     check_replaceable,
     remove_folder,
@@ -64,7 +64,7 @@ def check_bank_path(path: str | Path, overwrite: bool = False) -> None:
     """Raise :class:`BankError` unless a bank may be written at ``path``: it is new or an
     empty folder, or (with ``overwrite``) a bank. Anything else is left untouched."""
     check_replaceable(
-        path, "a memory bank", is_bank, overwrite, "--overwrite (overwrite=True)", BankError
+        path, "a memory bank", is_bank, overwrite, spell("overwrite", True), BankError
     )
 
 
@@ -448,6 +448,12 @@ class BankWriter:
                 "images": self.num_images,
             },
         )
+
+    def discard_if_empty(self) -> None:
+        """After a failed or interrupted build: remove the staging folder if no shard
+        reached it (there is nothing to resume)."""
+        if not self.shards:
+            remove_folder(self.staging, "an unfinished bank build", _is_staging)
 
     def add(
         self, keys: torch.Tensor, values: torch.Tensor, item: str | None = None, images: int = 0

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from hbird.data.transforms import resize_for_encoder
 from hbird.encoders import Encoder, encode_batches
-from hbird.errors import InputError
+from hbird.errors import InputError, spell
 from hbird.eval.config import EvalConfig, resolve_config
 from hbird.eval.linear_probe.head import LinearHead, predict_linear
 from hbird.eval.linear_probe.patches import extract_patch_table
@@ -117,7 +117,8 @@ def linear_probe(
     cfg = resolve_config(preset, overrides, **config)
     if cfg.features != "patch":
         raise InputError(
-            f"features={cfg.features!r} is not available for the linear probe; use features=patch"
+            f"{spell('features', cfg.features)} is not available for the linear probe; use "
+            f"{spell('features', 'patch')}"
         )
     settings = ProbeSettings(
         epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule,

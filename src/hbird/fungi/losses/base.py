@@ -9,9 +9,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hbird.errors import InputError, spell
 from hbird.fungi.heads import RandomHead
 from hbird.fungi.views import ViewGroup, Views
-from hbird.registry import Registry
+from hbird.registry import Registry, check_options
 
 LOSSES: Registry[type[GradientLoss]] = Registry("FUNGI loss")
 
@@ -101,5 +102,9 @@ class GradientLoss(nn.Module, abc.ABC):
 def create_loss(name: str, backbone: Any, seed: int, **settings: Any) -> GradientLoss:
     """Build the registered loss ``name`` (``"kl"``, ``"dino"``, ``"simclr"``)."""
     if name not in LOSSES:
-        raise ValueError(f"unknown FUNGI loss {name!r}; choose among {', '.join(LOSSES)}")
-    return LOSSES.get(name)(backbone, seed, **settings)
+        raise InputError(
+            f"unknown FUNGI loss {name!r} in {spell('losses')}; choose among {', '.join(LOSSES)}"
+        )
+    cls = LOSSES.get(name)
+    check_options(f"FUNGI loss {name!r}", cls.__init__, settings, "loss_options", ("backbone", "seed"))
+    return cls(backbone, seed, **settings)
