@@ -105,7 +105,7 @@ CASES = {
         [*PREDICT, "--out", "{out}", "--memory-size", "-5"], ["--memory-size", ">= 1"], []
     ),
     "predict --layers 99": (
-        [*PREDICT, "--out", "{out}", "--layers", "99"], ["--layers 99", "2 blocks", "0 to 1"],
+        [*PREDICT, "--out", "{out}", "--layers", "99"], ["layer 99", "2 blocks", "0 to 1", "check --layers"],
         ["layers="],
     ),
     "predict --layers abc": (

@@ -66,8 +66,8 @@ class Encoder(nn.Module):
             j = i + self.num_blocks if i < 0 else i
             if not 0 <= j < self.num_blocks:
                 raise InputError(
-                    f"{spell('layers', i)} is out of range: {self.name} has {self.num_blocks} "
-                    f"blocks (0 to {self.num_blocks - 1}, or -1 for the last)"
+                    f"layer {i} is out of range: {self.name} has {self.num_blocks} blocks "
+                    f"(0 to {self.num_blocks - 1}, or -1 for the last); check {spell('layers')}"
                 )
             out.append(j)
         return out

@@ -84,7 +84,7 @@ class FungiBackbone(abc.ABC):
         except AttributeError:
             linears = [n for n, m in self.root.named_modules() if isinstance(m, nn.Linear)]
             raise InputError(
-                f"{spell('layer', path)}: {self.name} has no such module; its linear layers "
+                f"{spell('layer', path)}: {self.name} has no module of that name; its linear layers "
                 f"are e.g. {', '.join(linears[-4:])}"
             ) from None
         if not isinstance(module, nn.Linear):
