@@ -34,6 +34,11 @@ def test_heavy_rooms_are_not_imported(code):
     assert [m for m in HEAVY if m in loaded] == []
 
 
+def test_reading_a_preset_or_a_report_does_not_load_the_protocols():
+    loaded = loaded_after("from hbird.eval.config import resolve_config\nimport hbird.eval.report")
+    assert [m for m in ["hbird.eval.retrieval", "hbird.predictor", "torch"] if m in loaded] == []
+
+
 def test_the_public_names_are_there_on_first_use():
     loaded = loaded_after("import hbird\nassert hbird.LabelSpec(task='depth').task == 'depth'")
     assert "hbird.labelspec" in loaded and "hbird.predictor" not in loaded

@@ -8,12 +8,14 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hbird.errors import UNSET
 from hbird.io.options import parse_pairs
-from hbird.predictor import InContextPredictor
 from hbird.specs import BankSpec, SearchConfig, check_value, choices_of
+
+if TYPE_CHECKING:
+    from hbird.predictor import InContextPredictor
 
 
 def parse_layers(text: str) -> int | tuple[int, ...]:
@@ -238,6 +240,8 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:
     """A predictor with the flags given; the others keep the defaults of :mod:`hbird.specs`."""
+    from hbird.predictor import InContextPredictor
+
     return InContextPredictor(
         **given_settings(args, BankSpec),
         **given_settings(args, SearchConfig),
