@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hbird.errors import UNSET
+from hbird.errors import UNSET, InputError
 from hbird.io.options import parse_pairs
 from hbird.specs import BankSpec, SearchConfig, check_value, choices_of
 
@@ -221,6 +222,11 @@ def add_predictor_arguments(parser: argparse.ArgumentParser, with_bank: bool = F
     )
     add_label_arguments(parser)
     add_max_pixels_argument(parser)
+    add_skip_bad_argument(parser)
+
+
+LABEL_FLAGS = {"task": "--task", "num_classes": "--num-classes", "ignore_index": "--ignore-index"}
+"""The prompt labels' flags (default None: not given)."""
 
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> None:
@@ -234,7 +240,7 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-classes", type=int, help="number of classes (default: from classes.txt)"
     )
     group.add_argument(
-        "--ignore-index", type=int, default=255, help="class id of unlabelled pixels (default 255)"
+        "--ignore-index", type=int, help="class id of unlabelled pixels (default 255)"
     )
 
 
@@ -250,9 +256,42 @@ def predictor_from_args(args: argparse.Namespace) -> InContextPredictor:
 
 
 def prompt_dataset(args: argparse.Namespace, root: str | Path) -> Any:
-    """The user's prompt folder (``images/`` + ``masks/`` or ``depth/``) as a dataset."""
+    """The user's prompt folder (``images/`` + ``masks/`` or ``depth/``) as a dataset, every
+    file checked before any work (bad ones skipped with ``--skip-bad``)."""
     from hbird.data.folder import FolderDataset
 
-    return FolderDataset(
-        root, task=args.task, num_classes=args.num_classes, ignore_index=args.ignore_index
+    dataset = FolderDataset(
+        root,
+        task=args.task,
+        num_classes=args.num_classes,
+        ignore_index=255 if args.ignore_index is None else args.ignore_index,
     )
+    bad = dict(dataset.bad_files())
+    skip_bad_files(list(bad.values()), "prompt", args.skip_bad)
+    if len(bad) == len(dataset):
+        raise InputError(f"no usable prompt image is left in {root}")
+    return dataset.subset([i for i in range(len(dataset)) if i not in bad])
+
+
+def add_skip_bad_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable images and labels (each is listed) instead of stopping",
+    )
+
+
+def skip_bad_files(problems: list[str], what: str, skip_bad: bool, most: int = 5) -> None:
+    """Stop with every problem listed (the first ``most``), or with ``skip_bad`` list them
+    on stderr and go on without those files."""
+    if not problems:
+        return
+    shown = "\n  ".join(problems[:most])
+    if len(problems) > most:
+        shown += f"\n  ... and {len(problems) - most} more"
+    if not skip_bad:
+        raise InputError(
+            f"{len(problems)} {what} file(s) cannot be used:\n  {shown}\n"
+            "fix or remove them, or pass --skip-bad to go on without them"
+        )
+    print(f"skipping {len(problems)} {what} file(s) (--skip-bad):\n  {shown}", file=sys.stderr)

@@ -10,7 +10,9 @@ writes the rows as JSON with ``--out``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,28 @@ def parse_loss_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
+def class_warnings(labels: Any, class_names: Sequence[str], shots: int) -> list[str]:
+    """What a user should know about the training split before the kNN table: one class
+    (every prediction is right by construction) and ``--shots`` larger than a class."""
+    counts = {int(c): int(n) for c, n in zip(*labels.unique(return_counts=True))}
+    lines = []
+    if len(counts) < 2:
+        name = class_names[next(iter(counts))] if counts else "none"
+        lines.append(
+            f"the training split holds one class ({name}): kNN can only predict it, so the "
+            "accuracies say nothing about the features; give images of two or more classes"
+        )
+    short = {class_names[c]: n for c, n in counts.items() if n < shots}
+    if short:
+        used = sum(min(n, shots) for n in counts.values())
+        listed = ", ".join(f"{name} {n}" for name, n in sorted(short.items()))
+        lines.append(
+            f"--shots {shots}: {len(short)} class(es) have fewer training images ({listed}); "
+            f"the {shots}-shot rows use all of those, {used} images in all"
+        )
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     if args.fungi_command != "knn":
         raise InputError(f"unknown fungi action {args.fungi_command!r}")
@@ -117,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     train = load_classification(args.dataset, args.train_split)
     test = load_classification(args.dataset, args.test_split)
+    for line in class_warnings(train.labels, train.class_names, args.shots):
+        print(f"hbird fungi knn: warning: {line}", file=sys.stderr)
     encoder = create_encoder(
         args.encoder,
         weights=args.weights,

@@ -41,7 +41,7 @@ import torch
 from hbird._optional import require
 from hbird.data.fewshot import fewshot_indices, names_to_indices, read_subset
 from hbird.errors import InputError, spell
-from hbird.io.images import load_depth, load_image, load_mask
+from hbird.io.images import file_size, load_depth, load_image, load_mask
 from hbird.io.options import parse_spec
 from hbird.labelspec import LabelSpec
 from hbird.registry import Registry
@@ -241,16 +241,39 @@ class FilePairDataset(DenseDataset):
         check_class_ids(label, self.label_spec, item.label_path, self.label_hint)
         return label
 
+    def bad_files(self) -> list[tuple[int, str]]:
+        """``(index, problem)`` for every entry whose image or label cannot be read, or whose
+        sizes differ; a cheap check to run before any work (image headers, no decoding;
+        ``.npy`` labels are read and their values checked)."""
+        what = "mask" if self.label_spec.task == "segmentation" else "depth map"
+        bad = []
+        for i, item in enumerate(self._items):
+            try:
+                image = file_size(item.image_path, "image")
+                label = file_size(item.label_path, what)
+                if item.label_path.suffix == ".npy":  # values too: no decoding to save
+                    self.read_label(item)
+            except InputError as err:
+                bad.append((i, str(err)))
+                continue
+            if image != label:
+                bad.append((i, _size_mismatch(item, label, image)))
+        return bad
+
     def _load(self, item: LabelledFile) -> Sample:
         image = load_image(item.image_path)
         label = self.read_label(item)
         if tuple(label.shape) != tuple(image.shape[-2:]):
-            raise InputError(
-                f"label {item.label_path} is {label.shape[0]}x{label.shape[1]} (HxW) but image "
-                f"{item.image_path} is {image.shape[1]}x{image.shape[2]}; labels must have the "
-                "image's exact size (re-export the label at full resolution)"
-            )
+            raise InputError(_size_mismatch(item, tuple(label.shape), tuple(image.shape[-2:])))
         return Sample(item.name, image, label, item.image_path, item.label_path)
+
+
+def _size_mismatch(item: LabelledFile, label: tuple[int, ...], image: tuple[int, ...]) -> str:
+    return (
+        f"label {item.label_path} is {label[0]}x{label[1]} (HxW) but image "
+        f"{item.image_path} is {image[0]}x{image[1]}; labels must have the "
+        "image's exact size (re-export the label at full resolution)"
+    )
 
 
 def existing_dir(path: str | Path, what: str) -> Path:
@@ -731,6 +754,7 @@ def _nyuv2(
 
 
 # --------------------------------------------------------------------------- specs
+
 
 def _check_arguments(name: str, factory: Any, kwargs: dict[str, Any]) -> None:
     params = inspect.signature(factory).parameters

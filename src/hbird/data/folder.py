@@ -117,18 +117,17 @@ def _segmentation_spec(
 def _pair_files(images: list[Path], label_dir: Path, what: str) -> list[LabelledFile]:
     entries, missing = [], []
     for image in images:
-        label = next(
-            (
-                label_dir / f"{image.stem}{s}"
-                for s in LABEL_SUFFIXES
-                if (label_dir / f"{image.stem}{s}").is_file()
-            ),
-            None,
-        )
-        if label is None:
+        found = [label_dir / f"{image.stem}{s}" for s in LABEL_SUFFIXES]
+        found = [p for p in found if p.is_file()]
+        if len(found) > 1:
+            raise InputError(
+                f"image {image} has two {what}s, {' and '.join(map(str, found))}; "
+                "keep one of them (hbird will not guess which is right)"
+            )
+        if not found:
             missing.append(image)
         else:
-            entries.append(LabelledFile(image.stem, image, label))
+            entries.append(LabelledFile(image.stem, image, found[0]))
     if missing:
         first = missing[0]
         more = f" ({len(missing) - 1} more images have none either)" if len(missing) > 1 else ""

@@ -59,7 +59,8 @@ def _too_large(path: Path, what: str, size: tuple[int, int] | None, limit: int) 
     )
 
 
-def _open(path: Path, what: str) -> Image.Image:
+def _open(path: Path, what: str, verify: bool = False) -> Image.Image:
+    """Open ``path`` and decode it (``verify``: check it without decoding, e.g. PNG CRCs)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{what} {path} does not exist; check the path (it must be a file)")
@@ -69,7 +70,7 @@ def _open(path: Path, what: str) -> Image.Image:
             img = Image.open(path)
         if img.width * img.height > _max_pixels:
             raise _too_large(path, what, img.size, _max_pixels)
-        img.load()
+        img.verify() if verify else img.load()
     except Image.DecompressionBombError:
         raise _too_large(path, what, None, 2 * Image.MAX_IMAGE_PIXELS) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
@@ -101,6 +102,30 @@ def pil_to_tensor_rgb(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def file_size(path: str | Path, what: str = "image") -> tuple[int, int]:
+    """``(H, W)`` of an image, mask or depth file, checked cheaply before any real work.
+
+    Images are opened and verified without being decoded (a truncated or foreign file
+    fails here); ``.npy`` arrays have their header read. Raises :class:`InputError`
+    naming ``what`` and the file.
+    """
+    path = Path(path)
+    if path.suffix != ".npy":
+        width, height = _open(path, what, verify=True).size
+        return height, width
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as err:
+        raise InputError(
+            f"{what} {path} could not be read ({err}); save it with numpy.save"
+        ) from err
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        return arr.shape[0], arr.shape[1]
+    if arr.ndim != 2:
+        raise InputError(f"{what} {path} has shape {arr.shape}; expected a 2-D (H, W) array")
+    return arr.shape[0], arr.shape[1]
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as ``(3, H, W)`` float32 in [0, 1]."""
     return pil_to_tensor_rgb(_open(Path(path), "image"))
@@ -117,7 +142,7 @@ def load_mask(path: str | Path) -> torch.Tensor:
         arr = np.load(path)
         if arr.ndim != 2:
             raise InputError(f"mask {path} has shape {arr.shape}; a class mask must be 2-D (H, W)")
-        return torch.from_numpy(arr.astype(np.int64))
+        return torch.from_numpy(class_ids(arr, what=f"mask {path}"))
     img = _open(path, "mask")
     if img.mode in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
         arr = np.asarray(img)
@@ -143,7 +168,9 @@ def load_depth(path: str | Path, png_scale: float = DEPTH_PNG_SCALE) -> torch.Te
         try:
             arr = np.load(path)
         except (ValueError, OSError) as err:
-            raise InputError(f"depth map {path} could not be read ({err}); save it with numpy.save") from err
+            raise InputError(
+                f"depth map {path} could not be read ({err}); save it with numpy.save"
+            ) from err
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         if arr.ndim != 2:
@@ -152,7 +179,9 @@ def load_depth(path: str | Path, png_scale: float = DEPTH_PNG_SCALE) -> torch.Te
     img = _open(path, "depth map")
     arr = np.asarray(img)
     if arr.ndim != 2:
-        raise InputError(f"depth map {path} has {arr.ndim} dimensions; save it as a single-channel 16-bit PNG in mm")
+        raise InputError(
+            f"depth map {path} has {arr.ndim} dimensions; save it as a single-channel 16-bit PNG in mm"
+        )
     return torch.from_numpy(arr.astype(np.float32) / png_scale)
 
 
@@ -195,9 +224,14 @@ def class_ids(mask: Any, what: str = "mask") -> np.ndarray:
     if arr.ndim != 2:
         raise InputError(f"{what} has shape {arr.shape}; expected a 2-D (H, W) array of class ids")
     if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
-        if np.issubdtype(arr.dtype, np.floating) and np.array_equal(arr, np.round(arr)):
-            return arr.astype(np.int64)
-        raise InputError(f"{what} has dtype {arr.dtype}; class ids must be integers")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise InputError(f"{what} has dtype {arr.dtype}; class ids must be integers")
+        bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
+        if bad.size:
+            raise InputError(
+                f"{what} holds {bad.size} non-integer value(s), e.g. {bad.flat[0]:g}; "
+                "class ids must be whole numbers: save the mask as integers (numpy .astype(int))"
+            )
     return arr.astype(np.int64)
 
 

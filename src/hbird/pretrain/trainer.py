@@ -382,10 +382,10 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.config
+        self._maybe_resume()  # before the folder is made: a refused --resume leaves nothing
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         barrier()
-        self._maybe_resume()
         if self.dist.is_main:
             write_json(self.out / "config.json", cfg.to_dict())
         last: dict[str, Any] = {"step": self.step}
@@ -452,7 +452,11 @@ class Trainer:
         state = self.out / ckpt.STATE_NAME
         if not state.exists():
             if self.config.resume:
-                self.log_fn(f"no {state} to resume from; starting from step 0")
+                what = "folder" if self.out.is_dir() else "folder, and it does not exist"
+                raise InputError(
+                    f"--resume: {self.out} holds no run to continue (no {state.name} in the "
+                    f"{what}); check --out, or drop --resume to start a new run"
+                )
             return
         if not self.config.resume:
             raise InputError(

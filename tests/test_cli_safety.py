@@ -1,0 +1,252 @@
+"""Data safety through the CLI (issue 10, section 1): nothing silently ignored, mixed or lost.
+
+Every case runs ``hbird`` in-process on synthetic folders with the tiny ``test_vit``.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hbird.cli import main
+from hbird.cli import predict as predict_cli
+from hbird.cli.fungi import class_warnings
+from hbird.data.folder import FolderDataset
+from hbird.data.synthetic import write_scene_folder
+from hbird.errors import InputError
+from hbird.io.images import load_mask
+from hbird.pretrain import PretrainConfig, Trainer
+from hbird.pretrain.data import SyntheticImages
+from hbird.pretrain.presets import TINY_ARCH, TINY_VIT_KWARGS, tiny_options
+
+FAST = ["--encoder", "test_vit", "--layers", "0", "--image-size", "64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, scenes):
+    prompt, queries = scenes
+    root = tmp_path_factory.mktemp("safety")
+    write_scene_folder(root / "prompt", prompt[:8])
+    write_scene_folder(root / "query", queries[:4], prefix="query")
+    shutil.rmtree(root / "prompt" / "depth")  # one label kind: the task is inferred
+    return root
+
+
+@pytest.fixture(scope="module")
+def bank(folders):
+    path = folders / "bank"
+    assert (
+        main(["bank", "build", "--prompt", str(folders / "prompt"), "--out", str(path), *FAST]) == 0
+    )
+    return path
+
+
+def truncated_copy(src, dst):
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])  # the PNG's IDAT and IEND are cut off
+    return dst
+
+
+@pytest.fixture
+def bad_queries(folders, tmp_path):
+    """Two readable queries, then a truncated PNG and a text file named .jpg."""
+    q = tmp_path / "queries"
+    q.mkdir()
+    for name in ("query_0000.png", "query_0001.png"):
+        shutil.copy(folders / "query" / "images" / name, q / name)
+    truncated_copy(folders / "query" / "images" / "query_0002.png", q / "query_0002.png")
+    (q / "notes.jpg").write_text("not an image")
+    return q
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--task", "depth"], ["--task"]),
+        (["--num-classes", "7"], ["--num-classes"]),
+        (["--memory-size", "10"], ["--memory-size"]),
+        (["--ignore-index", "0", "--aug-epochs", "3"], ["--aug-epochs", "--ignore-index"]),
+    ],
+)
+def test_predict_with_a_bank_refuses_flags_the_bank_fixes(
+    bank, folders, tmp_path, capsys, flags, named
+):
+    out = tmp_path / "out"
+    argv = ["predict", "--bank", str(bank), "--query", str(folders / "query" / "images")]
+    assert main([*argv, "--out", str(out), "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert all(flag in err for flag in named) and "rebuild the bank" in err
+    assert " ".join(flags[:2]) in err  # the rebuild command carries the value given
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_predict_with_a_bank_names_what_the_bank_holds(bank, folders, tmp_path, capsys):
+    argv = ["predict", "--bank", str(bank), "--query", str(folders / "query" / "images")]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--task", "depth", "--num-classes", "7"]) == 2
+    err = capsys.readouterr().err  # the prompt folder has 4 classes (classes.txt), masks only
+    assert "--task segmentation" in err and "--num-classes 4" in err
+    assert main([*argv, "--out", str(tmp_path / "o"), "--save-bank", str(tmp_path / "b")]) == 2
+    assert "--save-bank" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_a_bad_query_stops_the_run_before_the_memory_is_built(
+    folders, bad_queries, tmp_path, capsys
+):
+    out, saved = tmp_path / "out", tmp_path / "saved_bank"
+    argv = ["predict", "--prompt", str(folders / "prompt"), "--query", str(bad_queries)]
+    assert main([*argv, "--out", str(out), "--save-bank", str(saved), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "query_0002.png" in err and "notes.jpg" in err and "--skip-bad" in err
+    assert not out.exists() and not saved.exists()  # no memory was built, nothing written
+
+
+def test_skip_bad_skips_and_lists_bad_queries(bank, bad_queries, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["predict", "--bank", str(bank), "--query", str(bad_queries), "--out", str(out)]
+    assert main([*argv, "--quiet", "--skip-bad"]) == 0
+    captured = capsys.readouterr()
+    assert "query_0002.png" in captured.err and "notes.jpg" in captured.err
+    assert sorted(p.name for p in out.glob("query_*.png")) == [
+        "query_0000.png", "query_0000_overlay.png", "query_0001.png", "query_0001_overlay.png",
+    ]  # fmt: skip
+    settings = json.loads((out / "settings.json").read_text())
+    assert sorted(settings["skipped"]) == [
+        str(bad_queries / "notes.jpg"),
+        str(bad_queries / "query_0002.png"),
+    ]
+    assert sorted(settings["outputs"]) == [str(bad_queries / f"query_000{i}.png") for i in (0, 1)]
+
+
+def test_bad_prompt_files_are_found_first_and_can_be_skipped(folders, tmp_path, capsys):
+    prompt = tmp_path / "prompt"
+    shutil.copytree(folders / "prompt", prompt)
+    truncated_copy(prompt / "images" / "scene_0003.png", prompt / "images" / "scene_0003.png")
+    (prompt / "masks" / "scene_0005.png").unlink()  # its mask becomes a float .npy with 1.5
+    mask = np.zeros((64, 80))
+    mask[3, 4] = 1.5
+    np.save(prompt / "masks" / "scene_0005.npy", mask)
+    out = tmp_path / "out"
+    argv = ["predict", "--prompt", str(prompt), "--query", str(folders / "query" / "images")]
+    assert main([*argv, "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "2 prompt file(s)" in err and "scene_0003.png" in err
+    assert "scene_0005.npy" in err and "1.5" in err and not out.exists()
+    assert main([*argv, "--out", str(out), "--skip-bad", *FAST]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["bank"]["images"] == 6  # 8 prompt images, 2 skipped
+
+
+def test_predict_resumes_keeping_outputs_with_the_same_settings(
+    bank, folders, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    argv = ["predict", "--bank", str(bank), "--query", str(folders / "query" / "images")]
+    argv += ["--out", str(out), "--quiet", "--k", "5"]
+    real_load, calls = predict_cli.load_image, []
+
+    def interrupted(path):  # Ctrl-C while reading the third query
+        calls.append(path.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_load(path)
+
+    monkeypatch.setattr(predict_cli, "load_image", interrupted)
+    try:  # the CLI may turn Ctrl-C into a message and an exit status
+        assert main(argv) != 0
+    except KeyboardInterrupt:
+        pass
+    first = json.loads((out / "settings.json").read_text())
+    assert sorted(first["outputs"]) == [
+        str(folders / "query" / "images" / f"query_000{i}.png") for i in (0, 1)
+    ]
+    calls.clear()
+    monkeypatch.setattr(predict_cli, "load_image", lambda p: calls.append(p.name) or real_load(p))
+    assert main(argv) == 0
+    assert calls == ["query_0002.png", "query_0003.png"]  # the first two were kept
+    assert "keeping 2 prediction(s)" in capsys.readouterr().out
+    assert len(json.loads((out / "settings.json").read_text())["outputs"]) == 4
+    # the kept files are the ones a fresh run writes
+    fresh = tmp_path / "fresh"
+    assert main([*argv[:-5], "--out", str(fresh), "--quiet", "--k", "5"]) == 0
+    assert (out / "query_0000.png").read_bytes() == (fresh / "query_0000.png").read_bytes()
+    # other settings are refused, naming them, and nothing is touched
+    before = (out / "settings.json").read_text()
+    assert main([*argv, "--temperature", "0.5"]) == 2
+    assert "--temperature differ" in capsys.readouterr().err
+    assert (out / "settings.json").read_text() == before
+
+
+def test_predict_refuses_an_out_folder_with_outputs_it_did_not_record(
+    bank, folders, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "query_0001.png").write_bytes(b"someone's file")
+    argv = ["predict", "--bank", str(bank), "--query", str(folders / "query" / "images")]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 2
+    assert "query_0001.png exists" in capsys.readouterr().err
+    assert (out / "query_0001.png").read_bytes() == b"someone's file"
+
+
+def test_a_float_npy_mask_with_fractions_is_refused(tmp_path):
+    whole, half = np.array([[0.0, 2.0], [1.0, 3.0]]), np.array([[0.0, 1.5], [1.0, 3.0]])
+    np.save(tmp_path / "whole.npy", whole)
+    np.save(tmp_path / "half.npy", half)
+    assert load_mask(tmp_path / "whole.npy").tolist() == [[0, 2], [1, 3]]
+    with pytest.raises(InputError, match=r"half\.npy holds 1 non-integer value\(s\), e.g. 1.5"):
+        load_mask(tmp_path / "half.npy")
+    np.save(tmp_path / "nan.npy", np.array([[0.0, np.nan]]))
+    with pytest.raises(InputError, match="nan.npy"):
+        load_mask(tmp_path / "nan.npy")
+
+
+def test_a_mask_stored_twice_is_refused_naming_both(folders, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(folders / "prompt", root)
+    np.save(root / "masks" / "scene_0002.npy", np.zeros((64, 80), dtype=np.int64))
+    with pytest.raises(InputError) as err:
+        FolderDataset(root)
+    assert str(root / "masks" / "scene_0002.png") in str(err.value)
+    assert str(root / "masks" / "scene_0002.npy") in str(err.value)
+
+
+def test_fungi_class_warnings_count_what_is_really_used():
+    names = ("cat", "dog", "eel")
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])  # cat 4, dog 2, eel 1
+    assert class_warnings(labels, names, shots=3) == [
+        "--shots 3: 2 class(es) have fewer training images (dog 2, eel 1); "
+        "the 3-shot rows use all of those, 6 images in all"  # 3 + 2 + 1
+    ]
+    assert class_warnings(labels, names, shots=1) == []
+    (one,) = class_warnings(torch.tensor([1, 1, 1]), names, shots=0)
+    assert "one class (dog)" in one
+
+
+def test_fungi_knn_warns_about_a_single_class(tmp_path, capsys, scenes):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        for i, scene in enumerate(scenes[0][:3]):
+            array = (scene.image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+            Image.fromarray(array).save(tmp_path / split / "cat" / f"{i}.png")
+    argv = ["fungi", "knn", "--encoder", "test_vit", "--dataset", f"folder:root={tmp_path}"]
+    argv += ["--image-size", "32", "--losses", "kl", "--shots", "5", "--k", "2", "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "one class (cat)" in err and "--shots 5: 1 class(es)" in err and "3 images in all" in err
+
+
+def test_resume_without_a_run_is_refused(tmp_path):
+    out = tmp_path / "typo"
+    cfg = PretrainConfig(
+        objective="hummingbird", objective_options=tiny_options("hummingbird"), arch=TINY_ARCH,
+        model_kwargs=TINY_VIT_KWARGS, steps=1, batch_size=4, crop_size=32, num_workers=0,
+        out=str(out), resume=True,
+    )  # fmt: skip
+    trainer = Trainer(cfg, images=SyntheticImages(n=4, seed=0, size=48), log=lambda _: None)
+    with pytest.raises(InputError, match=r"--resume: .*typo holds no run to continue"):
+        trainer.fit()
+    assert not out.exists()
