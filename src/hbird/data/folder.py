@@ -4,8 +4,8 @@ Layout::
 
     root/
       images/<stem>.{jpg,jpeg,png,bmp,tif,tiff,webp}
-      masks/<stem>.png     class ids as pixel values (palette or grey PNG), or <stem>.npy
-      depth/<stem>.png     16-bit PNG in millimetres (depth_scale=1000), or <stem>.npy in metres
+      masks/<stem>.png     class ids as pixel values (palette or grey PNG), or <stem>.npy (not both)
+      depth/<stem>.png     16-bit PNG in millimetres (depth_scale=1000), or <stem>.npy in metres (the PNG wins)
       classes.txt          optional: one class name per line (gives num_classes)
 
 Splits (``split=``), either of:
@@ -119,7 +119,7 @@ def _pair_files(images: list[Path], label_dir: Path, what: str) -> list[Labelled
     for image in images:
         found = [label_dir / f"{image.stem}{s}" for s in LABEL_SUFFIXES]
         found = [p for p in found if p.is_file()]
-        if len(found) > 1:
+        if len(found) > 1 and what == "mask":  # depth maps: the PNG wins (NYUv2 exports)
             raise InputError(
                 f"image {image} has two {what}s, {' and '.join(map(str, found))}; "
                 "keep one of them (hbird will not guess which is right)"
