@@ -259,25 +259,28 @@ def run(args: argparse.Namespace) -> int:
     if len(todo) < len(files):
         print(f"keeping {len(files) - len(todo)} prediction(s) in {args.out} (same settings)")
     predictor.progress = False  # one bar over the files instead of one per call
-    written = 0
-    for file in tqdm(todo, desc="predicting", unit="img", disable=args.quiet):
-        try:
-            image = load_image(file)
-        except InputError as err:  # the cheap check passed, decoding failed
-            if not args.skip_bad:
-                raise
-            skip_bad_files([str(err)], "query", skip_bad=True)
-            skipped[str(file)] = str(err)
-            continue
-        prediction = predictor.predict_dense([image])[0]
-        # recorded before this query's files: a run stopped between them redoes only it
-        write_json(args.out / "settings.json", {**record, "outputs": outputs, "skipped": skipped})
-        outputs = {q: names for q, names in outputs.items() if Path(q).stem != file.stem}
-        outputs[str(file)] = write_prediction(
-            args.out, file.stem, image, prediction, spec, overlays
-        )
-        written += 1
-    write_json(args.out / "settings.json", {**record, "outputs": outputs, "skipped": skipped})
+    written, settings = 0, args.out / "settings.json"
+    try:
+        for file in tqdm(todo, desc="predicting", unit="img", disable=args.quiet):
+            try:
+                image = load_image(file)
+            except InputError as err:  # the cheap check passed, decoding failed
+                if not args.skip_bad:
+                    raise
+                skip_bad_files([str(err)], "query", skip_bad=True)
+                skipped[str(file)] = str(err)
+                continue
+            prediction = predictor.predict_dense([image])[0]
+            # recorded before this query's files: a run killed between them redoes only it
+            write_json(settings, {**record, "outputs": outputs, "skipped": skipped})
+            outputs = {q: names for q, names in outputs.items() if Path(q).stem != file.stem}
+            outputs[str(file)] = write_prediction(
+                args.out, file.stem, image, prediction, spec, overlays
+            )
+            written += 1
+    finally:  # stopped by an error or Ctrl-C too: what was written is recorded
+        if args.out.is_dir():
+            write_json(settings, {**record, "outputs": outputs, "skipped": skipped})
     print(f"wrote {written} prediction(s) to {args.out}" + (
         f"; skipped {len(skipped)} bad file(s), listed in its settings.json" if skipped else ""
     ))  # fmt: skip
