@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hbird import InContextPredictor
-from hbird.cli import build_parser
+from hbird.cli import build_parser, main
 from hbird.cli.common import given_settings
 from hbird.encoders import create_encoder
 from hbird.encoders.normalization import parse_normalize
@@ -174,7 +174,7 @@ def test_ignore_as_class0_is_refused_for_depth():
         p.fit([torch.rand(3, 16, 16)], [torch.rand(16, 16) + 1], task="depth")
 
 
-def test_bank_with_normalize_override_loads_by_name(tmp_path):
+def test_bank_with_normalize_override_loads_by_name(tmp_path, capsys):
     queries = [torch.rand(3, 16, 24, generator=torch.Generator().manual_seed(3))]
     p = fitted(normalize="imagenet")
     p.save(tmp_path / "bank")
@@ -186,6 +186,11 @@ def test_bank_with_normalize_override_loads_by_name(tmp_path):
     dense, again = p.predict_dense(queries)[0], loaded.predict_dense(queries)[0]
     torch.testing.assert_close(again.patch_labels, dense.patch_labels)
     assert torch.equal(again.labels, dense.labels)
+    assert main(["bank", "info", str(tmp_path / "bank")]) == 0
+    assert (
+        "normalize imagenet, resize short-side, label pooling exclude_ignore"
+        in capsys.readouterr().out
+    )
     peer = fitted(normalize=PEER_NORMALIZE)  # another normalisation: another encoder identity
     assert peer.encoder_.identity()["config_hash"] != p.encoder_.identity()["config_hash"]
 

@@ -60,6 +60,8 @@ def format_info(path: Path, manifest: dict) -> str:
         ),
         f"prompt      image size {cfg.image_size}, layers {layers_text(cfg.layers)}, "
         f"aug epochs {cfg.aug_epochs}, sampling {cfg.sampling}, memory size {cfg.memory_size or 'all'}",
+        f"input       normalize {cfg.normalize}, resize {cfg.resize}, label pooling "
+        f"{cfg.label_pooling}, first pass {'augmented' if cfg.augment_first_epoch else 'plain'}",
         f"features    {cfg.features}" + (f" {cfg.feature_options}" if cfg.feature_options else ""),
         f"retrieval   k {search.get('k')}, temperature {search.get('temperature')}, index {search.get('index')}",
         f"created     {manifest.get('created', 'unknown')}",
