@@ -12,11 +12,8 @@ from hbird.cli.common import (
     predictor_from_args,
     prompt_dataset,
 )
-from hbird.data.pairs import DatasetPairs
 from hbird.eval.report import layers_text
 from hbird.io.files import check_output
-from hbird.memory.bank import MemoryBank, check_bank_path, is_bank
-from hbird.predictor import INDEX_CACHE, InContextPredictor
 from hbird.specs import SearchConfig, split_stored_config
 
 
@@ -39,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_info(path: Path, manifest: dict) -> str:
+    from hbird.predictor import INDEX_CACHE
+
     spec = manifest["label_spec"]
     enc = manifest["encoder"]
     cfg, search = split_stored_config(
@@ -76,6 +75,8 @@ SETTING_FLAGS = {"root": "--prompt"}
 
 
 def interrupted(args: argparse.Namespace) -> str:
+    from hbird.memory.bank import is_bank
+
     if getattr(args, "bank_command", None) != "build":
         return "nothing was written"
     if is_bank(args.out):
@@ -90,6 +91,10 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hbird.data.pairs import DatasetPairs
+    from hbird.memory.bank import MemoryBank, check_bank_path
+    from hbird.predictor import InContextPredictor
+
     if args.bank_command == "info":
         manifest = MemoryBank.read_manifest(args.bank)
         print(json.dumps(manifest, indent=2) if args.json else format_info(args.bank, manifest))
