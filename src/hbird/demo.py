@@ -9,6 +9,7 @@ one-page report. It proves the plumbing, not the quality of any real encoder.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from hbird.data.synthetic import default_class_names, make_scenes, write_scene_folder
+from hbird.decode import DensePrediction
+from hbird.eval.scoring import Query, Scored, in_memory, score_queries
 from hbird.io.files import write_json, write_text
 from hbird.labelspec import LabelSpec
 from hbird.metrics import ConfusionMatrix, DepthMetrics
@@ -42,8 +45,9 @@ class DemoConfig:
     temperature: float = 0.05
 
 
-def _predictor(cfg: DemoConfig, progress: bool) -> InContextPredictor:
-    return InContextPredictor(
+def _fit(cfg: DemoConfig, prompt, labels: list[torch.Tensor], progress: bool, **task: Any):
+    """A predictor fitted on the prompt's images with ``labels`` (``task``: fit options)."""
+    predictor = InContextPredictor(
         encoder=cfg.encoder,
         layers=cfg.layers,
         image_size=min(cfg.size),
@@ -52,51 +56,72 @@ def _predictor(cfg: DemoConfig, progress: bool) -> InContextPredictor:
         index="exact",
         seed=cfg.seed,
         progress=progress,
+    ).fit([s.image for s in prompt], labels, **task)
+    predictor.progress = False  # the scoring loop shows its own bar
+    return predictor
+
+
+def _score(predict, queries: list[Query], metric, progress: bool, overlay=None) -> Scored:
+    """Every query in one call of ``predict`` (a predictor cuts it into its own batches)."""
+    size = len(queries)
+    return score_queries(
+        predict, queries, metric, batch_size=size, overlay=overlay, overlays=size, progress=progress
     )
 
 
-def segmentation_scores(cfg: DemoConfig, prompt, queries, shuffle: bool, progress: bool):
+def _overlay(out: Path, kind: str, **options: Any) -> Callable[[Query, DensePrediction], str]:
+    """Draw ``pictures/<query>_<kind>.png``: image | ground truth | prediction | confidence."""
+    from hbird.viz import save_prediction_panel
+
+    def draw(query: Query, pred: DensePrediction) -> str:
+        path = out / "pictures" / f"{query.name}_{kind}.png"
+        save_prediction_panel(
+            path,
+            query.image,
+            pred.labels,
+            query.label,
+            kind=kind,
+            confidence=pred.confidence,
+            **options,
+        )
+        return path.relative_to(out).as_posix()
+
+    return draw
+
+
+def segmentation_scores(
+    cfg: DemoConfig, prompt, queries, shuffle: bool, progress: bool, overlay=None
+) -> Scored:
     """Fit on the prompt (labels optionally shuffled across images), score the queries."""
     masks = [s.mask for s in prompt]
     if shuffle:  # every image gets another image's mask: labels no longer match appearance
         masks = masks[1:] + masks[:1]
-    predictor = _predictor(cfg, progress).fit(
-        [s.image for s in prompt],
-        masks,
-        task="segmentation",
-        num_classes=cfg.num_classes,
-        ignore_index=255,
-    )
-    predictions = predictor.predict_dense([s.image for s in queries])
-    cm = ConfusionMatrix(
-        cfg.num_classes, ignore_index=255, class_names=default_class_names(cfg.num_classes)
-    )
-    for scene, pred in zip(queries, predictions):
-        cm.update(pred.labels, scene.mask)
-    return cm.compute(), predictions
+    task = dict(task="segmentation", num_classes=cfg.num_classes, ignore_index=255)
+    predictor = _fit(cfg, prompt, masks, progress, **task)
+    cm = ConfusionMatrix(cfg.num_classes, 255, default_class_names(cfg.num_classes))
+    targets = in_memory([s.image for s in queries], [s.mask for s in queries])
+    return _score(predictor.predict_dense, targets, cm, progress, overlay)
 
 
-def depth_scores(cfg: DemoConfig, prompt, queries, progress: bool):
-    """Fit depth on the prompt; score queries against the prompt-mean baseline."""
+def depth_scores(
+    cfg: DemoConfig, prompt, queries, progress: bool, overlay=None
+) -> tuple[Scored, Scored]:
+    """Fit depth on the prompt; score the queries, and the prompt's mean depth as a baseline."""
     spec = LabelSpec(task="depth", min_value=1e-3, max_value=10.0)
-    predictor = _predictor(cfg, progress).fit(
-        [s.image for s in prompt], [s.depth for s in prompt], label_spec=spec
+    predictor = _fit(cfg, prompt, [s.depth for s in prompt], progress, label_spec=spec)
+    targets = in_memory([s.image for s in queries], [s.depth for s in queries])
+    model = _score(
+        predictor.predict_dense, targets, DepthMetrics(reduction="pixel"), progress, overlay
     )
-    predictions = predictor.predict_dense([s.image for s in queries])
     mean_depth = float(torch.cat([s.depth.flatten() for s in prompt]).mean())
-    model, baseline = DepthMetrics(reduction="pixel"), DepthMetrics(reduction="pixel")
-    for scene, pred in zip(queries, predictions):
-        model.update(pred.labels, scene.depth)
-        baseline.update(torch.full_like(scene.depth, mean_depth), scene.depth)
-    return model.compute(), baseline.compute(), predictions
+    constant = lambda images: [torch.full(x.shape[-2:], mean_depth) for x in images]  # noqa: E731
+    return model, _score(constant, targets, DepthMetrics(reduction="pixel"), progress=False)
 
 
 def run_demo(
     out: str | Path, cfg: DemoConfig = DemoConfig(), progress: bool = True
 ) -> dict[str, Any]:
     """Run the demo into ``out``; return the metrics written to ``out/metrics.json``."""
-    from hbird.viz import save_prediction_panel
-
     out = Path(out)
     start = time.perf_counter()
     scenes = make_scenes(
@@ -107,30 +132,13 @@ def run_demo(
     write_scene_folder(out / "data" / "prompt", prompt, class_names=names)
     write_scene_folder(out / "data" / "query", queries, class_names=names, prefix="query")
 
-    seg, seg_preds = segmentation_scores(cfg, prompt, queries, shuffle=False, progress=progress)
-    shuffled, _ = segmentation_scores(cfg, prompt, queries, shuffle=True, progress=progress)
-    depth, depth_baseline, depth_preds = depth_scores(cfg, prompt, queries, progress=progress)
-
-    pictures = []
-    for i, (scene, sp, dp) in enumerate(zip(queries, seg_preds, depth_preds)):
-        seg_png = save_prediction_panel(
-            out / "pictures" / f"query_{i:04d}_segmentation.png",
-            scene.image,
-            sp.labels,
-            scene.mask,
-            kind="segmentation",
-            confidence=sp.confidence,
-            class_names=names,
-        )
-        depth_png = save_prediction_panel(
-            out / "pictures" / f"query_{i:04d}_depth.png",
-            scene.image,
-            dp.labels,
-            scene.depth,
-            kind="depth",
-            confidence=dp.confidence,
-        )
-        pictures += [seg_png.relative_to(out).as_posix(), depth_png.relative_to(out).as_posix()]
+    seg_overlay = _overlay(out, "segmentation", class_names=names)
+    seg_scored = segmentation_scores(cfg, prompt, queries, False, progress, seg_overlay)
+    shuffled = segmentation_scores(cfg, prompt, queries, True, progress).metric.compute()
+    depth_scored, baseline = depth_scores(cfg, prompt, queries, progress, _overlay(out, "depth"))
+    pictures = [p for pair in zip(seg_scored.overlays, depth_scored.overlays) for p in pair]
+    seg, depth = seg_scored.metric.compute(), depth_scored.metric.compute()
+    depth_baseline = baseline.metric.compute()
 
     metrics = {
         "segmentation": {

@@ -33,8 +33,9 @@ from hbird.data.fewshot import fewshot_indices, parse_fraction
 from hbird.data.transforms import resize_for_encoder
 from hbird.encoders import Encoder, encode_batches
 from hbird.errors import InputError
-from hbird.eval.config import EvalConfig, resolve_config
+from hbird.eval.config import EvalConfig
 from hbird.eval.fractions import scalar_metrics
+from hbird.eval.inputs import load_encoder, prepare
 from hbird.eval.linear_probe import (
     PatchTable,
     ProbeSettings,
@@ -42,8 +43,8 @@ from hbird.eval.linear_probe import (
     score_linear_head,
     train_linear_head,
 )
-from hbird.eval.report import fmt, layers_text
-from hbird.eval.retrieval import evaluate, load_encoder, open_datasets, scores_from_metric
+from hbird.eval.report import fmt, layers_text, scores_from_metric
+from hbird.eval.retrieval import evaluate
 from hbird.io.files import write_json, write_text
 from hbird.labelspec import LabelSpec
 
@@ -298,22 +299,17 @@ def fast_adaptation(
         raise InputError("give at least one fraction, e.g. fractions=['1/8', '1/1']")
     if compare_linear and (not linear_epochs or min(linear_epochs) < 1):
         raise InputError(f"linear_epochs must be positive epoch counts, got {list(linear_epochs)}")
-    if isinstance(encoder, str):
-        config["encoder"] = encoder
-    elif isinstance(encoder, Encoder):
-        config["encoder"] = encoder.name
-    cfg = resolve_config(preset, overrides, **config)
+    cfg, prompt, queries, description = prepare(encoder, dataset, preset, overrides, config)
     top = max(linear_epochs) if compare_linear else 1
     probe = ProbeSettings(epochs=top, lr=lr, patch_batch_size=patch_batch_size, seed=cfg.seed)
     probe.validate()
-    prompt, queries, description = open_datasets(dataset, cfg)
     spec = prompt.label_spec
     model = load_encoder(encoder, cfg)
     _warm_up(model, queries, cfg)
     linear_settings = (
         {k: v for k, v in asdict(probe).items() if k != "epochs"} if compare_linear else None
     )
-    settings = {**cfg.to_dict(), "preset": preset, "subset_seed": subset_seed, "dataset": str(description),
+    settings = {**cfg.to_dict(), "preset": preset, "subset_seed": subset_seed, "dataset": description,
                 "linear_probe": linear_settings}  # fmt: skip
     out = Path(out) if out is not None else None
     known = _previous_points(out, settings)
@@ -363,7 +359,7 @@ def fast_adaptation(
     ]
     result = FastAdaptationReport(
         spec.task,
-        str(description),
+        description,
         "miou" if spec.is_classification else "rmse",
         settings,
         points,

@@ -28,9 +28,9 @@ from typing import Any
 from hbird.data.fewshot import fewshot_indices, parse_fraction, read_subset, write_subset
 from hbird.encoders import Encoder
 from hbird.errors import InputError
-from hbird.eval.config import resolve_config
+from hbird.eval.inputs import load_encoder, prepare
 from hbird.eval.report import fmt, layers_text
-from hbird.eval.retrieval import evaluate, load_encoder, open_datasets
+from hbird.eval.retrieval import evaluate
 from hbird.io.files import write_json, write_text
 
 DEFAULT_FRACTIONS = ("1/128", "1/64", "1/32", "1/16", "1/8", "1/4", "1/2", "1/1")
@@ -240,12 +240,7 @@ def evaluate_fractions(
         )
     if len(set(seeds)) != len(seeds):
         raise InputError(f"seeds must differ, got {list(seeds)}")
-    if isinstance(encoder, str):
-        config["encoder"] = encoder
-    elif isinstance(encoder, Encoder):
-        config["encoder"] = encoder.name
-    cfg = resolve_config(preset, overrides, **config)
-    prompt, queries, description = open_datasets(dataset, cfg)
+    cfg, prompt, queries, description = prepare(encoder, dataset, preset, overrides, config)
     model = load_encoder(encoder, cfg)
     names = prompt.names
     run_config = {k: v for k, v in config.items() if k != "encoder"}  # the model is passed instead
@@ -284,7 +279,7 @@ def evaluate_fractions(
             "evaluated once, so their standard deviation is 0."
         )
     result = FractionsReport(
-        task=task, dataset=str(description), metric=headline,
+        task=task, dataset=description, metric=headline,
         config={**cfg.to_dict(), "preset": preset}, seeds=tuple(int(s) for s in seeds), rows=rows, notes=notes,
     )  # fmt: skip
     if out is not None:

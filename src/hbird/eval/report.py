@@ -1,7 +1,8 @@
 """What an evaluation leaves in its run folder, and how it reads to a person.
 
 ``metrics.json`` (everything numeric), ``per_class.csv``, ``summary.md`` (a table to
-paste into a paper), and ``config.json`` (the resolved settings) are written atomically.
+paste into a paper), and ``config.json`` (the resolved settings) are written atomically;
+``pictures/`` holds the overlays of the first queries.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hbird.io.files import write_json, write_text
+from hbird.labelspec import LabelSpec
+from hbird.metrics import ConfusionMatrix, DepthMetrics
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -38,6 +41,66 @@ def search_text(setting: Any, search: dict[str, Any]) -> str:
     params = ", ".join(f"{k} {v}" for k, v in search.items() if k not in skip and v is not None)
     built = search["kind"] + (f" ({params})" if params else "")
     return built if setting == search["kind"] else f"{setting} → {built}"
+
+
+def scores_from_metric(
+    metric: ConfusionMatrix | DepthMetrics,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """A metric's scores as a report has them: headline metrics, per-class rows, notes."""
+    scores = metric.compute()
+    if isinstance(metric, DepthMetrics):
+        d = scores.to_dict()
+        return (
+            {
+                k: d[k]
+                for k in (
+                    "rmse",
+                    "abs_rel",
+                    "log10",
+                    "delta1",
+                    "delta2",
+                    "delta3",
+                    "sq_rel",
+                    "rmse_log",
+                )
+            },
+            [],
+            [
+                f"Depth metrics over valid pixels ({metric.min_depth:g}–{metric.max_depth:g} m), "
+                f"reduction '{scores.reduction}'; {scores.num_images} images, {scores.skipped_images} without valid depth."
+            ],
+        )
+    names = scores.class_names or tuple(str(i) for i in range(len(scores.iou)))
+    per_class = [
+        {"class": n, "iou": i, "precision": p, "recall": r}
+        for n, i, p, r in zip(names, scores.iou, scores.precision, scores.recall)
+    ]
+    notes = ["Class ids are predicted directly and scored as they are: no Hungarian matching."]
+    if scores.absent_classes:
+        absent = ", ".join(names[c] for c in scores.absent_classes)
+        notes.append(
+            f"{len(scores.absent_classes)} class(es) absent from both ground truth and predictions were left out "
+            f"of the mean: {absent}."
+        )
+    metrics = {
+        "miou": scores.miou,
+        "pixel_accuracy": scores.pixel_accuracy,
+        "mean_class_accuracy": scores.mean_class_accuracy,
+    }
+    return metrics, per_class, notes
+
+
+def save_picture(out: Path, sample: Any, pred: Any, spec: LabelSpec) -> str:
+    """Draw ``out/pictures/<name>.png`` (image | ground truth | prediction | confidence)."""
+    from hbird.viz import save_prediction_panel
+
+    path = out / "pictures" / f"{sample.name}.png"
+    save_prediction_panel(
+        path, sample.image, pred.labels, sample.label,
+        kind="segmentation" if spec.is_classification else "depth",
+        confidence=pred.confidence, ignore_index=spec.ignore_index, class_names=spec.class_names,
+    )  # fmt: skip
+    return path.relative_to(out).as_posix()
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from hbird.metrics.classification import knn_accuracy, mean_per_class_accuracy, top1_accuracy
 from hbird.metrics.depth import DepthMetrics, DepthScores
+from hbird.metrics.protocol import StreamingMetric
 from hbird.metrics.segmentation import ConfusionMatrix, SegmentationScores
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "DepthMetrics",
     "DepthScores",
     "SegmentationScores",
+    "StreamingMetric",
     "knn_accuracy",
     "mean_per_class_accuracy",
     "top1_accuracy",

@@ -89,6 +89,7 @@ class RetrievalProbe:
     def __call__(self, backbone: ViTBackbone, device: str | torch.device = "cpu") -> dict[str, Any]:
         """``{"miou": float, "pixel_accuracy": float}`` for a frozen copy of ``backbone``."""
         from hbird.encoders.timm_backend import TimmEncoder
+        from hbird.eval.scoring import in_memory, score_queries
         from hbird.metrics import ConfusionMatrix
         from hbird.predictor import InContextPredictor
 
@@ -111,10 +112,14 @@ class RetrievalProbe:
             num_classes=self.prompt.num_classes,
             ignore_index=self.prompt.ignore_index,
         )
-        cm = ConfusionMatrix(self.query.num_classes, ignore_index=self.query.ignore_index)
-        for pred, target in zip(predictor.predict(self.query.images), self.query.masks):
-            cm.update(pred.cpu(), target)
-        scores = cm.compute()
+        scored = score_queries(
+            lambda images: [labels.cpu() for labels in predictor.predict(images)],
+            in_memory(self.query.images, self.query.masks),
+            ConfusionMatrix(self.query.num_classes, ignore_index=self.query.ignore_index),
+            batch_size=self.batch_size,
+            progress=False,
+        )
+        scores = scored.metric.compute()
         return {"miou": float(scores.miou), "pixel_accuracy": float(scores.pixel_accuracy)}
 
 

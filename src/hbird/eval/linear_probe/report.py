@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
 
 from hbird.eval.config import EvalConfig
 from hbird.eval.linear_probe.patches import PatchTable
 from hbird.eval.linear_probe.settings import ProbeSettings
-from hbird.eval.report import Report, fmt, layers_text
-from hbird.eval.retrieval import scores_from_metric
+from hbird.eval.report import Report, fmt, layers_text, scores_from_metric
+from hbird.eval.scoring import Scored
 from hbird.labelspec import LabelSpec
 
 
@@ -39,13 +38,13 @@ def probe_report(
     settings: ProbeSettings,
     table: PatchTable,
     losses: list[float],
-    scores: Any,
+    scores: Scored,
     timings: dict[str, float],
 ) -> LinearProbeReport:
-    """The report of one probe: ``scores`` is what scoring the queries left (metric, seconds...)."""
+    """The report of one probe, from its patch table, training losses and scored queries."""
     metrics, per_class, notes = scores_from_metric(scores.metric)
     metrics = {**metrics, "train_loss": losses[-1], "train_loss_per_epoch": losses}
-    done = max(scores.queries, 1)
+    done = max(scores.done, 1)
     return LinearProbeReport(
         task=spec.task,
         dataset=description,
@@ -56,9 +55,9 @@ def probe_report(
             "prompt_images": int(table.seconds.numel()),
             "train_patches": len(table),
             "cache_bytes": table.nbytes,
-            "queries": scores.queries,
+            "queries": scores.done,
         },
         timings={**timings, **{f"per_query_{k}": v / done for k, v in scores.seconds.items()}},
         notes=notes,
-        pictures=scores.pictures,
+        pictures=scores.overlays,
     )

@@ -1,0 +1,163 @@
+"""One scoring loop for every protocol: predictions in, a metric's state out, resumable.
+
+The retrieval protocol, the linear probe, fast adaptation's points, the pretraining
+probe and the demo all score through :func:`score_queries`. What it needs:
+
+- ``predict(images)``: a list of ``(3, H, W)`` float images → one prediction per image at
+  that image's own size, either the tensor the metric scores or an object carrying it
+  as ``.labels`` (:class:`~hbird.decode.DensePrediction`, which also has the confidence
+  an overlay draws);
+- ``queries``: ``len(queries)`` and ``queries[i]`` → an item with ``.image`` and
+  ``.label`` (a :class:`hbird.data.Sample`; :class:`Query` for tensors in memory);
+- ``metric``: any :class:`hbird.metrics.StreamingMetric`, i.e. ``update(prediction,
+  target)``, ``state_dict()`` and ``load_state_dict(state)``. :class:`ConfusionMatrix`
+  and :class:`DepthMetrics` are two; a panoptic metric with the same three methods
+  plugs in unchanged.
+
+With a ``progress_file``, the loop writes after every batch, atomically
+(:func:`hbird.io.files.write_json`): the metric's state, how many queries are done, the
+seconds per stage, the overlays drawn and the caller's ``extra`` (e.g. the seconds the
+memory took to build). Run again with the same file, it loads all of that and goes on
+after the last finished batch. Metrics add up image by image in the same order, so an
+interrupted and resumed run gives the numbers of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from hbird.errors import InputError
+from hbird.io.files import write_json
+from hbird.labelspec import LabelSpec
+from hbird.metrics import ConfusionMatrix, DepthMetrics, StreamingMetric
+from hbird.predictor import Timings
+
+M = TypeVar("M", bound=StreamingMetric)
+
+
+@dataclass(frozen=True, eq=False)
+class Query:
+    """A query held in memory: ``image`` ``(3, H, W)`` in [0, 1], its ``label``, a name."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    name: str = ""
+
+
+def in_memory(images: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> list[Query]:
+    """A query source from parallel lists of images and labels."""
+    return [
+        Query(image, label, f"query_{i:04d}")
+        for i, (image, label) in enumerate(zip(images, labels))
+    ]
+
+
+@dataclass
+class Scored(Generic[M]):
+    """What scoring left.
+
+    Attributes:
+        metric: the metric with every scored query in it.
+        done: queries scored (over all runs, when resumed).
+        seconds: seconds per stage summed over the queries: ``loading`` and ``scoring``
+            from the loop, and whatever ``predict`` measured into the same
+            :class:`~hbird.predictor.Timings` (``encode``, ``search``, ``decode``...).
+        overlays: the overlay files drawn, as ``overlay`` returned them.
+        extra: the caller's values kept for a resumed run.
+    """
+
+    metric: M
+    done: int
+    seconds: dict[str, float]
+    overlays: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
+    """Tensors → nested lists (float64 and int64 values survive JSON exactly)."""
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def score_queries(
+    predict: Callable[[list[torch.Tensor]], Sequence[Any]],
+    queries: Sequence[Any],
+    metric: M,
+    *,
+    batch_size: int,
+    limit: int | None = None,
+    timings: Timings | None = None,
+    overlay: Callable[[Any, Any], str] | None = None,
+    overlays: int = 0,
+    progress_file: Path | None = None,
+    extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Scored[M]:
+    """Predict the queries batch by batch and add each prediction to ``metric``.
+
+    Args:
+        predict, queries, metric: see the module docstring.
+        batch_size: queries per call of ``predict``.
+        limit: score only the first ``limit`` queries (None: all).
+        timings: where ``predict`` measures its own stages; the loop adds ``loading``
+            (reading the queries) and ``scoring`` (``metric.update``) to it.
+        overlay: ``overlay(query, prediction) -> file`` draws one picture;
+            it is called for the first ``overlays`` queries.
+        progress_file: JSON file saved after every batch; if it exists, the run resumes
+            from it (the metric must be built with the same arguments).
+        extra: JSON-able values the caller needs again when resuming; a resumed run
+            returns the ones saved by the first run.
+        progress: show a progress bar.
+    """
+    timings = timings if timings is not None else Timings()
+    total = len(queries) if limit is None else min(limit, len(queries))
+    done, drawn, extra = 0, [], dict(extra or {})
+    if progress_file is not None and progress_file.is_file():
+        saved = json.loads(progress_file.read_text())
+        missing = {"done", "metric", "seconds", "overlays", "extra"} - set(saved)
+        if missing:
+            raise InputError(
+                f"{progress_file} lacks {', '.join(sorted(missing))} (written by another hbird "
+                "version?); delete it to score the queries again"
+            )
+        metric.load_state_dict(saved["metric"])
+        done, drawn, extra = saved["done"], saved["overlays"], saved["extra"]
+        timings.seconds = saved["seconds"]
+    bar = tqdm(total=total, initial=done, desc="scoring queries", unit="img", disable=not progress)
+    while done < total:
+        with timings.measure("loading"):
+            batch = [queries[i] for i in range(done, min(done + batch_size, total))]
+        predictions = predict([q.image for q in batch])
+        with timings.measure("scoring"):
+            for query, prediction in zip(batch, predictions):
+                metric.update(getattr(prediction, "labels", prediction), query.label)
+        if overlay is not None:
+            drawn += [overlay(q, p) for q, p in zip(batch[: max(overlays - done, 0)], predictions)]
+        done += len(batch)
+        bar.update(len(batch))
+        if progress_file is not None:
+            state = {"done": done, "metric": _jsonable(metric.state_dict())}
+            write_json(
+                progress_file,
+                {**state, "seconds": timings.seconds, "overlays": drawn, "extra": extra},
+            )
+    bar.close()
+    return Scored(metric, done, dict(timings.seconds), drawn, extra)
+
+
+def new_metric(spec: LabelSpec) -> ConfusionMatrix | DepthMetrics:
+    """The metric the protocols score ``spec``'s labels with (depth range from the spec)."""
+    if spec.is_classification:
+        return ConfusionMatrix(
+            int(spec.num_classes), ignore_index=spec.ignore_index, class_names=spec.class_names
+        )
+    low = spec.min_value if math.isfinite(spec.min_value) and spec.min_value > 0 else 1e-3
+    high = spec.max_value if math.isfinite(spec.max_value) else 10.0
+    return DepthMetrics(min_depth=low, max_depth=high)
