@@ -91,3 +91,46 @@ def test_rerun_keeps_finished_points_and_refuses_other_settings(tmp_path, datase
     with pytest.raises(InputError, match="other settings"):
         fast_adaptation("test_vit", dataset, out=out, progress=False, compare_linear=False,
                         fractions=("1/8",), **dict(FAST, k=5))  # fmt: skip
+
+
+WARM_UP_CHECK = """
+import json
+import sys
+from hbird.data.fewshot import fewshot_indices
+from hbird.eval.fast_adaptation.points import Adaptation, linear_point, retrieval_point, warm_up
+from hbird.eval.inputs import load_encoder, prepare
+from hbird.eval.linear_probe import ProbeSettings, extract_patch_table
+
+cfg, prompt, queries, _ = prepare("test_vit", sys.argv[1], None, None, dict(
+    layers=0, image_size=64, k=10, memory_size=None, aug_epochs=1, batch_size=4, overlays=0, max_queries=2))
+shared = Adaptation(load_encoder("test_vit", cfg), prompt, queries, cfg, progress=False)
+probe = ProbeSettings(epochs=1, lr=0.1, patch_batch_size=128)
+if sys.argv[2] == "warm":
+    warm_up(shared, probe)
+before = set(sys.modules)
+indices = fewshot_indices(len(prompt), "1/4", 42)
+retrieval_point(shared, "1/4", indices)
+table = extract_patch_table(shared.model, prompt, prompt.label_spec, cfg, "float16", False)
+linear_point(shared, table, "1/4", indices, probe)
+print(json.dumps(sorted(m for m in set(sys.modules) - before if not m.startswith("_"))))
+"""
+
+
+def test_warm_up_runs_what_the_first_points_run(dataset):
+    """In a fresh process, the first timed points import nothing after the warm-up; without
+    it they import faiss (the first index build), whose import was timed as adaptation."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("faiss")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def new_modules(mode):
+        command = [sys.executable, "-c", WARM_UP_CHECK, dataset, mode]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert "faiss" in new_modules("cold")
+    assert new_modules("warm") == []
