@@ -12,11 +12,12 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hbird.io.files import write_json, write_text
-from hbird.labelspec import LabelSpec
-from hbird.metrics import ConfusionMatrix, DepthMetrics
+
+if TYPE_CHECKING:
+    from hbird.labelspec import LabelSpec
 
 
 def fmt(value: Any, digits: int = 4) -> str:
@@ -41,53 +42,6 @@ def search_text(setting: Any, search: dict[str, Any]) -> str:
     params = ", ".join(f"{k} {v}" for k, v in search.items() if k not in skip and v is not None)
     built = search["kind"] + (f" ({params})" if params else "")
     return built if setting == search["kind"] else f"{setting} → {built}"
-
-
-def scores_from_metric(
-    metric: ConfusionMatrix | DepthMetrics,
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
-    """A metric's scores as a report has them: headline metrics, per-class rows, notes."""
-    scores = metric.compute()
-    if isinstance(metric, DepthMetrics):
-        d = scores.to_dict()
-        return (
-            {
-                k: d[k]
-                for k in (
-                    "rmse",
-                    "abs_rel",
-                    "log10",
-                    "delta1",
-                    "delta2",
-                    "delta3",
-                    "sq_rel",
-                    "rmse_log",
-                )
-            },
-            [],
-            [
-                f"Depth metrics over valid pixels ({metric.min_depth:g}–{metric.max_depth:g} m), "
-                f"reduction '{scores.reduction}'; {scores.num_images} images, {scores.skipped_images} without valid depth."
-            ],
-        )
-    names = scores.class_names or tuple(str(i) for i in range(len(scores.iou)))
-    per_class = [
-        {"class": n, "iou": i, "precision": p, "recall": r}
-        for n, i, p, r in zip(names, scores.iou, scores.precision, scores.recall)
-    ]
-    notes = ["Class ids are predicted directly and scored as they are: no Hungarian matching."]
-    if scores.absent_classes:
-        absent = ", ".join(names[c] for c in scores.absent_classes)
-        notes.append(
-            f"{len(scores.absent_classes)} class(es) absent from both ground truth and predictions were left out "
-            f"of the mean: {absent}."
-        )
-    metrics = {
-        "miou": scores.miou,
-        "pixel_accuracy": scores.pixel_accuracy,
-        "mean_class_accuracy": scores.mean_class_accuracy,
-    }
-    return metrics, per_class, notes
 
 
 def save_picture(out: Path, sample: Any, pred: Any, spec: LabelSpec) -> str:

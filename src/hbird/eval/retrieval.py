@@ -18,8 +18,8 @@ from hbird.encoders import Encoder
 from hbird.errors import InputError
 from hbird.eval.config import EvalConfig
 from hbird.eval.inputs import prepare
-from hbird.eval.report import Report, save_picture, scores_from_metric
-from hbird.eval.scoring import new_metric, score_queries
+from hbird.eval.report import Report, save_picture
+from hbird.eval.scoring import new_metric, score_queries, scores_from_metric
 from hbird.io.files import write_json
 from hbird.predictor import InContextPredictor
 

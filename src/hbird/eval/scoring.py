@@ -20,6 +20,9 @@ seconds per stage, the overlays drawn and the caller's ``extra`` (e.g. the secon
 memory took to build). Run again with the same file, it loads all of that and goes on
 after the last finished batch. Metrics add up image by image in the same order, so an
 interrupted and resumed run gives the numbers of an uninterrupted one.
+
+:func:`new_metric` is the metric the protocols score a label spec with, and
+:func:`scores_from_metric` how its scores read in a :class:`~hbird.eval.report.Report`.
 """
 
 from __future__ import annotations
@@ -161,3 +164,50 @@ def new_metric(spec: LabelSpec) -> ConfusionMatrix | DepthMetrics:
     low = spec.min_value if math.isfinite(spec.min_value) and spec.min_value > 0 else 1e-3
     high = spec.max_value if math.isfinite(spec.max_value) else 10.0
     return DepthMetrics(min_depth=low, max_depth=high)
+
+
+def scores_from_metric(
+    metric: ConfusionMatrix | DepthMetrics,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """A metric's scores as a report has them: headline metrics, per-class rows, notes."""
+    scores = metric.compute()
+    if isinstance(metric, DepthMetrics):
+        d = scores.to_dict()
+        return (
+            {
+                k: d[k]
+                for k in (
+                    "rmse",
+                    "abs_rel",
+                    "log10",
+                    "delta1",
+                    "delta2",
+                    "delta3",
+                    "sq_rel",
+                    "rmse_log",
+                )
+            },
+            [],
+            [
+                f"Depth metrics over valid pixels ({metric.min_depth:g}–{metric.max_depth:g} m), "
+                f"reduction '{scores.reduction}'; {scores.num_images} images, {scores.skipped_images} without valid depth."
+            ],
+        )
+    names = scores.class_names or tuple(str(i) for i in range(len(scores.iou)))
+    per_class = [
+        {"class": n, "iou": i, "precision": p, "recall": r}
+        for n, i, p, r in zip(names, scores.iou, scores.precision, scores.recall)
+    ]
+    notes = ["Class ids are predicted directly and scored as they are: no Hungarian matching."]
+    if scores.absent_classes:
+        absent = ", ".join(names[c] for c in scores.absent_classes)
+        notes.append(
+            f"{len(scores.absent_classes)} class(es) absent from both ground truth and predictions were left out "
+            f"of the mean: {absent}."
+        )
+    metrics = {
+        "miou": scores.miou,
+        "pixel_accuracy": scores.pixel_accuracy,
+        "mean_class_accuracy": scores.mean_class_accuracy,
+    }
+    return metrics, per_class, notes

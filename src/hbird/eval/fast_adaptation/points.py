@@ -19,8 +19,8 @@ from hbird.eval.linear_probe import (
     score_linear_head,
     train_linear_head,
 )
-from hbird.eval.report import scores_from_metric
 from hbird.eval.retrieval import evaluate
+from hbird.eval.scoring import scores_from_metric
 
 
 @dataclass(frozen=True)

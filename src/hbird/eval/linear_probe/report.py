@@ -7,8 +7,8 @@ from dataclasses import asdict
 from hbird.eval.config import EvalConfig
 from hbird.eval.linear_probe.patches import PatchTable
 from hbird.eval.linear_probe.settings import ProbeSettings
-from hbird.eval.report import Report, fmt, layers_text, scores_from_metric
-from hbird.eval.scoring import Scored
+from hbird.eval.report import Report, fmt, layers_text
+from hbird.eval.scoring import Scored, scores_from_metric
 from hbird.labelspec import LabelSpec
 
 
