@@ -136,7 +136,7 @@ def test_bank_build_info_then_predict_from_bank(folders, tmp_path, capsys):
     assert (settings["k"], settings["temperature"], settings["image_size"]) == (5, 0.05, 64)
     capsys.readouterr()  # a bank setting cannot change on load: the bank must be rebuilt
     assert main([*argv, "--out", str(out), "--autocast", "bf16", "--quiet"]) == 2
-    assert "autocast is a bank setting" in capsys.readouterr().err
+    assert "--autocast is a bank setting" in capsys.readouterr().err
     if _optional.is_available("faiss"):  # backend options reach the index, and are recorded
         out = tmp_path / "ivfpq"
         extra = ["--index", "ivfpq", "--index-param", "k_factor=8", "--index-param", "nprobe=4"]

@@ -40,7 +40,10 @@ def files(tmp_path_factory):
     (root / "bad.yaml").write_text("k: [1, 2\n  : :\n")
     (root / "a_file").write_text("keep me")
     (root / "a_folder").mkdir()
+    bank = [a.replace("{prompt}", str(root / "prompt")) for a in BANK]
+    assert main([*bank, "--out", str(root / "bank")]) == 0
     return {
+        "bank": root / "bank",
         "prompt": root / "prompt",
         "query": root / "query" / "images",
         "big": root / "big",
@@ -172,6 +175,14 @@ CASES = {
     "predict --prompt NOPE": (
         ["predict", "--prompt", "{out}_nope", "--query", "{query}", "--out", "{out}", *FAST],
         ["_nope", "check --prompt"], ["root="],
+    ),
+    "predict --bank B --image-size 64": (
+        ["predict", "--bank", "{bank}", "--query", "{query}", "--out", "{out}", "--image-size", "64"],
+        ["--image-size is a bank setting", "--image-size 32", "--image-size 64"], ["image_size"],
+    ),
+    "predict --num-classes 2 (classes.txt has 3)": (
+        [*PREDICT, "--out", "{out}", "--num-classes", "2"],
+        ["--num-classes 2", "classes.txt", "drop --num-classes"], ["num_classes"],
     ),
     "predict prompt with masks/ and depth/": (
         ["predict", "--prompt", "{prompt}", "--query", "{query}", "--out", "{out}", *FAST[2:]],

@@ -36,7 +36,7 @@ from hbird.decode import (
 )
 from hbird.encoders import Encoder, check_device, create_encoder
 from hbird.encoders.normalization import with_normalize
-from hbird.errors import BankError, InputError
+from hbird.errors import BankError, InputError, spell
 from hbird.features import create_extractor
 from hbird.index import VectorIndex, create_index
 from hbird.index.cache import cache_path, load_or_build
@@ -614,11 +614,10 @@ def _check_search_overrides(overrides: dict[str, Any], spec: BankSpec, source: A
     """Only search settings change on load; a bank setting names the rebuild."""
     for name, value in overrides.items():
         if name in BankSpec.field_names():
-            flag = "--" + name.replace("_", "-")
             raise BankError(
-                f"{name} is a bank setting: {source} was built with {name}="
-                f"{getattr(spec, name)!r}; to use {name}={value!r} rebuild the bank "
-                f"(hbird bank build ... {flag} {value}, or fit a new predictor)"
+                f"{spell(name)} is a bank setting: {source} was built with "
+                f"{spell(name, getattr(spec, name))}; to use {spell(name, value)} rebuild the "
+                f"bank (hbird bank build ... or fit a new predictor)"
             )
         if name not in SearchConfig.field_names():
             raise TypeError(

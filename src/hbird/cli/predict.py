@@ -235,6 +235,8 @@ def kept_outputs(out: Path, record: dict[str, Any], files: list[Path]) -> dict[s
 
 
 def interrupted(args: argparse.Namespace) -> str:
+    if not args.out.exists():
+        return f"no prediction was finished, {args.out} was not made; run the same command again"
     return (
         f"the predictions written so far are kept in {args.out} (listed in its "
         "settings.json); run the same command again to finish: they are kept, not redone"

@@ -100,8 +100,8 @@ def _segmentation_spec(
     names = read_class_names(class_file) if class_file is not None else None
     if names is not None and num_classes is not None and int(num_classes) != len(names):
         raise InputError(
-            f"num_classes={num_classes} disagrees with {class_file} ({len(names)} names); "
-            "drop num_classes= or fix the file"
+            f"{spell('num_classes', num_classes)} disagrees with {class_file} ({len(names)} "
+            f"names); drop {spell('num_classes')} or fix the file"
         )
     if names is None and num_classes is None:
         raise InputError(
