@@ -312,6 +312,6 @@ def test_interrupted_bank_build_resumes_when_rerun(files, tmp_path, monkeypatch,
 
 def test_library_errors_keep_python_words():
     """Outside the command line the same messages name the keyword arguments."""
-    with pytest.raises(InputError, match=r"set them with index_params=") as err:
+    with pytest.raises(InputError, match=r"set them with index_params\)") as err:
         create_index("exact", 4, bogus=1)
     assert "bogus" in str(err.value) and "chunk_size" in str(err.value)

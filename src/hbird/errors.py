@@ -24,13 +24,13 @@ _spelling: ContextVar[Callable[[str, Any], str] | None] = ContextVar("spelling",
 def spell(name: str, value: Any = UNSET) -> str:
     """How the user gives setting ``name`` (and ``value``), for error messages.
 
-    In Python: ``task='depth'`` (or ``task=`` without a value). Under the command line
+    In Python: ``task='depth'`` (or ``task`` without a value). Under the command line
     (:func:`spelled_as`), its flag: ``--task depth`` (or ``--task``).
     """
     to_text = _spelling.get()
     if to_text is not None:
         return to_text(name, value)
-    return f"{name}=" if value is UNSET else f"{name}={value!r}"
+    return name if value is UNSET else f"{name}={value!r}"
 
 
 @contextlib.contextmanager
