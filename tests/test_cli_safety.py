@@ -250,3 +250,19 @@ def test_resume_without_a_run_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"--resume: .*typo holds no run to continue"):
         trainer.fit()
     assert not out.exists()
+
+
+def test_a_failed_eval_start_leaves_no_config_so_the_corrected_rerun_runs(
+    folder_dataset, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = ["eval", "--dataset", folder_dataset, "--out", str(out), "--layers", "0"]
+    argv += ["--image-size", "64", "--memory-size", "2000", "--quiet", "max_queries=2"]
+    assert main([*argv, "--encoder", "test_vti"]) == 2  # a typo: no such encoder
+    assert "test_vti" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    assert main([*argv, "--encoder", "test_vit"]) == 0  # was: "holds a run with other settings"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["config"]["encoder"] == "test_vit"
+    assert main([*argv, "--encoder", "test_vit", "--k", "3"]) == 2  # a real run is still guarded
+    assert "holds a run with other settings (k differ)" in capsys.readouterr().err

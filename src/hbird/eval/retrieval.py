@@ -27,7 +27,9 @@ from hbird.predictor import InContextPredictor
 RESUMABLE_CHANGES = {"overlays", "device", "batch_size", "max_queries"}
 
 
-def _check_run_folder(out: Path, cfg: EvalConfig, dataset: str) -> None:
+def _check_run_folder(out: Path, cfg: EvalConfig, dataset: str) -> dict[str, Any]:
+    """Refuse a run folder holding a run with other settings; return this run's record
+    (written as ``config.json`` once the run has a result: a failed start writes none)."""
     record = {"config": cfg.to_dict(), "dataset": dataset}
     path = out / "config.json"
     if path.is_file():
@@ -42,7 +44,7 @@ def _check_run_folder(out: Path, cfg: EvalConfig, dataset: str) -> None:
                 f"{out} holds a run with other settings ({', '.join(changed) or 'dataset'} differ); "
                 "choose a new --out folder, or delete this one to start over"
             )
-    write_json(path, record)
+    return record
 
 
 def _predictor(
@@ -95,11 +97,13 @@ def evaluate(
     )
     out = Path(out) if out is not None else None
     if out is not None:
-        _check_run_folder(out, cfg, description)
+        record = _check_run_folder(out, cfg, description)
     start = time.perf_counter()
     predictor = _predictor(
         cfg, encoder if isinstance(encoder, Encoder) else None, prompt, out, progress
     )
+    if out is not None:  # the bank is the run's first result
+        write_json(out / "config.json", record)
     build_seconds = time.perf_counter() - start
     predictor.timings.reset()
     predictor.progress = False
