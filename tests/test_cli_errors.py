@@ -270,6 +270,12 @@ INTERRUPTS = {
     ),
     "predict": (PREDICT, "hbird.cli.predict.write_prediction", ["kept in", "same command"]),
     "eval": (EVAL, "hbird.predictor.InContextPredictor.predict_dense", ["kept in", "resume"]),
+    "pretrain": (
+        ["pretrain", "--tiny", "--data", "synthetic:n=8:seed=0:size=32", "--steps", "2",
+         "--batch-size", "4"],
+        "hbird.pretrain.trainer.Trainer.fit", ["checkpoints", "--resume"],
+    ),
+    "demo (no resume)": (["demo", "--quiet"], "hbird.demo.run_demo", ["run the command again"]),
 }
 # fmt: on
 
@@ -280,9 +286,9 @@ def test_ctrl_c_stops_with_one_line_and_exit_130(name, files, tmp_path, monkeypa
     out = tmp_path / "out"
     monkeypatch.setattr(step, _interrupt)
     code = run([*argv, "--out", "{out}"], files, out)
-    text = said(capsys)
-    assert code == 130
-    lines = text.strip().splitlines()
+    captured = capsys.readouterr()
+    assert code == 130 and "Traceback" not in captured.err + captured.out
+    lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "interrupted (Ctrl-C)" in lines[0]
     for word in words:
         assert word in lines[0], lines[0]

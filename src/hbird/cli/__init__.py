@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hbird {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = args._interrupted(args) if args._interrupted else "nothing is resumable"
+        kept = args._interrupted(args) if args._interrupted else "run the command again"
         print(f"\nhbird {args.command}: interrupted (Ctrl-C); {kept}", file=sys.stderr)
         return 130
 

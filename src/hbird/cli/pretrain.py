@@ -152,6 +152,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return config
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    out = config_from_args(args).out
+    return (
+        f"the checkpoints saved so far (every --save-every steps) are in {out}; "
+        "add --resume to the same command to continue from the last one"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from hbird.pretrain import Trainer
     from hbird.pretrain.distributed import cleanup_distributed, init_distributed
