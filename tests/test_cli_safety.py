@@ -266,3 +266,70 @@ def test_a_failed_eval_start_leaves_no_config_so_the_corrected_rerun_runs(
     assert saved["config"]["encoder"] == "test_vit"
     assert main([*argv, "--encoder", "test_vit", "--k", "3"]) == 2  # a real run is still guarded
     assert "holds a run with other settings (k differ)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Offline mode, an empty Hugging Face cache, and any request an error (none is made)."""
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test made a network request")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return constants
+
+
+def test_the_default_encoder_offline_fails_in_seconds_naming_the_ways_out(
+    folders, tmp_path, no_network, capsys
+):
+    import time
+
+    out = tmp_path / "out"
+    argv = [
+        "predict",
+        "--prompt",
+        str(folders / "prompt"),
+        "--query",
+        str(folders / "query" / "images"),
+    ]
+    start = time.perf_counter()
+    assert main([*argv, "--out", str(out), "--quiet"]) == 2  # no --encoder: the default one
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert "vit_small_patch14_dinov2.lvd142m" in err and "offline" in err
+    assert "--weights" in err and "--no-pretrained" in err and "test_vit" in err
+    assert "Traceback" not in err and not out.exists()
+    assert seconds < 30  # was ~53 s of hub retries; here: building ViT-S/14 on a loaded CPU
+    assert no_network.HF_HUB_OFFLINE is False  # the hub's switch is restored
+
+
+def test_hub_reachable_decides_with_one_quick_request(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from hbird.encoders import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    seen = []
+
+    def answer(error):
+        def urlopen(request, timeout):
+            seen.append(timeout)
+            raise error
+
+        return urlopen
+
+    monkeypatch.setattr(urllib.request, "urlopen", answer(urllib.error.URLError("no route")))
+    assert hub.hub_reachable() is False and seen == [hub.PROBE_SECONDS]
+    http_error = urllib.error.HTTPError("https://huggingface.co", 503, "busy", {}, None)
+    monkeypatch.setattr(urllib.request, "urlopen", answer(http_error))
+    assert hub.hub_reachable() is True  # an error status is still an answer
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.hub_reachable() is False and len(seen) == 2  # offline: no request at all

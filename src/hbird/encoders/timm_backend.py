@@ -14,6 +14,7 @@ from torch import nn
 
 from hbird.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder
 from hbird.encoders.checkpoints import hbird_checkpoint_options, load_weights
+from hbird.encoders.hub import published_weights
 
 
 def timm_mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -83,7 +84,10 @@ def build_timm_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.M
 
     options = {"num_classes": 0, "dynamic_img_size": True, **kwargs}
     try:
-        return timm.create_model(name, pretrained=pretrained, **options)
+        if not pretrained:
+            return timm.create_model(name, **options)
+        with published_weights(name):
+            return timm.create_model(name, pretrained=True, **options)
     except TypeError as err:
         raise ValueError(
             f"timm could not build {name!r} with options {options} ({err}); hbird supports "
