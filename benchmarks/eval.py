@@ -62,8 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-
-
 def make_fixture(root: Path, args: argparse.Namespace) -> str:
     scenes = make_scenes(args.prompt + args.queries, seed=0, num_classes=args.classes,
                          size=tuple(args.scene_size))  # fmt: skip

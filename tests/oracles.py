@@ -32,7 +32,9 @@ def assert_same_neighbours(
     """
     assert sims.shape == ids.shape == want_sims.shape == want_ids.shape
     torch.testing.assert_close(sims, want_sims, atol=atol, rtol=rtol)
-    for row, (got, want, ref) in enumerate(zip(ids.tolist(), want_ids.tolist(), want_sims.tolist())):
+    for row, (got, want, ref) in enumerate(
+        zip(ids.tolist(), want_ids.tolist(), want_sims.tolist())
+    ):
         if got == want:
             continue
         start = 0
@@ -60,7 +62,10 @@ def eq1_weights(queries: torch.Tensor, keys: torch.Tensor, beta: float) -> torch
 
 
 def miou(
-    preds: list[torch.Tensor], targets: list[torch.Tensor], num_classes: int, ignore_index: int = 255
+    preds: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    num_classes: int,
+    ignore_index: int = 255,
 ) -> float:
     """Mean over classes present in the predictions or targets of ``|P ∩ T| / |P ∪ T|``.
 

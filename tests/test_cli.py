@@ -204,8 +204,21 @@ def test_demo_runs_offline_and_says_what_it_is(tmp_path, capsys):
 
 def run_eval(dataset, out, *extra):
     """``hbird eval`` with the quick preset and test_vit; returns the exit code."""
-    args = ["eval", "--encoder", "test_vit", "--dataset", dataset, "--preset", "quick",
-            "--out", str(out), "--quiet", "layers=0", "image_size=64", *extra]  # fmt: skip
+    args = [
+        "eval",
+        "--encoder",
+        "test_vit",
+        "--dataset",
+        dataset,
+        "--preset",
+        "quick",
+        "--out",
+        str(out),
+        "--quiet",
+        "layers=0",
+        "image_size=64",
+        *extra,
+    ]
     return main(args)
 
 
@@ -266,8 +279,12 @@ def _linear_points_train_one_epoch(out):
     # --epochs 1: the probe is trained for 1 epoch on the subset and on the whole prompt,
     # not along the default curve of 1, 2, 5 and 10 epochs
     points = [(r["method"], r["fraction"], r["epochs"]) for r in _rows(out / "fast_adaptation.csv")]
-    assert points == [("retrieval", "1/4", ""), ("retrieval", "1/1", ""),
-                      ("linear", "1/4", "1"), ("linear", "1/1", "1")]  # fmt: skip
+    assert points == [
+        ("retrieval", "1/4", ""),
+        ("retrieval", "1/1", ""),
+        ("linear", "1/4", "1"),
+        ("linear", "1/1", "1"),
+    ]
 
 
 @pytest.mark.parametrize(

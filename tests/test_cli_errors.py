@@ -14,15 +14,48 @@ from hbird.data.synthetic import make_scenes, write_scene_folder
 from hbird.errors import InputError
 from hbird.index import create_index
 
-FAST = ["--task", "segmentation", "--encoder", "test_vit", "--layers", "0",
-        "--image-size", "32", "--quiet"]  # fmt: skip
+FAST = [
+    "--task",
+    "segmentation",
+    "--encoder",
+    "test_vit",
+    "--layers",
+    "0",
+    "--image-size",
+    "32",
+    "--quiet",
+]
 PREDICT = ["predict", "--prompt", "{prompt}", "--query", "{query}", *FAST]
 BANK = ["bank", "build", "--prompt", "{prompt}", *FAST]
-EVAL = ["eval", "--encoder", "test_vit", "--dataset", "{dataset}", "--preset", "quick",
-        "--quiet", "layers=0", "image_size=32"]  # fmt: skip
-FUNGI = ["fungi", "knn", "--encoder", "test_vit", "--dataset",
-         "synthetic:train=6:val=3:classes=2:size=32", "--image-size", "32", "--shots", "0",
-         "--k", "2", "--losses", "kl", "--quiet"]  # fmt: skip
+EVAL = [
+    "eval",
+    "--encoder",
+    "test_vit",
+    "--dataset",
+    "{dataset}",
+    "--preset",
+    "quick",
+    "--quiet",
+    "layers=0",
+    "image_size=32",
+]
+FUNGI = [
+    "fungi",
+    "knn",
+    "--encoder",
+    "test_vit",
+    "--dataset",
+    "synthetic:train=6:val=3:classes=2:size=32",
+    "--image-size",
+    "32",
+    "--shots",
+    "0",
+    "--k",
+    "2",
+    "--losses",
+    "kl",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +169,7 @@ CASES = {
     "eval temperature=0": ([*EVAL, "temperature=0", "--out", "{out}"], ["temperature", "> 0"], []),
     "eval malformed preset": (
         ["eval", "--encoder", "test_vit", "--dataset", "{dataset}", "--preset", "{bad_yaml}",
-         "--out", "{out}", "--quiet"],  # fmt: skip
+         "--out", "{out}", "--quiet"],
         ["bad.yaml", "not valid YAML", "line 2"], [],
     ),
     "eval --seeds abc": (
@@ -160,7 +193,7 @@ CASES = {
     ),
     "predict huge query": (
         ["predict", "--prompt", "{prompt}", "--query", "{big}", "--out", "{out}", *FAST,
-         "--max-pixels", "2000"],  # fmt: skip
+         "--max-pixels", "2000"],
         ["big.png", "2,000 pixels", "80x64", "--max-pixels"], [],
     ),
     "bank build huge prompt": (
@@ -216,7 +249,7 @@ def test_bad_input_gives_one_message_and_leaves_nothing(name, files, tmp_path, c
         [*BANK, "--out", "{out}"],
         [*EVAL, "--out", "{out}"],
         ["demo", "--out", "{out}", "--quiet"],
-    ],  # fmt: skip
+    ],
     ids=["predict", "bank build", "eval", "demo"],
 )
 def test_read_only_out_is_refused_before_any_work(argv, files, read_only, capsys):

@@ -109,8 +109,11 @@ def test_skip_bad_skips_and_lists_bad_queries(bank, bad_queries, tmp_path, capsy
     captured = capsys.readouterr()
     assert "query_0002.png" in captured.err and "notes.jpg" in captured.err
     assert sorted(p.name for p in out.glob("query_*.png")) == [
-        "query_0000.png", "query_0000_overlay.png", "query_0001.png", "query_0001_overlay.png",
-    ]  # fmt: skip
+        "query_0000.png",
+        "query_0000_overlay.png",
+        "query_0001.png",
+        "query_0001_overlay.png",
+    ]
     settings = json.loads((out / "settings.json").read_text())
     assert sorted(settings["skipped"]) == [
         str(bad_queries / "notes.jpg"),
@@ -242,10 +245,17 @@ def test_fungi_knn_warns_about_a_single_class(tmp_path, capsys, scenes):
 def test_resume_without_a_run_is_refused(tmp_path):
     out = tmp_path / "typo"
     cfg = PretrainConfig(
-        objective="hummingbird", objective_options=tiny_options("hummingbird"), arch=TINY_ARCH,
-        model_kwargs=TINY_VIT_KWARGS, steps=1, batch_size=4, crop_size=32, num_workers=0,
-        out=str(out), resume=True,
-    )  # fmt: skip
+        objective="hummingbird",
+        objective_options=tiny_options("hummingbird"),
+        arch=TINY_ARCH,
+        model_kwargs=TINY_VIT_KWARGS,
+        steps=1,
+        batch_size=4,
+        crop_size=32,
+        num_workers=0,
+        out=str(out),
+        resume=True,
+    )
     trainer = Trainer(cfg, images=SyntheticImages(n=4, seed=0, size=48), log=lambda _: None)
     with pytest.raises(InputError, match=r"--resume: .*typo holds no run to continue"):
         trainer.fit()

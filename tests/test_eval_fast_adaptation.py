@@ -12,8 +12,18 @@ from hbird.errors import InputError
 from hbird.eval.fast_adaptation import fast_adaptation
 from oracles import retrieval_miou
 
-FAST = dict(layers=0, image_size=64, k=10, temperature=0.05, memory_size=None,
-            aug_epochs=1, index="exact", batch_size=4, overlays=0, max_queries=4)  # fmt: skip
+FAST = dict(
+    layers=0,
+    image_size=64,
+    k=10,
+    temperature=0.05,
+    memory_size=None,
+    aug_epochs=1,
+    index="exact",
+    batch_size=4,
+    overlays=0,
+    max_queries=4,
+)
 PREDICTOR = ("layers", "image_size", "k", "temperature", "memory_size", "aug_epochs", "index")
 SWEEP = dict(fractions=("1/8", "1/4", "1/2"), linear_epochs=(1, 3), lr=0.1, patch_batch_size=128)
 
@@ -43,8 +53,13 @@ def test_timings_are_seconds_within_the_sweeps_wall_clock(sweep):
 
 def test_writes_curves_and_memory_grows(dataset, sweep):
     out, report, _ = sweep
-    for name in ("fast_adaptation.json", "fast_adaptation.csv", "fast_adaptation.png",
-                 "fast_adaptation_fraction.png", "summary.md"):  # fmt: skip
+    for name in (
+        "fast_adaptation.json",
+        "fast_adaptation.csv",
+        "fast_adaptation.png",
+        "fast_adaptation_fraction.png",
+        "summary.md",
+    ):
         assert (out / name).is_file(), name
     retrieval = [p for p in report.points if p.method == "retrieval"]
     assert [p.fraction for p in retrieval] == ["1/8", "1/4", "1/2"]
@@ -78,19 +93,40 @@ def test_retrieval_points_are_the_protocol_on_the_subset(dataset, sweep):
 
 def test_rerun_keeps_finished_points_and_refuses_other_settings(tmp_path, dataset):
     out = tmp_path / "fast"
-    first = fast_adaptation("test_vit", dataset, out=out, progress=False, compare_linear=False,
-                            fractions=("1/8", "1/4"), **FAST)  # fmt: skip
+    first = fast_adaptation(
+        "test_vit",
+        dataset,
+        out=out,
+        progress=False,
+        compare_linear=False,
+        fractions=("1/8", "1/4"),
+        **FAST,
+    )
     assert {p.method for p in first.points} == {"retrieval"}
-    second = fast_adaptation("test_vit", dataset, out=out, progress=False, compare_linear=False,
-                             fractions=("1/8", "1/4", "1/2"), **FAST)  # fmt: skip
+    second = fast_adaptation(
+        "test_vit",
+        dataset,
+        out=out,
+        progress=False,
+        compare_linear=False,
+        fractions=("1/8", "1/4", "1/2"),
+        **FAST,
+    )
     # timings are measured once: identical seconds prove the points were reused, not re-run
     assert [p.adapt_seconds for p in second.points[:2]] == [p.adapt_seconds for p in first.points]
     assert len(second.points) == 3
     saved = json.loads((out / "fast_adaptation.json").read_text())
     assert [p["fraction"] for p in saved["points"]] == ["1/8", "1/4", "1/2"]
     with pytest.raises(InputError, match="other settings"):
-        fast_adaptation("test_vit", dataset, out=out, progress=False, compare_linear=False,
-                        fractions=("1/8",), **dict(FAST, k=5))  # fmt: skip
+        fast_adaptation(
+            "test_vit",
+            dataset,
+            out=out,
+            progress=False,
+            compare_linear=False,
+            fractions=("1/8",),
+            **dict(FAST, k=5),
+        )
 
 
 WARM_UP_CHECK = """

@@ -13,8 +13,18 @@ from hbird.eval.fractions import evaluate_fractions, fraction_folder, mean_std
 from hbird.predictor import InContextPredictor
 from oracles import retrieval_miou
 
-FAST = dict(layers=0, image_size=64, k=10, temperature=0.05, memory_size=None,
-            aug_epochs=1, index="exact", batch_size=4, overlays=0, max_queries=4)  # fmt: skip
+FAST = dict(
+    layers=0,
+    image_size=64,
+    k=10,
+    temperature=0.05,
+    memory_size=None,
+    aug_epochs=1,
+    index="exact",
+    batch_size=4,
+    overlays=0,
+    max_queries=4,
+)
 FRACTIONS, SEEDS = ("1/8", "1/2", "1/1"), (1, 2)
 PREDICTOR = ("layers", "image_size", "k", "temperature", "memory_size", "aug_epochs", "index")
 

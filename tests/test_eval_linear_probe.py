@@ -93,15 +93,35 @@ def test_run_folder_and_comparison_table(tmp_path, folders):
         and "k =" not in summary
     )
 
-    retrieval = evaluate("test_vit", right, progress=False, k=10, temperature=0.05, memory_size=None,
-                         aug_epochs=1, index="exact", **FAST)  # fmt: skip
+    retrieval = evaluate(
+        "test_vit",
+        right,
+        progress=False,
+        k=10,
+        temperature=0.05,
+        memory_size=None,
+        aug_epochs=1,
+        index="exact",
+        **FAST,
+    )
     table = compare_reports({"retrieval": retrieval, "linear probe": linear}).splitlines()
-    assert table[0] == ("| method | miou | pixel_accuracy | mean_class_accuracy | prompt images | set-up s "
-                        "| s / query |")  # fmt: skip
+    assert table[0] == (
+        "| method | miou | pixel_accuracy | mean_class_accuracy | prompt images | set-up s "
+        "| s / query |"
+    )
     assert table[2].startswith(f"| retrieval | {retrieval.metrics['miou']:.4f} |")
     assert table[3].startswith(f"| linear probe | {linear.metrics['miou']:.4f} |")
-    depth = evaluate("test_vit", right.replace("segmentation", "depth"), progress=False, max_queries=1,
-                     k=10, memory_size=None, aug_epochs=1, index="exact", **FAST)  # fmt: skip
+    depth = evaluate(
+        "test_vit",
+        right.replace("segmentation", "depth"),
+        progress=False,
+        max_queries=1,
+        k=10,
+        memory_size=None,
+        aug_epochs=1,
+        index="exact",
+        **FAST,
+    )
     with pytest.raises(ValueError, match="different tasks"):
         compare_reports({"a": retrieval, "b": depth})
 

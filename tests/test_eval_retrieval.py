@@ -9,8 +9,17 @@ from hbird.data.datasets import create_dataset
 from hbird.errors import InputError
 from hbird.eval import evaluate, parse_overrides, resolve_config
 
-FAST = dict(layers=0, image_size=64, k=10, temperature=0.05, memory_size=None,
-            aug_epochs=1, index="exact", batch_size=4, overlays=3)  # fmt: skip
+FAST = dict(
+    layers=0,
+    image_size=64,
+    k=10,
+    temperature=0.05,
+    memory_size=None,
+    aug_epochs=1,
+    index="exact",
+    batch_size=4,
+    overlays=3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +80,26 @@ def test_auto_above_the_exact_limit_searches_with_ivfpq(dataset, monkeypatch):
     import hbird.index
 
     monkeypatch.setattr(hbird.index, "AUTO_EXACT_MAX", 1000)  # below this bank's 1600 entries
-    report = evaluate("test_vit", dataset, progress=False, **dict(FAST, index="auto", max_queries=1))
+    report = evaluate(
+        "test_vit", dataset, progress=False, **dict(FAST, index="auto", max_queries=1)
+    )
     assert report.search["kind"] == "ivfpq" and report.search["ntotal"] == 1600
 
 
 def test_summary_names_what_auto_resolved_to():
     from hbird.eval.report import search_text
 
-    built = {"kind": "ivfpq", "dim": 8, "ntotal": 50_000, "is_trained": True, "nlist": 894,
-             "nprobe": 32, "k_factor": 32, "expected_size": 50_000, "seed": 0}  # fmt: skip
+    built = {
+        "kind": "ivfpq",
+        "dim": 8,
+        "ntotal": 50_000,
+        "is_trained": True,
+        "nlist": 894,
+        "nprobe": 32,
+        "k_factor": 32,
+        "expected_size": 50_000,
+        "seed": 0,
+    }
     assert search_text("auto", built) == "auto → ivfpq (nlist 894, nprobe 32, k_factor 32)"
     assert search_text("exact", {"kind": "exact", "chunk_size": 16384}) == "exact"
     assert search_text("auto", {}) == "auto"

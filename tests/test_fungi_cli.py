@@ -20,20 +20,30 @@ def test_knn_prints_the_table_and_writes_json(tmp_path, capsys):
     args = parse(
         [
             "knn",
-            "--encoder", "test_vit",
-            "--dataset", "synthetic:train=16:val=8:classes=4:size=32",
-            "--image-size", "32",
-            "--losses", "kl,simclr",
-            "--preset", "fast",
-            "--loss-option", "simclr.num_negative_inputs=4",
-            "--loss-option", "dino.num_local=2",
-            "--shots", "2",
-            "--k", "5",
+            "--encoder",
+            "test_vit",
+            "--dataset",
+            "synthetic:train=16:val=8:classes=4:size=32",
+            "--image-size",
+            "32",
+            "--losses",
+            "kl,simclr",
+            "--preset",
+            "fast",
+            "--loss-option",
+            "simclr.num_negative_inputs=4",
+            "--loss-option",
+            "dino.num_local=2",
+            "--shots",
+            "2",
+            "--k",
+            "5",
             "--retrieval",
             "--quiet",
-            "--out", str(out),
+            "--out",
+            str(out),
         ]
-    )  # fmt: skip
+    )
     assert fungi.run(args) == 0
     printed = capsys.readouterr().out
     assert "embedding + kl + simclr" in printed and "2-shot" in printed

@@ -45,7 +45,10 @@ def index_param_flag(text):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: index_param_flag("k_factor"), r"--index-param: 'k_factor' is not key=value \(e\.g\. k_factor=16\)"),
+        (
+            lambda: index_param_flag("k_factor"),
+            r"--index-param: 'k_factor' is not key=value \(e\.g\. k_factor=16\)",
+        ),
         (lambda: parse_overrides(["=3"]), r"eval override: '=3' is not key=value \(e\.g\. k=50\)"),
         (lambda: parse_spec("voc:split"), r"dataset spec 'voc:split'.*e\.g\. 'voc:root="),
     ],

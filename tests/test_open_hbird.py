@@ -73,8 +73,9 @@ def fitted(**settings) -> InContextPredictor:
     )
     mask = torch.zeros(16, 16, dtype=torch.long)
     mask[:, 8:] = 1
-    return p.fit([torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))], [mask],
-                 num_classes=3)  # fmt: skip
+    return p.fit(
+        [torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))], [mask], num_classes=3
+    )
 
 
 def test_preset_sets_the_peers_processing():
@@ -204,9 +205,25 @@ def test_bad_normalize_names_the_forms():
 
 def test_cli_flags_come_from_the_spec_fields():
     args = build_parser().parse_args(
-        ["predict", "--prompt", "p", "--query", "q", "--out", "o", "--key-dtype", "float32", "--augment-first-epoch",
-         "--normalize", PEER_NORMALIZE, "--resize", "square", "--label-pooling", "ignore_as_class0"]
-    )  # fmt: skip
+        [
+            "predict",
+            "--prompt",
+            "p",
+            "--query",
+            "q",
+            "--out",
+            "o",
+            "--key-dtype",
+            "float32",
+            "--augment-first-epoch",
+            "--normalize",
+            PEER_NORMALIZE,
+            "--resize",
+            "square",
+            "--label-pooling",
+            "ignore_as_class0",
+        ]
+    )
     assert given_settings(args, BankSpec) == {
         "key_dtype": "float32",
         "augment_first_epoch": True,

@@ -25,11 +25,29 @@ def parse(*argv):
 def test_tiny_run_writes_an_encoder_and_metrics(tmp_path, capsys):
     out = tmp_path / "run"
     args = parse(
-        "--tiny", *DATA, "--out", str(out), "--steps", "2", "--batch-size", "8",
-        "--crop-size", "32", "--log-every", "1", "-O", "contextualize=false", "-O", "pooling=mean",
-        "--eval-prompt", "synthetic:n=3:seed=1:size=48", "--eval-query", "synthetic:n=2:seed=2:size=48",
-        "--eval-image-size", "48",
-    )  # fmt: skip
+        "--tiny",
+        *DATA,
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--crop-size",
+        "32",
+        "--log-every",
+        "1",
+        "-O",
+        "contextualize=false",
+        "-O",
+        "pooling=mean",
+        "--eval-prompt",
+        "synthetic:n=3:seed=1:size=48",
+        "--eval-query",
+        "synthetic:n=2:seed=2:size=48",
+        "--eval-image-size",
+        "48",
+    )
     assert cli.run(args) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["arch"] == TINY_ARCH and saved["model_kwargs"] == TINY_VIT_KWARGS
@@ -80,12 +98,33 @@ def _free_port():
 @pytest.mark.parametrize("module", ["hbird.cli.pretrain", "hbird.cli"])
 def test_torchrun_two_cpu_processes(tmp_path, module):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port", str(_free_port()), "-m", module]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        module,
+    ]
     if module == "hbird.cli":
         command.append("pretrain")
-    command += ["--tiny", *DATA, "--out", str(out), "--steps", "2", "--batch-size", "8",
-                "--crop-size", "32", "--log-every", "1"]  # fmt: skip
+    command += [
+        "--tiny",
+        *DATA,
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--crop-size",
+        "32",
+        "--log-every",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -30,7 +30,9 @@ def test_image_folder_with_class_subfolders(tmp_path):
     write_png(tmp_path / "dog" / "c.jpg", 30)
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     ds = create_image_dataset(f"imagefolder:root={tmp_path}")
-    assert isinstance(ds.dataset, ImageFolderDataset) and ds.classes == ("cat", "dog") and len(ds) == 3
+    assert (
+        isinstance(ds.dataset, ImageFolderDataset) and ds.classes == ("cat", "dog") and len(ds) == 3
+    )
     labels = [ds[i][1] for i in range(3)]
     assert labels == [0, 0, 1]
     image, _ = ds[0]

@@ -31,9 +31,10 @@ def test_more_workers_than_cores_are_capped_and_said(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     lines = []
     trainer = Trainer(
-        tiny_config(tmp_path, num_workers=6), images=SyntheticImages(n=8, seed=0, size=32),
+        tiny_config(tmp_path, num_workers=6),
+        images=SyntheticImages(n=8, seed=0, size=32),
         log=lines.append,
-    )  # fmt: skip
+    )
     assert trainer.loader.num_workers == 1
     assert any("num_workers 6" in line and "using 1" in line for line in lines)
 
@@ -63,9 +64,10 @@ def test_cpu_training_threads_and_workers_fit_in_the_cores(tmp_path, monkeypatch
     try:
         threads_while_logging = []
         trainer = Trainer(
-            tiny_config(tmp_path), images=SyntheticImages(n=8, seed=0, size=32),
+            tiny_config(tmp_path),
+            images=SyntheticImages(n=8, seed=0, size=32),
             log=lambda line: threads_while_logging.append(torch.get_num_threads()),
-        )  # fmt: skip
+        )
         trainer.fit()
         assert threads_while_logging and set(threads_while_logging) == {1}  # 1 core, 0 workers
         assert torch.get_num_threads() == 2  # restored

@@ -181,8 +181,14 @@ def test_an_existing_run_is_not_overwritten(finished_run, images):
     )
     with pytest.raises(InputError, match="--resume"):
         again.fit()
-    other = PretrainConfig(**{**trainer.config.to_dict(), "objective": "co2", "resume": True,
-                              "objective_options": tiny_options("co2")})  # fmt: skip
+    other = PretrainConfig(
+        **{
+            **trainer.config.to_dict(),
+            "objective": "co2",
+            "resume": True,
+            "objective_options": tiny_options("co2"),
+        }
+    )
     with pytest.raises(InputError, match="does not fit|trained with"):
         Trainer(other, images=images, log=lambda _: None).fit()
 

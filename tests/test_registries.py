@@ -233,9 +233,11 @@ def folder_case(root: Path):
 
 def synthetic_case(root: Path):
     scenes = make_scenes(3, seed=6, num_classes=5, size=(32, 32), noise=0.0)
-    return "synthetic:n=3:seed=6:size=32:classes=5:noise=0.0", [
-        "synthetic_00000", "synthetic_00001", "synthetic_00002"
-    ], scenes[0].mask  # fmt: skip
+    return (
+        "synthetic:n=3:seed=6:size=32:classes=5:noise=0.0",
+        ["synthetic_00000", "synthetic_00001", "synthetic_00002"],
+        scenes[0].mask,
+    )
 
 
 def imagefolder_case(root: Path):

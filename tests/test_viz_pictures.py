@@ -168,8 +168,11 @@ def test_depth_panel_has_a_colour_bar_in_metres_over_the_ground_truth_range(tmp_
     assert depth_scale["label"] == "depth (m)"
     assert depth_scale["vmin"] == pytest.approx(lo) and depth_scale["vmax"] == pytest.approx(hi)
     assert confidence_scale == {
-        "label": "top neighbour weight", "vmin": 0.0, "vmax": 1.0, "cmap": "viridis"
-    }  # fmt: skip
+        "label": "top neighbour weight",
+        "vmin": 0.0,
+        "vmax": 1.0,
+        "cmap": "viridis",
+    }
     arr = np.asarray(img.convert("RGB"))
     bar = tiles_top(arr, 164, 324) + 160 + 4  # first row of the bars, under the tiles
     # one depth bar spans ground truth and prediction (x 164..487), the confidence bar

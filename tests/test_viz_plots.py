@@ -62,8 +62,11 @@ def shown_x_labels(fig) -> list[tuple[str, float, float]]:
 def test_fraction_axis_is_labelled_with_the_fractions_and_nothing_overlaps(fractions):
     fig = curves_figure(
         {"retrieval": (fractions, np.linspace(10, 50, len(fractions)), None)},
-        "fraction of the prompt split", "mIoU", logx=True, fraction_ticks=True,
-    )  # fmt: skip
+        "fraction of the prompt split",
+        "mIoU",
+        logx=True,
+        fraction_ticks=True,
+    )
     labels = sorted(shown_x_labels(fig), key=lambda label: label[1])
     expected = {1 / 128: "1/128", 1 / 64: "1/64", 1 / 32: "1/32", 1 / 16: "1/16", 1 / 8: "1/8"}
     assert [text for text, _, _ in labels] == [expected[f] for f in fractions]

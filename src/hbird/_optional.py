@@ -27,5 +27,7 @@ def require(module: str, feature: str) -> ModuleType:
     if not is_available(module):
         extra = _EXTRA_OF.get(module)
         hint = f'pip install "hbird[{extra}]"' if extra else f"pip install {module}"
-        raise ImportError(f"{feature} needs the optional package {module!r}; install it with: {hint}")
+        raise ImportError(
+            f"{feature} needs the optional package {module!r}; install it with: {hint}"
+        )
     return importlib.import_module(module)

@@ -34,7 +34,9 @@ class LabelSpec:
 
     def __post_init__(self) -> None:
         if self.task not in ("segmentation", "depth", "regression"):
-            raise ValueError(f"task must be 'segmentation', 'depth' or 'regression', not {self.task!r}")
+            raise ValueError(
+                f"task must be 'segmentation', 'depth' or 'regression', not {self.task!r}"
+            )
         if self.task == "segmentation":
             if self.num_classes is None or self.num_classes < 1:
                 raise ValueError("segmentation needs num_classes >= 1")

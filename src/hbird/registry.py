@@ -84,9 +84,10 @@ def check_options(
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return  # it checks its own
     takes = [
-        n for n, p in params.items()
+        n
+        for n, p in params.items()
         if n not in ("self", *fixed) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    ]  # fmt: skip
+    ]
     unknown = sorted(set(options) - set(takes))
     if unknown:
         raise InputError(

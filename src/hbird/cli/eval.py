@@ -34,9 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, help="run folder (resumable); without it nothing is written"
     )
     parser.add_argument(
-        "--protocol", choices=["retrieval", "linear", "fast-adaptation"], default="retrieval",
+        "--protocol",
+        choices=["retrieval", "linear", "fast-adaptation"],
+        default="retrieval",
         help="retrieval (default), linear probe baseline, or fast-adaptation curves",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--fractions", help="data-efficiency sweep, e.g. 1/128,1/64,1/32 (retrieval protocol)"
     )
@@ -83,16 +85,25 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output(args.out, "--out")
     config = config_from_args(args)
-    common = dict(out=args.out, preset=args.preset, overrides=parse_overrides(args.overrides),
-                  progress=not args.quiet, **config)  # fmt: skip
+    common = dict(
+        out=args.out,
+        preset=args.preset,
+        overrides=parse_overrides(args.overrides),
+        progress=not args.quiet,
+        **config,
+    )
     encoder = getattr(args, "encoder", None)
     if args.protocol == "linear":
         from hbird.eval.linear_probe import linear_probe
 
         report = linear_probe(
-            encoder, args.dataset, epochs=10 if args.epochs is None else args.epochs, lr=args.lr,
-            patch_batch_size=args.patch_batch_size, **common,
-        )  # fmt: skip
+            encoder,
+            args.dataset,
+            epochs=10 if args.epochs is None else args.epochs,
+            lr=args.lr,
+            patch_batch_size=args.patch_batch_size,
+            **common,
+        )
         print(report.summary())
         return 0
     if args.protocol == "fast-adaptation":
@@ -100,10 +111,14 @@ def run(args: argparse.Namespace) -> int:
 
         fractions = args.fractions.split(",") if args.fractions else ("1/64", "1/16", "1/4", "1/1")
         result = fast_adaptation(
-            encoder, args.dataset, fractions=fractions, lr=args.lr,
+            encoder,
+            args.dataset,
+            fractions=fractions,
+            lr=args.lr,
             linear_epochs=DEFAULT_LINEAR_EPOCHS if args.epochs is None else [args.epochs],
-            patch_batch_size=args.patch_batch_size, **common,
-        )  # fmt: skip
+            patch_batch_size=args.patch_batch_size,
+            **common,
+        )
         print(result.summary())
         return 0
     if args.fractions:

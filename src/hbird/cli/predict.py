@@ -283,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
     finally:  # stopped by an error or Ctrl-C too: what was written is recorded
         if args.out.is_dir():
             write_json(settings, {**record, "outputs": outputs, "skipped": skipped})
-    print(f"wrote {written} prediction(s) to {args.out}" + (
-        f"; skipped {len(skipped)} bad file(s), listed in its settings.json" if skipped else ""
-    ))  # fmt: skip
+    print(
+        f"wrote {written} prediction(s) to {args.out}"
+        + (f"; skipped {len(skipped)} bad file(s), listed in its settings.json" if skipped else "")
+    )
     return 0

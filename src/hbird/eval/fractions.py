@@ -108,24 +108,43 @@ class FractionsReport:
         rows = []
         for row in self.rows:
             stats = {m: row.mean_std(m) for m in self.metric_names}
-            rows.append({
-                "fraction": row.fraction, "value": row.value, "prompt_images": row.prompt_images,
-                "mean": {m: s[0] for m, s in stats.items()}, "std": {m: s[1] for m, s in stats.items()},
-                "per_seed": {str(k): v for k, v in row.per_seed.items()},
-                "runs": {str(k): v for k, v in row.runs.items()},
-            })  # fmt: skip
+            rows.append(
+                {
+                    "fraction": row.fraction,
+                    "value": row.value,
+                    "prompt_images": row.prompt_images,
+                    "mean": {m: s[0] for m, s in stats.items()},
+                    "std": {m: s[1] for m, s in stats.items()},
+                    "per_seed": {str(k): v for k, v in row.per_seed.items()},
+                    "runs": {str(k): v for k, v in row.runs.items()},
+                }
+            )
         return {
-            "task": self.task, "dataset": self.dataset, "metric": self.metric, "config": self.config,
-            "seeds": list(self.seeds), "std": "sample standard deviation over seeds (n - 1)",
-            "fractions": rows, "notes": self.notes,
-        }  # fmt: skip
+            "task": self.task,
+            "dataset": self.dataset,
+            "metric": self.metric,
+            "config": self.config,
+            "seeds": list(self.seeds),
+            "std": "sample standard deviation over seeds (n - 1)",
+            "fractions": rows,
+            "notes": self.notes,
+        }
 
     def csv(self) -> str:
         """One row per (fraction, metric): mean, std and every seed's value."""
         buf = io.StringIO()
         writer = csv.writer(buf)
-        writer.writerow(["fraction", "fraction_value", "prompt_images", "metric", "mean", "std",
-                         *(f"seed_{s}" for s in self.seeds)])  # fmt: skip
+        writer.writerow(
+            [
+                "fraction",
+                "fraction_value",
+                "prompt_images",
+                "metric",
+                "mean",
+                "std",
+                *(f"seed_{s}" for s in self.seeds),
+            ]
+        )
         for row in self.rows:
             for m in self.metric_names:
                 mean, std = row.mean_std(m)
@@ -257,9 +276,14 @@ def evaluate_fractions(
                 _pin_subset(out / run / SUBSET_FILE, [names[i] for i in indices])
             if tuple(indices) not in done:
                 report = evaluate(
-                    model, (prompt.subset(indices), queries), out=out / run if out is not None else None,
-                    preset=preset, overrides=overrides, progress=progress, **run_config,
-                )  # fmt: skip
+                    model,
+                    (prompt.subset(indices), queries),
+                    out=out / run if out is not None else None,
+                    preset=preset,
+                    overrides=overrides,
+                    progress=progress,
+                    **run_config,
+                )
                 task, headline = report.task, report.headline[0]
                 done[tuple(indices)] = (scalar_metrics(report.metrics), run)
             metrics, source = done[tuple(indices)]
@@ -270,18 +294,24 @@ def evaluate_fractions(
     notes = [
         "Class ids are predicted directly and scored as they are: no Hungarian matching; classes absent "
         "from both ground truth and predictions are left out of each run's mean (see the runs' summaries)."
-        if task == "segmentation" else "Depth metrics over valid pixels (see the runs' summaries).",
+        if task == "segmentation"
+        else "Depth metrics over valid pixels (see the runs' summaries).",
         f"Runs: fractions/<fraction>/seed_<seed>/ (subset in {SUBSET_FILE}, report in summary.md).",
-    ]  # fmt: skip
+    ]
     if shared:
         notes.append(
             f"{shared} fraction(s) drew the same images for several seeds (e.g. 1/1); such subsets are "
             "evaluated once, so their standard deviation is 0."
         )
     result = FractionsReport(
-        task=task, dataset=description, metric=headline,
-        config={**cfg.to_dict(), "preset": preset}, seeds=tuple(int(s) for s in seeds), rows=rows, notes=notes,
-    )  # fmt: skip
+        task=task,
+        dataset=description,
+        metric=headline,
+        config={**cfg.to_dict(), "preset": preset},
+        seeds=tuple(int(s) for s in seeds),
+        rows=rows,
+        notes=notes,
+    )
     if out is not None:
         result.write(out)
     return result

@@ -37,8 +37,19 @@ def search_text(setting: Any, search: dict[str, Any]) -> str:
     """The index a report searched with: the setting, and what it resolved to when built."""
     if not search:
         return str(setting)
-    skip = {"kind", "dim", "ntotal", "is_trained", "expected_size", "seed", "train_size",
-            "chunk_size", "query_chunk_size", "factory", "keys_dtype"}  # fmt: skip
+    skip = {
+        "kind",
+        "dim",
+        "ntotal",
+        "is_trained",
+        "expected_size",
+        "seed",
+        "train_size",
+        "chunk_size",
+        "query_chunk_size",
+        "factory",
+        "keys_dtype",
+    }
     params = ", ".join(f"{k} {v}" for k, v in search.items() if k not in skip and v is not None)
     built = search["kind"] + (f" ({params})" if params else "")
     return built if setting == search["kind"] else f"{setting} → {built}"
@@ -50,10 +61,15 @@ def save_picture(out: Path, sample: Any, pred: Any, spec: LabelSpec) -> str:
 
     path = out / "pictures" / f"{sample.name}.png"
     save_prediction_panel(
-        path, sample.image, pred.labels, sample.label,
+        path,
+        sample.image,
+        pred.labels,
+        sample.label,
         kind="segmentation" if spec.is_classification else "depth",
-        confidence=pred.confidence, ignore_index=spec.ignore_index, class_names=spec.class_names,
-    )  # fmt: skip
+        confidence=pred.confidence,
+        ignore_index=spec.ignore_index,
+        class_names=spec.class_names,
+    )
     return path.relative_to(out).as_posix()
 
 
@@ -188,9 +204,10 @@ def compare_reports(reports: dict[str, Report]) -> str:
         raise ValueError(f"cannot compare reports of different tasks in one table: {sorted(tasks)}")
     first = next(iter(reports.values()))
     columns = [
-        k for k, v in first.metrics.items()
+        k
+        for k, v in first.metrics.items()
         if isinstance(v, int | float) and all(k in r.metrics for r in reports.values())
-    ]  # fmt: skip
+    ]
     head = ["method", *columns, "prompt images", "set-up s", "s / query"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, report in reports.items():

@@ -245,8 +245,14 @@ class MultiCrop:
             )
         side = self.image_size
         for b in boxes:
-            if not (0 <= b.top and 0 <= b.left and 0 < b.height and 0 < b.width
-                    and b.top + b.height <= side and b.left + b.width <= side):  # fmt: skip
+            if not (
+                0 <= b.top
+                and 0 <= b.left
+                and 0 < b.height
+                and 0 < b.width
+                and b.top + b.height <= side
+                and b.left + b.width <= side
+            ):
                 raise ValueError(f"crop box {b} does not fit the {side}×{side} canvas")
         return boxes
 

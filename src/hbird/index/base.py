@@ -124,9 +124,12 @@ class VectorIndex(abc.ABC):
             self._train_and_say(keys, progress)
         n = keys.shape[0]
         with tqdm(
-            total=n, desc=f"indexing ({self.kind})", unit="key", unit_scale=True,
+            total=n,
+            desc=f"indexing ({self.kind})",
+            unit="key",
+            unit_scale=True,
             disable=not progress or n <= chunk_size,
-        ) as bar:  # fmt: skip
+        ) as bar:
             for start in range(0, n, chunk_size):
                 chunk = keys[start : start + chunk_size]
                 self._add(chunk)
@@ -171,8 +174,13 @@ class VectorIndex(abc.ABC):
                     sample.append(chunk[rows[lo:hi] - start])
                 start = stop
             self._train_and_say(torch.cat(sample), progress)
-        bar = tqdm(total=n, desc=f"indexing ({self.kind})", unit="key", unit_scale=True,
-                   disable=not progress)  # fmt: skip
+        bar = tqdm(
+            total=n,
+            desc=f"indexing ({self.kind})",
+            unit="key",
+            unit_scale=True,
+            disable=not progress,
+        )
         with bar:
             for chunk in chunks():
                 chunk = as_key_matrix(chunk, self.dim, "fill_from(chunks)")

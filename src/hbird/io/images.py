@@ -148,14 +148,18 @@ def load_mask(path: str | Path) -> torch.Tensor:
         arr = np.asarray(img)
     elif img.mode in ("RGB", "RGBA"):
         arr = np.asarray(img)
-        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+        if not (
+            np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+        ):
             raise InputError(
                 f"mask {path} is a colour (RGB) image; masks must hold class ids as pixel values. "
                 "Save it as a palette ('P') or grayscale ('L') PNG whose pixel values are class ids"
             )
         arr = arr[..., 0]
     else:
-        raise InputError(f"mask {path} has unsupported mode {img.mode!r}; save it as a palette or grayscale PNG")
+        raise InputError(
+            f"mask {path} has unsupported mode {img.mode!r}; save it as a palette or grayscale PNG"
+        )
     return torch.from_numpy(arr.astype(np.int64))
 
 

@@ -60,19 +60,45 @@ class FastAdaptationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "task": self.task, "dataset": self.dataset, "metric": self.metric, "config": self.config,
-            "points": [asdict(p) for p in self.points], "notes": self.notes,
-        }  # fmt: skip
+            "task": self.task,
+            "dataset": self.dataset,
+            "metric": self.metric,
+            "config": self.config,
+            "points": [asdict(p) for p in self.points],
+            "notes": self.notes,
+        }
 
     def csv(self) -> str:
         buf = io.StringIO()
         names = list(self.points[0].metrics) if self.points else []
         writer = csv.writer(buf)
-        writer.writerow(["method", "fraction", "fraction_value", "prompt_images", "entries", "epochs",
-                         "adapt_seconds", "eval_seconds", *names])  # fmt: skip
+        writer.writerow(
+            [
+                "method",
+                "fraction",
+                "fraction_value",
+                "prompt_images",
+                "entries",
+                "epochs",
+                "adapt_seconds",
+                "eval_seconds",
+                *names,
+            ]
+        )
         for p in self.points:
-            writer.writerow([p.method, p.fraction, p.value, p.prompt_images, p.entries, p.epochs,
-                             p.adapt_seconds, p.eval_seconds, *(p.metrics.get(n) for n in names)])  # fmt: skip
+            writer.writerow(
+                [
+                    p.method,
+                    p.fraction,
+                    p.value,
+                    p.prompt_images,
+                    p.entries,
+                    p.epochs,
+                    p.adapt_seconds,
+                    p.eval_seconds,
+                    *(p.metrics.get(n) for n in names),
+                ]
+            )
         return buf.getvalue()
 
     def summary(self) -> str:
@@ -104,8 +130,11 @@ class FastAdaptationReport:
                 f"{fmt(p.adapt_seconds, 2)} | {fmt(p.eval_seconds, 2)} | {fmt(p.metrics.get(m))} |"
             )
         lines += ["", *(f"- {n}" for n in self.notes), ""]
-        lines += ["![metric against seconds](fast_adaptation.png)", "",
-                  "![metric against prompt fraction](fast_adaptation_fraction.png)"]  # fmt: skip
+        lines += [
+            "![metric against seconds](fast_adaptation.png)",
+            "",
+            "![metric against prompt fraction](fast_adaptation_fraction.png)",
+        ]
         return "\n".join(lines) + "\n"
 
     def plot(self, out: str | Path) -> None:
@@ -137,8 +166,15 @@ class FastAdaptationReport:
             title,
             logx=True,
         )
-        plot_curves(out / "fast_adaptation_fraction.png", by_fraction, "fraction of the prompt split", m,
-                    title, logx=True, fraction_ticks=True)  # fmt: skip
+        plot_curves(
+            out / "fast_adaptation_fraction.png",
+            by_fraction,
+            "fraction of the prompt split",
+            m,
+            title,
+            logx=True,
+            fraction_ticks=True,
+        )
 
     def write(self, out: str | Path) -> None:
         out = Path(out)

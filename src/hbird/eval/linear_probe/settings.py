@@ -42,13 +42,23 @@ class ProbeSettings:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
-            (self.patch_batch_size >= 1, f"patch_batch_size must be >= 1, got {self.patch_batch_size}"),
-            (self.regression_loss in REGRESSION_LOSSES,
-             f"regression_loss must be one of {REGRESSION_LOSSES}, got {self.regression_loss!r}"),
-            (self.cache_dtype in ("float16", "float32"),
-             f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}"),
-        ]  # fmt: skip
+            (
+                self.schedule in SCHEDULES,
+                f"schedule must be one of {SCHEDULES}, got {self.schedule!r}",
+            ),
+            (
+                self.patch_batch_size >= 1,
+                f"patch_batch_size must be >= 1, got {self.patch_batch_size}",
+            ),
+            (
+                self.regression_loss in REGRESSION_LOSSES,
+                f"regression_loss must be one of {REGRESSION_LOSSES}, got {self.regression_loss!r}",
+            ),
+            (
+                self.cache_dtype in ("float16", "float32"),
+                f"cache_dtype must be 'float16' or 'float32', got {self.cache_dtype!r}",
+            ),
+        ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)

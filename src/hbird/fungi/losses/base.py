@@ -106,5 +106,7 @@ def create_loss(name: str, backbone: Any, seed: int, **settings: Any) -> Gradien
             f"unknown FUNGI loss {name!r} in {spell('losses')}; choose among {', '.join(LOSSES)}"
         )
     cls = LOSSES.get(name)
-    check_options(f"FUNGI loss {name!r}", cls.__init__, settings, "loss_options", ("backbone", "seed"))
+    check_options(
+        f"FUNGI loss {name!r}", cls.__init__, settings, "loss_options", ("backbone", "seed")
+    )
     return cls(backbone, seed, **settings)
