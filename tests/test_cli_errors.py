@@ -200,7 +200,7 @@ CASES = {
         [*BANK, "--out", "{out}", "--max-pixels", "1000"], ["1,000 pixels", "--max-pixels"], []
     ),
     "eval huge images": (
-        [*EVAL, "--max-pixels", "1000"], ["1,000 pixels", "--max-pixels"], []
+        [*EVAL, "--max-pixels", "1000", "--out", "{out}"], ["1,000 pixels", "--max-pixels"], []
     ),
     "predict --max-pixels 0": (
         [*PREDICT, "--out", "{out}", "--max-pixels", "0"], ["--max-pixels", ">= 1"], []

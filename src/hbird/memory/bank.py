@@ -420,6 +420,7 @@ class BankWriter:
         self._signature.pop("search")  # search defaults do not change the entries
         self._signature.pop("counts")
         self._signature.pop("shards")
+        self._made = [p for p in self.staging.parents if not p.exists()]  # deepest first
         if self.staging.exists() and resume and self._load_progress():
             return
         remove_folder(self.staging, "an unfinished bank build", _is_staging)
@@ -451,9 +452,12 @@ class BankWriter:
 
     def discard_if_empty(self) -> None:
         """After a failed or interrupted build: remove the staging folder if no shard
-        reached it (there is nothing to resume)."""
+        reached it (there is nothing to resume), and the folders made to hold it."""
         if not self.shards:
             remove_folder(self.staging, "an unfinished bank build", _is_staging)
+            for folder in self._made:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
 
     def add(
         self, keys: torch.Tensor, values: torch.Tensor, item: str | None = None, images: int = 0
