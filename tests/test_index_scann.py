@@ -57,9 +57,12 @@ def test_add_after_search_rebuilds() -> None:
     keys = clustered_unit_vectors(3000, 16, n_clusters=8)
     index = ScannIndex(16, brute_force_below=1000)
     index.add(keys[:2500])
-    assert index.search(keys[2999:], 1)[1].item() != 2999
+    assert int(index.search(keys[2500:], 5)[1].max()) < 2500  # the new keys are not in yet
     index.add(keys[2500:])
-    assert index.search(keys[2999:], 1)[1].item() == 2999
+    # after the rebuild the new keys are found: each finds itself first, up to the few
+    # misses approximate search may make (ScaNN's tree training is not deterministic)
+    found_self = index.search(keys[2500:], 1)[1][:, 0] == torch.arange(2500, 3000)
+    assert found_self.float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("searched", [True, False])
