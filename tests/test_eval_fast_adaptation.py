@@ -6,25 +6,15 @@ import time
 
 import pytest
 
+from eval_settings import FAST_PROTOCOL, PREDICTOR_FIELDS
 from hbird.data.datasets import create_dataset
 from hbird.data.fewshot import fewshot_indices
 from hbird.errors import InputError
 from hbird.eval.fast_adaptation import fast_adaptation
 from oracles import retrieval_miou
 
-FAST = dict(
-    layers=0,
-    image_size=64,
-    k=10,
-    temperature=0.05,
-    memory_size=None,
-    aug_epochs=1,
-    index="exact",
-    batch_size=4,
-    overlays=0,
-    max_queries=4,
-)
-PREDICTOR = ("layers", "image_size", "k", "temperature", "memory_size", "aug_epochs", "index")
+FAST = dict(FAST_PROTOCOL, overlays=0, max_queries=4)
+PREDICTOR = PREDICTOR_FIELDS
 SWEEP = dict(fractions=("1/8", "1/4", "1/2"), linear_epochs=(1, 3), lr=0.1, patch_batch_size=128)
 
 

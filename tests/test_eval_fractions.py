@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 
+from eval_settings import FAST_PROTOCOL, PREDICTOR_FIELDS
 from hbird.data.datasets import create_dataset
 from hbird.data.fewshot import fewshot_indices, read_subset
 from hbird.errors import InputError
@@ -13,20 +14,9 @@ from hbird.eval.fractions import evaluate_fractions, fraction_folder, mean_std
 from hbird.predictor import InContextPredictor
 from oracles import retrieval_miou
 
-FAST = dict(
-    layers=0,
-    image_size=64,
-    k=10,
-    temperature=0.05,
-    memory_size=None,
-    aug_epochs=1,
-    index="exact",
-    batch_size=4,
-    overlays=0,
-    max_queries=4,
-)
+FAST = dict(FAST_PROTOCOL, overlays=0, max_queries=4)
 FRACTIONS, SEEDS = ("1/8", "1/2", "1/1"), (1, 2)
-PREDICTOR = ("layers", "image_size", "k", "temperature", "memory_size", "aug_epochs", "index")
+PREDICTOR = PREDICTOR_FIELDS
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from eval_settings import FAST_PROTOCOL
 from hbird.data.datasets import create_dataset
 from hbird.errors import InputError
 from hbird.eval import evaluate, parse_overrides, resolve_config
 
-FAST = dict(
-    layers=0,
-    image_size=64,
-    k=10,
-    temperature=0.05,
-    memory_size=None,
-    aug_epochs=1,
-    index="exact",
-    batch_size=4,
-    overlays=3,
-)
+FAST = dict(FAST_PROTOCOL, overlays=3)
 
 
 @pytest.fixture(scope="module")
