@@ -236,6 +236,28 @@ def test_eval_retrieval_from_the_command_line(tmp_path, folder_dataset, capsys):
     )
 
 
+def test_eval_overrides_may_stand_between_flags(tmp_path, folder_dataset):
+    out = tmp_path / "run"
+    argv = ["eval", "k=3", "--encoder", "test_vit", "--dataset", folder_dataset, "layers=0"]
+    argv += ["--preset", "quick", "--out", str(out), "temperature=0.5", "--quiet", "image_size=64"]
+    assert main(argv) == 0
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert (config["k"], config["temperature"], config["layers"], config["image_size"]) == (
+        3,
+        0.5,
+        0,
+        64,
+    )
+
+
+def test_eval_refuses_a_stray_word_that_is_not_key_value(tmp_path, folder_dataset, capsys):
+    argv = ["eval", "--dataset", folder_dataset, "k=3", "--quiet", "bogus", "--out", "x"]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "unrecognized arguments: bogus" in capsys.readouterr().err
+
+
 def test_eval_index_params_reach_the_index(tmp_path, folder_dataset):
     pytest.importorskip("faiss")
     out = tmp_path / "run"

@@ -2,7 +2,9 @@
 
 Each ``cli/<command>.py`` exposes ``add_arguments(parser)`` and ``run(args) -> int``, and
 may expose ``SETTING_FLAGS`` (library setting name → the flag that sets it, where it is not
-``--<name>``) and ``interrupted(args) -> str`` (what Ctrl-C kept and how to resume).
+``--<name>``), ``interrupted(args) -> str`` (what Ctrl-C kept and how to resume) and
+``OVERRIDES`` (the name of its ``KEY=VALUE`` positional, whose items may then stand
+anywhere on the line, between flags too).
 
 Errors meant for people (:class:`hbird.errors.HbirdError`, missing files, unwritable
 paths) end in one ``hbird <command>: error: ...`` line and exit status 2; Ctrl-C ends in
@@ -60,15 +62,33 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
                 _run=module.run,
                 _flags=getattr(module, "SETTING_FLAGS", {}),
                 _interrupted=getattr(module, "interrupted", None),
+                _overrides=getattr(module, "OVERRIDES", None),
             )
     return parser
+
+
+def _collect_overrides(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extras: list[str]
+) -> None:
+    """Append the ``KEY=VALUE`` items argparse left over (those after a flag, since a
+    ``nargs="*"`` positional takes one contiguous run) to the command's ``OVERRIDES``
+    positional; anything else is refused as ``parse_args`` would."""
+    name = getattr(args, "_overrides", None)
+    pairs = [a for a in extras if name and "=" in a and not a.startswith("-")]
+    stray = [a for a in extras if a not in pairs]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if pairs:
+        setattr(args, name, [*getattr(args, name), *pairs])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand, return its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)  # the first positional
-    args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
+    parser = build_parser([command] if command in COMMANDS else [])
+    args, extras = parser.parse_known_args(argv)
+    _collect_overrides(parser, args, extras)
     from hbird.cli.common import flag_spelling, max_pixels_from
 
     try:

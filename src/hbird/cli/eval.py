@@ -19,6 +19,7 @@ from hbird.io.files import check_output
 from hbird.specs import BankSpec, SearchConfig
 
 SETTING_FLAGS = {"root": "root=", "split": "split="}  # keys of the --dataset spec
+OVERRIDES = "overrides"  # KEY=VALUE items may stand anywhere on the line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_max_pixels_argument(parser)
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="any setting, e.g. memory_size=null k=50"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="any setting, e.g. memory_size=null k=50 (anywhere on the line)",
     )
 
 
