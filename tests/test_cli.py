@@ -202,6 +202,22 @@ def test_demo_runs_offline_and_says_what_it_is(tmp_path, capsys):
     assert len(list((tmp_path / "demo" / "pictures").glob("*.png"))) == 16
 
 
+def test_demo_follow_up_commands_accept_the_demo_data(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    commands = [line.split()[1:] for line in said.splitlines() if line.startswith("  hbird ")]
+    assert {c[0] for c in commands} == {"predict", "eval"}
+    report = (out / "report.md").read_text()
+    assert all(" ".join(["hbird", *c]) in report for c in commands)
+    quick = ["--encoder", "test_vit", "--no-pretrained", "--quiet", "--layers", "0"]
+    quick += ["--image-size", "64"]  # later flags win: a tiny random encoder, same data
+    for command in commands:
+        assert main([*command, *quick]) == 0, command
+    assert len(list((out / "predictions").glob("query_*_overlay.png"))) == 8
+    assert "| rmse |" in capsys.readouterr().out  # the eval command scored depth
+
+
 def run_eval(dataset, out, *extra):
     """``hbird eval`` with the quick preset and test_vit; returns the exit code."""
     args = [

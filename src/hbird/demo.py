@@ -1,6 +1,7 @@
 """The offline demo: synthetic scenes, a tiny untrained encoder, the whole in-context loop.
 
-It writes a prompt and a query folder in the project's folder format, predicts
+It writes its scenes as a folder dataset (``data/train/`` the prompt, ``data/val/`` the
+queries; masks and depth in each), predicts
 segmentation and depth for the queries, scores them against two controls (the prompt's
 labels shuffled across images; the prompt's mean depth), and writes overlays and a
 one-page report. It proves the plumbing, not the quality of any real encoder.
@@ -24,10 +25,17 @@ from hbird.labelspec import LabelSpec
 from hbird.metrics import ConfusionMatrix, DepthMetrics
 from hbird.predictor import InContextPredictor
 
-REAL_WEIGHTS_HINT = (
-    "hbird predict --encoder vit_small_patch14_dinov2.lvd142m --prompt my_prompt/ "
-    "--query photos/*.jpg --out predictions/"
-)
+REAL_ENCODER = "vit_small_patch14_dinov2.lvd142m"
+
+
+def follow_up_commands(out: str | Path) -> list[str]:
+    """Commands that run a real encoder on the demo's own data in ``out/data``."""
+    data = Path(out) / "data"
+    return [
+        f"hbird predict --encoder {REAL_ENCODER} --prompt {data / 'train'} --task segmentation "
+        f"--query {data / 'val' / 'images'} --out {Path(out) / 'predictions'}",
+        f"hbird eval --encoder {REAL_ENCODER} --dataset folder:root={data}:task=depth",
+    ]
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,8 @@ def run_demo(
     )
     prompt, queries = scenes[: cfg.num_prompt], scenes[cfg.num_prompt :]
     names = default_class_names(cfg.num_classes)
-    write_scene_folder(out / "data" / "prompt", prompt, class_names=names)
-    write_scene_folder(out / "data" / "query", queries, class_names=names, prefix="query")
+    write_scene_folder(out / "data" / "train", prompt, class_names=names)
+    write_scene_folder(out / "data" / "val", queries, class_names=names, prefix="query")
 
     seg_overlay = _overlay(out, "segmentation", class_names=names)
     seg_scored = segmentation_scores(cfg, prompt, queries, False, progress, seg_overlay)
@@ -159,11 +167,11 @@ def run_demo(
         "config": {k: v for k, v in cfg.__dict__.items()},
     }
     write_json(out / "metrics.json", metrics, sort_keys=False)
-    write_text(out / "report.md", _report(metrics, pictures, cfg))
+    write_text(out / "report.md", _report(metrics, pictures, cfg, follow_up_commands(out)))
     return metrics
 
 
-def _report(m: dict[str, Any], pictures: list[str], cfg: DemoConfig) -> str:
+def _report(m: dict[str, Any], pictures: list[str], cfg: DemoConfig, commands: list[str]) -> str:
     seg, shuf, dep, base = (
         m["segmentation"],
         m["segmentation_shuffled_labels"],
@@ -172,6 +180,7 @@ def _report(m: dict[str, Any], pictures: list[str], cfg: DemoConfig) -> str:
     )
     iou_rows = "\n".join(f"| {name} | {iou:.3f} |" for name, iou in seg["iou"].items())
     shown = "\n".join(f"![{p}]({p})" for p in pictures[:4])
+    follow_up = "\n".join(commands)
     return f"""# hbird demo report
 
 **This is a synthetic demo with an untrained encoder.** The {cfg.num_prompt} prompt and
@@ -202,14 +211,15 @@ prediction); they say nothing about any real encoder.
 
 {shown}
 
-More in `pictures/`. Data: `data/prompt/`, `data/query/` (the folder format hbird reads).
+More in `pictures/`. Data: `data/train/` (the prompt), `data/val/` (the queries), a folder
+dataset hbird reads (`folder:root=data:task=segmentation` or `task=depth`).
 Run time: {m["seconds"]:.1f} s.
 
 ## With real weights
 
 ```
 pip install "hbird[faiss]"
-{REAL_WEIGHTS_HINT}
+{follow_up}
 ```
 
 (`--weights FILE` loads a local checkpoint instead of downloading one.)

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hbird.demo import REAL_WEIGHTS_HINT, DemoConfig, run_demo
+    from hbird.demo import DemoConfig, follow_up_commands, run_demo
     from hbird.io.files import check_output
 
     check_output(args.out, "--out")
@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
         f"report: {args.out / 'report.md'}  pictures: {args.out / 'pictures'}  ({m['seconds']:.1f} s)"
     )
     print(
-        "These numbers only show the machinery works; for real predictions use real weights, e.g.:"
+        "These numbers only show the machinery works; for real predictions use real weights,"
+        " e.g. on this demo's data:"
     )
-    print(f"  {REAL_WEIGHTS_HINT}")
+    for command in follow_up_commands(args.out):
+        print(f"  {command}")
     return 0
