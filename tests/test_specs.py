@@ -151,6 +151,13 @@ def test_extractor_settings_it_cannot_honour_are_reported(folder_dataset, tmp_pa
     build = ["bank", "build", "--prompt", f"{root}/train", "--task", "segmentation", "--quiet"]
     build += ["--encoder", "test_vit"]
     assert main([*build, "--out", str(tmp_path / "a"), "--feature-option", "support_size=3"]) == 2
-    assert "features 'patch' does not take that option" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "features 'patch' has no option support_size; it takes none" in said
+    assert "--feature-option" in said
+    fungi = [*build, "--features", "fungi", "--feature-option", "suport_size=3"]
+    assert main([*fungi, "--out", str(tmp_path / "c")]) == 2
+    assert "features 'fungi' has no option suport_size; it takes support_size" in (
+        capsys.readouterr().err
+    )
     assert main([*build, "--out", str(tmp_path / "b"), "--features", "fungi", "--layers", "0"]) == 2
     assert "leave layers unset" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import torch
 from hbird.encoders.base import Encoder
 from hbird.errors import InputError
 from hbird.features.patch import PatchFeatures
-from hbird.registry import Factory, Registry
+from hbird.registry import Factory, Registry, check_options
 
 
 class FeatureExtractor(Protocol):
@@ -56,6 +56,16 @@ class FeatureExtractor(Protocol):
 
 
 FEATURE_EXTRACTORS: Registry[Factory] = Registry("feature extractor")
+COMMON = ("encoder", "layers", "autocast", "batch_size", "seed", "progress")
+"""Arguments every factory takes from hbird itself (the rest are the user's options)."""
+
+
+def check_extractor_options(name: str, factory: Factory, kwargs: dict[str, Any]) -> None:
+    """Refuse ``kwargs`` that ``factory`` does not take, listing the options it does take."""
+    options = [k for k in kwargs if k not in COMMON]
+    check_options(f"features {name!r}", factory, options, "feature_options", COMMON)
+
+
 FEATURE_EXTRACTORS.register("patch", PatchFeatures)
 
 
@@ -63,6 +73,7 @@ FEATURE_EXTRACTORS.register("patch", PatchFeatures)
 def _fungi(encoder: Encoder, **kwargs: Any) -> FeatureExtractor:
     from hbird.features.fungi import FungiFeatures  # gradient machinery, imported on use
 
+    check_extractor_options("fungi", FungiFeatures, kwargs)
     return FungiFeatures(encoder, **kwargs)
 
 
@@ -72,12 +83,5 @@ def create_extractor(name: str, encoder: Encoder, **kwargs: Any) -> FeatureExtra
         raise InputError(
             f"unknown features {name!r}; choose one of {', '.join(FEATURE_EXTRACTORS.names())}"
         )
-    try:
-        return FEATURE_EXTRACTORS.create(name, encoder, **kwargs)
-    except TypeError as err:
-        if "unexpected keyword argument" not in str(err):
-            raise
-        raise InputError(f"features {name!r} does not take that option ({err})") from None
-
-
-__all__ = ["FEATURE_EXTRACTORS", "FeatureExtractor", "PatchFeatures", "create_extractor"]
+    check_extractor_options(name, FEATURE_EXTRACTORS.get(name), kwargs)  # fungi: on import
+    return FEATURE_EXTRACTORS.create(name, encoder, **kwargs)
