@@ -14,6 +14,8 @@ from hbird.errors import InputError
 from hbird.pretrain.presets import TINY_ARCH, TINY_VIT_KWARGS
 
 DATA = ["--data", "synthetic:n=32:seed=0:size=48", "--num-workers", "0"]
+TWO_TINY_STEPS = "--tiny --steps 2 --batch-size 8 --crop-size 32 --log-every 1".split()
+"""A two-step run of the tiny ViT, logging every step (``DATA`` and ``--out`` are added)."""
 
 
 def parse(*argv):
@@ -25,18 +27,10 @@ def parse(*argv):
 def test_tiny_run_writes_an_encoder_and_metrics(tmp_path, capsys):
     out = tmp_path / "run"
     args = parse(
-        "--tiny",
+        *TWO_TINY_STEPS,
         *DATA,
         "--out",
         str(out),
-        "--steps",
-        "2",
-        "--batch-size",
-        "8",
-        "--crop-size",
-        "32",
-        "--log-every",
-        "1",
         "-O",
         "contextualize=false",
         "-O",
@@ -111,20 +105,7 @@ def test_torchrun_two_cpu_processes(tmp_path, module):
     ]
     if module == "hbird.cli":
         command.append("pretrain")
-    command += [
-        "--tiny",
-        *DATA,
-        "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--batch-size",
-        "8",
-        "--crop-size",
-        "32",
-        "--log-every",
-        "1",
-    ]
+    command += [*TWO_TINY_STEPS, *DATA, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
