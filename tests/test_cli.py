@@ -10,21 +10,9 @@ from hbird import _optional
 from hbird.cli import main
 from hbird.data.synthetic import write_scene_folder
 
-FAST = [
-    "--task",
-    "segmentation",
-    "--encoder",
-    "test_vit",
-    "--layers",
-    "0",
-    "--image-size",
-    "64",
-    "--k",
-    "10",
-    "--temperature",
-    "0.05",
-    "--quiet",
-]
+FAST = (
+    "--task segmentation --encoder test_vit --layers 0 --image-size 64 --k 10 --temperature 0.05 --quiet"
+).split()
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,7 @@ from hbird.data.synthetic import make_scenes, write_scene_folder
 from hbird.errors import InputError
 from hbird.index import create_index
 
-FAST = [
-    "--task",
-    "segmentation",
-    "--encoder",
-    "test_vit",
-    "--layers",
-    "0",
-    "--image-size",
-    "32",
-    "--quiet",
-]
+FAST = "--task segmentation --encoder test_vit --layers 0 --image-size 32 --quiet".split()
 PREDICT = ["predict", "--prompt", "{prompt}", "--query", "{query}", *FAST]
 BANK = ["bank", "build", "--prompt", "{prompt}", *FAST]
 EVAL = [

@@ -25,6 +25,7 @@ from hbird.labelspec import LabelSpec
 from hbird.metrics import DepthMetrics
 
 FAST = dict(layers=0, image_size=64, batch_size=4, overlays=0)
+RETRIEVAL = dict(FAST, k=10, temperature=0.05, memory_size=None, aug_epochs=1, index="exact")
 PROBE = dict(epochs=5, lr=0.1, patch_batch_size=128)
 
 
@@ -97,12 +98,7 @@ def test_run_folder_and_comparison_table(tmp_path, folders):
         "test_vit",
         right,
         progress=False,
-        k=10,
-        temperature=0.05,
-        memory_size=None,
-        aug_epochs=1,
-        index="exact",
-        **FAST,
+        **RETRIEVAL,
     )
     table = compare_reports({"retrieval": retrieval, "linear probe": linear}).splitlines()
     assert table[0] == (
@@ -116,11 +112,7 @@ def test_run_folder_and_comparison_table(tmp_path, folders):
         right.replace("segmentation", "depth"),
         progress=False,
         max_queries=1,
-        k=10,
-        memory_size=None,
-        aug_epochs=1,
-        index="exact",
-        **FAST,
+        **{**RETRIEVAL, "temperature": 0.02},
     )
     with pytest.raises(ValueError, match="different tasks"):
         compare_reports({"a": retrieval, "b": depth})
