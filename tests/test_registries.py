@@ -214,6 +214,18 @@ def cocostuff_case(root: Path):
     )
 
 
+def kitti_step_case(root: Path):
+    raw = _blocks([0, 13, 255], 7)  # R channel = class id; G, B = instance id
+    rgb = np.stack([raw, raw // 8, np.full_like(raw, 3)], axis=-1)
+    _rgb(root / "images" / "val" / "0002" / "000000.png", 0)
+    _png(root / "panoptic_maps" / "val" / "0002" / "000000.png", rgb)
+    return (
+        f"kitti_step:root={root}:split=val",
+        ["0002_000000"],
+        torch.from_numpy(raw.astype(np.int64)),
+    )
+
+
 def nyuv2_case(root: Path):
     mm = np.random.default_rng(4).integers(500, 9500, (H, W)).astype(np.uint16)
     _rgb(root / "test" / "images" / "00001.jpg", 0)
@@ -251,6 +263,7 @@ DATASET_CASES = {
     "ade20k": ade20k_case,
     "cityscapes": cityscapes_case,
     "cocostuff": cocostuff_case,
+    "kitti_step": kitti_step_case,
     "nyuv2": nyuv2_case,
     "folder": folder_case,
     "synthetic": synthetic_case,

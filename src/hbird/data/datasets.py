@@ -4,7 +4,8 @@ A spec names a registered dataset and its arguments, fields separated by ``:``::
 
     voc:root=/data/VOCdevkit/VOC2012:split=val
     ade20k:root=/data/ADEChallengeData2016:split=validation
-    cityscapes:root=/data/cityscapes:split=val
+    cityscapes:root=/data/cityscapes:split=val:classes=27
+    kitti_step:root=/data/kitti-step:split=val
     cocostuff:root=/data/cocostuff:split=val:classes=27
     nyuv2:root=/data/nyu_depth_v2_labeled.mat:split=test
     folder:root=/data/my_prompts:split=train:fraction=1/128:seed=0
@@ -40,6 +41,7 @@ import torch
 
 from hbird._optional import require
 from hbird.data.fewshot import fewshot_indices, names_to_indices, read_subset
+from hbird.data.vocabulary import Vocabulary
 from hbird.errors import InputError, spell
 from hbird.io.images import file_size, load_depth, load_image, load_mask
 from hbird.io.options import parse_spec
@@ -608,41 +610,89 @@ CITYSCAPES_ID_TO_TRAINID = {
 }
 
 
+# The 27 classes of unsupervised-segmentation work (STEGO, ReCo): labelIds 7..33 become
+# 0..26, in labelIds order (cityscapesScripts labels.py names; its "polegroup" is spelled
+# as two words so that a text encoder can read it). Everything else is ignored.
+CITYSCAPES27_CLASSES = (
+    "road",
+    "sidewalk",
+    "parking",
+    "rail track",
+    "building",
+    "wall",
+    "fence",
+    "guard rail",
+    "bridge",
+    "tunnel",
+    "pole",
+    "pole group",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "caravan",
+    "trailer",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+
+
 class CityscapesDataset(FilePairDataset):
-    """Cityscapes fine annotations: 19 classes, 255 = ignore.
+    """Cityscapes fine annotations: 19 classes (or 27 with ``classes=27``), 255 = ignore.
 
     Layout: ``root/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`` with labels
     ``root/gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png``. If an image has no
     ``labelTrainIds`` file but has ``<stem>_gtFine_labelIds.png``, the raw ids (0..33) are
     mapped to train ids with the official table (ids without a train id → 255).
+
+    ``classes=27`` is the protocol of STEGO and ReCo: label id ``i`` in 7..33 becomes
+    ``i - 7`` (:data:`CITYSCAPES27_CLASSES`), every other id (0..6, and 255 where the
+    license plate's -1 was written) becomes 255. It reads the ``labelIds`` files, since
+    train ids have already merged those classes away.
     """
 
-    def __init__(self, root: str | Path, split: str = "val") -> None:
+    def __init__(self, root: str | Path, split: str = "val", classes: int = 19) -> None:
         root = existing_dir(root, "Cityscapes root")
+        if int(classes) not in (19, 27):
+            raise InputError(
+                f"Cityscapes comes with classes=19 or classes=27, not classes={classes}"
+            )
         images = existing_dir(root / "leftImg8bit" / split, "Cityscapes image folder")
         train_ids = make_label_map({**{c: c for c in range(19)}, 255: 255})
         label_ids = make_label_map({i: CITYSCAPES_ID_TO_TRAINID.get(i, 255) for i in range(34)})
+        if int(classes) == 27:
+            label_ids = make_label_map(
+                {**{i: i - 7 if i >= 7 else 255 for i in range(34)}, 255: 255}
+            )
         entries = []
         for path in sorted(images.glob("*/*_leftImg8bit.png")):
             stem = path.name[: -len("_leftImg8bit.png")]
             labels = root / "gtFine" / split / path.parent.name
             trainid_file = labels / f"{stem}_gtFine_labelTrainIds.png"
             labelid_file = labels / f"{stem}_gtFine_labelIds.png"
-            if trainid_file.is_file() or not labelid_file.is_file():
+            if int(classes) == 19 and (trainid_file.is_file() or not labelid_file.is_file()):
                 entries.append(LabelledFile(stem, path, trainid_file, train_ids))
             else:
                 entries.append(LabelledFile(stem, path, labelid_file, label_ids))
         _require_images(entries, images)
+        needed = "_labelIds.png" if int(classes) == 27 else "_labelTrainIds.png (or _labelIds.png)"
         require_files(
-            entries,
-            "Cityscapes needs gtFine/<split>/<city>/<stem>_gtFine_labelTrainIds.png "
-            "(or _labelIds.png) for every image",
+            entries, f"Cityscapes needs gtFine/<split>/<city>/<stem>_gtFine{needed} for every image"
         )
+        names = CITYSCAPES_CLASSES if int(classes) == 19 else CITYSCAPES27_CLASSES
         spec = LabelSpec(
-            "segmentation", num_classes=19, ignore_index=255, class_names=CITYSCAPES_CLASSES
+            "segmentation", num_classes=len(names), ignore_index=255, class_names=names
         )
+        shown = "" if int(classes) == 19 else ", classes=27"
         super().__init__(
-            entries, spec, f"cityscapes(root={root}, split={split})", convention="Cityscapes"
+            entries, spec, f"cityscapes(root={root}, split={split}{shown})", convention="Cityscapes"
         )
 
 
@@ -874,6 +924,32 @@ def cocostuff_label_map(classes: int) -> tuple[torch.Tensor, tuple[str, ...]]:
     return make_label_map({**pairs, 255: 255}), names
 
 
+def clip_name(name: str) -> str:
+    """A COCO-Stuff name as a text encoder should read it: ``-other`` and ``-stuff`` dropped
+    (``sky-other`` → ``sky``, ``desk-stuff`` → ``desk``), other hyphens made spaces
+    (``wall-brick`` → ``wall brick``). Over the 171 used names the result stays unique."""
+    for suffix in ("-other", "-stuff"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name.replace("-", " ")
+
+
+def cocostuff_vocabulary(classes: int) -> Vocabulary:
+    """The 171 COCO-Stuff names (for a text encoder, see :func:`clip_name`) and the label
+    id each stands for: itself with ``classes=171``, its supercategory with ``classes=27``
+    (the ReCo protocol: predict over 171 names, score over 27)."""
+    fine = _coco_fine_classes()
+    used = [(name, sup) for name, sup in fine if name not in _COCO_UNUSED]
+    if classes == 171:
+        to_label = list(range(len(used)))
+    elif classes == 27:
+        to_label = [COCOSTUFF27_CLASSES.index(sup) for _, sup in used]
+    else:
+        raise InputError(f"COCO-Stuff comes with classes=171 or classes=27, not classes={classes}")
+    names = tuple(clip_name(name) for name, _ in used)
+    return Vocabulary(names, torch.tensor(to_label, dtype=torch.int64), ignore_index=255)
+
+
 _COCO_SPLITS = {
     "train": "train2017",
     "train2017": "train2017",
@@ -891,6 +967,10 @@ class COCOStuffDataset(FilePairDataset):
     ``root/stuffthingmaps/<split>/``, ``root/stuffthingmaps_trainval2017/<split>/`` or
     ``root/annotations/<split>/`` (the first that exists). ``image_list=`` restricts the
     set to the stems listed in a file (e.g. the curated lists of unsupervised work).
+
+    Zero-shot methods predict over the 171 names of ``self.vocabulary`` whatever
+    ``classes`` is; with ``classes=27`` each predicted name becomes its supercategory
+    (:func:`cocostuff_vocabulary`; :mod:`hbird.data.vocabulary`).
     """
 
     def __init__(
@@ -932,6 +1012,8 @@ class COCOStuffDataset(FilePairDataset):
             f"cocostuff(root={root}, split={folder}, classes={classes})",
             convention="COCO-Stuff stuffthingmaps",
         )
+        self.vocabulary = cocostuff_vocabulary(int(classes))
+        """Zero-shot prediction runs over the 171 names (:func:`cocostuff_vocabulary`)."""
 
 
 # --------------------------------------------------------------------------- NYUv2 depth
@@ -1150,9 +1232,10 @@ DATASETS.register("cocostuff", COCOStuffDataset)
 DATASETS.register("nyuv2", _nyuv2)
 
 # Imported last: these build on the classes above and register their own entries
-# ("folder"; "synthetic" and "imagefolder").
+# ("folder"; "synthetic" and "imagefolder"; "kitti_step").
 from hbird.data import folder as _folder  # noqa: E402
 from hbird.data import imagesets as _imagesets  # noqa: E402, F401
+from hbird.data import kitti_step as _kitti_step  # noqa: E402, F401
 
 __all__ = [
     "ADE20KDataset",
