@@ -564,55 +564,9 @@ class ADE20KDataset(FilePairDataset):
 
 # --------------------------------------------------------------------------- Cityscapes
 
-CITYSCAPES_CLASSES = (
-    "road",
-    "sidewalk",
-    "building",
-    "wall",
-    "fence",
-    "pole",
-    "traffic light",
-    "traffic sign",
-    "vegetation",
-    "terrain",
-    "sky",
-    "person",
-    "rider",
-    "car",
-    "truck",
-    "bus",
-    "train",
-    "motorcycle",
-    "bicycle",
-)
-
-# Official labelIds → trainIds (cityscapesScripts labels.py): ids not listed are void (255).
-CITYSCAPES_ID_TO_TRAINID = {
-    7: 0,
-    8: 1,
-    11: 2,
-    12: 3,
-    13: 4,
-    17: 5,
-    19: 6,
-    20: 7,
-    21: 8,
-    22: 9,
-    23: 10,
-    24: 11,
-    25: 12,
-    26: 13,
-    27: 14,
-    28: 15,
-    31: 16,
-    32: 17,
-    33: 18,
-}
-
-
-# The 27 classes of unsupervised-segmentation work (STEGO, ReCo): labelIds 7..33 become
-# 0..26, in labelIds order (cityscapesScripts labels.py names; its "polegroup" is spelled
-# as two words so that a text encoder can read it). Everything else is ignored.
+# The names of label ids 7..33 in order (cityscapesScripts labels.py; its "polegroup" is
+# spelled as two words so that a text encoder can read it). They are also the 27 classes
+# of unsupervised-segmentation work (STEGO, ReCo): label id i becomes class i - 7.
 CITYSCAPES27_CLASSES = (
     "road",
     "sidewalk",
@@ -642,6 +596,34 @@ CITYSCAPES27_CLASSES = (
     "motorcycle",
     "bicycle",
 )
+
+
+# Official labelIds → trainIds (cityscapesScripts labels.py): ids not listed are void (255).
+CITYSCAPES_ID_TO_TRAINID = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
+
+
+CITYSCAPES_CLASSES = tuple(CITYSCAPES27_CLASSES[i - 7] for i in sorted(CITYSCAPES_ID_TO_TRAINID))
+"""The 19 train-id classes (road, sidewalk, building, ..., bicycle)."""
 
 
 class CityscapesDataset(FilePairDataset):
