@@ -72,7 +72,10 @@ def test_parse_spec_errors(spec, match):
 
 
 def test_registry_lists_the_builtin_datasets():
-    builtin = "ade20k cityscapes cocostuff folder imagefolder kitti_step nyuv2 synthetic voc".split()
+    builtin = (
+        "ade20k cityscapes cityscapes_panoptic coco_panoptic cocostuff folder imagefolder "
+        "kitti_step kitti_step_panoptic nyuv2 synthetic synthetic_panoptic voc"
+    ).split()
     assert DATASETS.names() == builtin
     with pytest.raises(KeyError, match="unknown dataset 'kitti'.*registered: ade20k"):
         create_dataset("kitti:root=/x")

@@ -10,6 +10,7 @@ feature-extractor registry has its own test.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image
 
 from hbird import _optional
 from hbird.data import DATASETS, DenseDataset, create_dataset
+from hbird.data.panoptic_synthetic import make_panoptic_scenes
 from hbird.data.synthetic import make_scenes, write_scene_folder
 from hbird.encoders import create_encoder
 from hbird.encoders.hf_backend import FAMILIES
@@ -258,7 +260,62 @@ def imagefolder_case(root: Path):
     return f"imagefolder:root={root}", ["cat/a", "dog/b"], torch.zeros((H, W), dtype=torch.int64)
 
 
+def cityscapes_panoptic_case(root: Path):
+    # instance ids: road (label id 7), car 26 instance 1 (26001), a car crowd (26), void (0)
+    raw = _blocks([7, 26, 0], 7).astype(np.uint16)  # a 16-bit PNG, as distributed
+    raw[raw == 26] = 26001
+    raw[0, :3] = 26
+    stem = "aachen_000000_000019"
+    _rgb(root / "leftImg8bit" / "val" / "aachen" / f"{stem}_leftImg8bit.png", 0)
+    _png(root / "gtFine" / "val" / "aachen" / f"{stem}_gtFine_instanceIds.png", raw)
+    semantic = _lut(raw, {7: 0, 26001: 13, 26: 13, 0: 255})
+    return f"cityscapes_panoptic:root={root}:split=val", [stem], semantic
+
+
+def coco_panoptic_case(root: Path):
+    # segment ids 1 (a stuff category 200) and 300 = R 44 + 256 G 1 (a thing category 1)
+    ids = _blocks([0, 1, 2], 8)
+    rgb = np.zeros((H, W, 3), np.uint8)
+    rgb[ids == 1] = (1, 0, 0)
+    rgb[ids == 2] = (44, 1, 0)
+    _rgb(root / "val2017" / "000000000139.jpg", 0)
+    _png(root / "annotations" / "panoptic_val2017" / "000000000139.png", rgb)
+    categories = [
+        {"id": 1, "name": "person", "isthing": 1},
+        {"id": 200, "name": "sky", "isthing": 0},
+    ]
+    segments = [
+        {"id": 1, "category_id": 200, "iscrowd": 0},
+        {"id": 300, "category_id": 1, "iscrowd": 0},
+    ]
+    record = {"file_name": "000000000139.png", "segments_info": segments}
+    (root / "annotations" / "panoptic_val2017.json").write_text(
+        json.dumps({"categories": categories, "annotations": [record]})
+    )
+    semantic = _lut(ids, {0: 255, 1: 1, 2: 0})  # categories in id order: person 0, sky 1
+    return f"coco_panoptic:root={root}:split=val", ["000000000139"], semantic
+
+
+def kitti_step_panoptic_case(root: Path):
+    classes = _blocks([0, 13, 255], 9)
+    rgb = np.stack([classes, np.zeros_like(classes), (classes == 13).astype(np.uint8)], -1)
+    _rgb(root / "images" / "val" / "0002" / "000000.png", 0)
+    _png(root / "panoptic_maps" / "val" / "0002" / "000000.png", rgb)
+    semantic = torch.from_numpy(classes.astype(np.int64))
+    return f"kitti_step_panoptic:root={root}:split=val", ["0002_000000"], semantic
+
+
+def synthetic_panoptic_case(root: Path):
+    scenes = make_panoptic_scenes(2, seed=3, size=(32, 32))
+    names = ["panoptic_00000", "panoptic_00001"]
+    return "synthetic_panoptic:n=2:seed=3:size=32", names, scenes[0].semantic
+
+
 DATASET_CASES = {
+    "cityscapes_panoptic": cityscapes_panoptic_case,
+    "coco_panoptic": coco_panoptic_case,
+    "kitti_step_panoptic": kitti_step_panoptic_case,
+    "synthetic_panoptic": synthetic_panoptic_case,
     "voc": voc_case,
     "ade20k": ade20k_case,
     "cityscapes": cityscapes_case,

@@ -1214,10 +1214,12 @@ DATASETS.register("cocostuff", COCOStuffDataset)
 DATASETS.register("nyuv2", _nyuv2)
 
 # Imported last: these build on the classes above and register their own entries
-# ("folder"; "synthetic" and "imagefolder"; "kitti_step").
+# ("folder"; "synthetic" and "imagefolder"; "kitti_step"; the panoptic layouts).
 from hbird.data import folder as _folder  # noqa: E402
 from hbird.data import imagesets as _imagesets  # noqa: E402, F401
 from hbird.data import kitti_step as _kitti_step  # noqa: E402, F401
+from hbird.data import panoptic as _panoptic  # noqa: E402, F401
+from hbird.data import panoptic_synthetic as _panoptic_synthetic  # noqa: E402, F401
 
 __all__ = [
     "ADE20KDataset",

@@ -6,7 +6,9 @@ Layout::
       images/<stem>.{jpg,jpeg,png,bmp,tif,tiff,webp}
       masks/<stem>.png     class ids as pixel values (palette or grey PNG), or <stem>.npy (not both)
       depth/<stem>.png     16-bit PNG in millimetres (depth_scale=1000), or <stem>.npy in metres (the PNG wins)
-      classes.txt          optional: one class name per line (gives num_classes)
+      panoptic/<stem>.png  16-bit grey PNG, pixel = class · 1000 + instance, 65535 = void
+      classes.txt          optional: one class name per line (gives num_classes); a name may
+                           end in " [thing]" or " [stuff]" (default) for panoptic labels
 
 Splits (``split=``), either of:
 
@@ -15,14 +17,23 @@ Splits (``split=``), either of:
 * ``root/splits/<split>.txt``: one image stem per line, selecting from ``root/images/``.
 
 ``split=None`` uses ``root/images/`` as a whole. The task is inferred from which of
-``masks/`` and ``depth/`` exists (pass ``task=`` if both do). Label files are found by
-stem; every image must have one.
+``masks/`` and ``depth/`` exists (pass ``task=`` if both do); a folder with only
+``panoptic/`` is panoptic. Label files are found by stem; every image must have one.
+
+Panoptic labels (``task=panoptic``, :class:`hbird.data.panoptic.PanopticFolderDataset`):
+instance 0 of a stuff class is the class's one segment; instance 0 of a thing class is
+a crowd region (as in Cityscapes); instances are numbered within their class (so at
+most 65 classes and 999 instances per class fit); ``classes.txt`` is required and marks
+the thing classes, e.g. ``car [thing]``. The sample's ``label`` is the semantic map, so
+the folder serves the semantic protocols too.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
+from typing import Any
 
 from hbird.data.datasets import DATASETS, FilePairDataset, LabelledFile, existing_dir
 from hbird.data.fewshot import read_subset
@@ -30,7 +41,9 @@ from hbird.errors import InputError, spell
 from hbird.io.images import list_images
 from hbird.labelspec import LabelSpec
 
-LABEL_FOLDERS = {"segmentation": "masks", "depth": "depth"}
+LABEL_FOLDERS = {"segmentation": "masks", "depth": "depth", "panoptic": "panoptic"}
+CLASS_KINDS = {"[thing]": True, "[stuff]": False}
+"""Tags ending a ``classes.txt`` line: is the class a thing (panoptic labels)."""
 LABEL_SUFFIXES = (".png", ".npy")
 
 
@@ -61,6 +74,9 @@ def _resolve_split(root: Path, split: str | None) -> tuple[Path, list[str] | Non
 def _resolve_task(base: Path, task: str | None) -> str:
     present = [t for t, folder in LABEL_FOLDERS.items() if (base / folder).is_dir()]
     if task is None:
+        if present == ["panoptic"]:
+            return "panoptic"
+        present = [t for t in present if t != "panoptic"]  # masks/ or depth/ decide
         if len(present) == 1:
             return present[0]
         if not present:
@@ -81,26 +97,45 @@ def _resolve_task(base: Path, task: str | None) -> str:
     return task
 
 
-def read_class_names(path: Path) -> tuple[str, ...]:
-    """Names from ``classes.txt``: one per non-blank line."""
-    names = tuple(
-        line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    )
-    if not names:
+def _class_lines(path: Path) -> list[tuple[str, bool]]:
+    """``(name, is_thing)`` per non-blank line of ``classes.txt`` (tags stripped)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, thing = line.strip(), False
+        for tag, flag in CLASS_KINDS.items():
+            if name.endswith(tag):
+                name, thing = name[: -len(tag)].strip(), flag
+        if name:
+            lines.append((name, thing))
+    if not lines:
         raise InputError(f"{path} is empty; write one class name per line")
-    return names
+    return lines
 
 
-def _segmentation_spec(
+def read_class_names(path: Path) -> tuple[str, ...]:
+    """Names from ``classes.txt``: one per non-blank line (a ``[thing]``/``[stuff]`` tag
+    at the end of a line is not part of the name)."""
+    return tuple(name for name, _ in _class_lines(path))
+
+
+def read_thing_classes(path: Path) -> tuple[int, ...]:
+    """Ids of the classes whose ``classes.txt`` line ends in ``[thing]``."""
+    return tuple(i for i, (_, thing) in enumerate(_class_lines(path)) if thing)
+
+
+def class_file(base: Path, root: Path) -> Path | None:
+    """The ``classes.txt`` of a split folder: ``base``'s own, else the root's."""
+    return next((d / "classes.txt" for d in (base, root) if (d / "classes.txt").is_file()), None)
+
+
+def segmentation_spec(
     base: Path, root: Path, num_classes: int | None, ignore_index: int | None
 ) -> LabelSpec:
-    class_file = next(
-        (d / "classes.txt" for d in (base, root) if (d / "classes.txt").is_file()), None
-    )
-    names = read_class_names(class_file) if class_file is not None else None
+    found = class_file(base, root)
+    names = read_class_names(found) if found is not None else None
     if names is not None and num_classes is not None and int(num_classes) != len(names):
         raise InputError(
-            f"{spell('num_classes', num_classes)} disagrees with {class_file} ({len(names)} "
+            f"{spell('num_classes', num_classes)} disagrees with {found} ({len(names)} "
             f"names); drop {spell('num_classes')} or fix the file"
         )
     if names is None and num_classes is None:
@@ -138,13 +173,44 @@ def _pair_files(images: list[Path], label_dir: Path, what: str) -> list[Labelled
     return entries
 
 
+def folder_files(
+    root: str | Path, split: str | None, task: str | None
+) -> tuple[Path, Path, str, list[LabelledFile]]:
+    """``(root, split folder, task, one entry per image)`` of a folder-format dataset."""
+    root = existing_dir(root, "dataset folder")
+    base, stems = _resolve_split(root, split)
+    task = _resolve_task(base, task)
+    images = list_images(base / "images")
+    if not images:
+        raise InputError(f"{base / 'images'} holds no images (looked for .jpg, .png, ...)")
+    by_stem: dict[str, Path] = {}
+    for image in images:
+        if image.stem in by_stem:
+            raise InputError(
+                f"{by_stem[image.stem]} and {image} share the stem {image.stem!r}; "
+                "rename one (labels are matched by stem)"
+            )
+        by_stem[image.stem] = image
+    if stems is not None:
+        unknown = [s for s in stems if s not in by_stem]
+        if unknown:
+            raise InputError(
+                f"split {split!r} lists {len(unknown)} images not in {base / 'images'}, e.g. {unknown[:5]}"
+            )
+        images = [by_stem[s] for s in stems]
+    what = {"segmentation": "mask", "depth": "depth map", "panoptic": "panoptic map"}[task]
+    return root, base, task, _pair_files(images, base / LABEL_FOLDERS[task], what)
+
+
 class FolderDataset(FilePairDataset):
     """A dataset in the generic folder format (see the module docstring).
 
     Args:
         root: the dataset folder.
         split: ``None`` (everything in ``root/images``) or a split name.
-        task: ``"segmentation"`` or ``"depth"``; inferred when only one label folder exists.
+        task: ``"segmentation"`` or ``"depth"``; inferred when only one label folder exists
+            (``"panoptic"`` folders are read by the ``folder`` spec's
+            :class:`~hbird.data.panoptic.PanopticFolderDataset`).
         num_classes: needed when there is no ``classes.txt``; must agree with it otherwise.
         ignore_index: mask value of unlabelled pixels (default 255; ``None`` for none).
         depth_scale: PNG depth units per metre (1000 = millimetres).
@@ -162,31 +228,14 @@ class FolderDataset(FilePairDataset):
         min_depth: float = 1e-3,
         max_depth: float = math.inf,
     ) -> None:
-        root = existing_dir(root, "dataset folder")
-        base, stems = _resolve_split(root, split)
-        task = _resolve_task(base, task)
-        images = list_images(base / "images")
-        if not images:
-            raise InputError(f"{base / 'images'} holds no images (looked for .jpg, .png, ...)")
-        by_stem: dict[str, Path] = {}
-        for image in images:
-            if image.stem in by_stem:
-                raise InputError(
-                    f"{by_stem[image.stem]} and {image} share the stem {image.stem!r}; "
-                    "rename one (labels are matched by stem)"
-                )
-            by_stem[image.stem] = image
-        if stems is not None:
-            unknown = [s for s in stems if s not in by_stem]
-            if unknown:
-                raise InputError(
-                    f"split {split!r} lists {len(unknown)} images not in {base / 'images'}, e.g. {unknown[:5]}"
-                )
-            images = [by_stem[s] for s in stems]
-        what = "mask" if task == "segmentation" else "depth map"
-        entries = _pair_files(images, base / LABEL_FOLDERS[task], what)
+        root, base, task, entries = folder_files(root, split, task)
+        if task == "panoptic":
+            raise InputError(
+                f"{base} holds panoptic labels; open it with the 'folder' spec or "
+                "hbird.data.panoptic.PanopticFolderDataset"
+            )
         if task == "segmentation":
-            spec = _segmentation_spec(base, root, num_classes, ignore_index)
+            spec = segmentation_spec(base, root, num_classes, ignore_index)
         else:
             spec = LabelSpec("depth", min_value=float(min_depth), max_value=float(max_depth))
         super().__init__(
@@ -201,4 +250,28 @@ class FolderDataset(FilePairDataset):
         )
 
 
-DATASETS.register("folder", FolderDataset)
+def open_folder(
+    root: str | Path, split: str | None = None, task: str | None = None, **options: Any
+) -> FilePairDataset:
+    """The ``folder`` spec: a :class:`FolderDataset`, or for panoptic labels a
+    :class:`hbird.data.panoptic.PanopticFolderDataset` (arguments as there)."""
+    if task is None:
+        base, _ = _resolve_split(existing_dir(root, "dataset folder"), split)
+        task = _resolve_task(base, None)
+    if task == "panoptic":
+        from hbird.data.panoptic import PanopticFolderDataset
+
+        allowed = {"num_classes", "ignore_index"}
+        if set(options) - allowed:
+            raise InputError(
+                f"panoptic folders take {', '.join(sorted(allowed))}, not "
+                f"{', '.join(sorted(set(options) - allowed))}"
+            )
+        return PanopticFolderDataset(root, split, **options)
+    return FolderDataset(root, split, task, **options)
+
+
+open_folder.__signature__ = inspect.signature(FolderDataset)  # the keys a spec may give
+
+
+DATASETS.register("folder", open_folder)

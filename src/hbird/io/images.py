@@ -163,6 +163,17 @@ def load_mask(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def load_rgb_codes(path: str | Path, what: str = "panoptic map") -> np.ndarray:
+    """Read an RGB-coded id map (COCO panoptic, KITTI-STEP) as ``(H, W, 3)`` int64 channels."""
+    img = _open(Path(path), what)
+    if img.mode not in ("RGB", "RGBA"):
+        raise InputError(
+            f"{what} {path} has mode {img.mode!r}; this layout stores ids in the RGB channels "
+            "of an RGB PNG (was the file converted?)"
+        )
+    return np.asarray(img.convert("RGB")).astype(np.int64)
+
+
 def load_depth(path: str | Path, png_scale: float = DEPTH_PNG_SCALE) -> torch.Tensor:
     """Read a depth map as ``(H, W)`` float32 metres: ``.npy`` in metres or 16-bit PNG in mm."""
     path = Path(path)
@@ -263,6 +274,15 @@ def save_label_png(path: str | Path, mask: Any) -> Path:
     img = Image.fromarray(ids.astype(np.uint8))
     img.putpalette(voc_palette(256).reshape(-1).tolist())  # 'L' → 'P', values kept
     return save_image(path, img)
+
+
+def save_id_png16(path: str | Path, ids: Any) -> Path:
+    """Write integer ids ``(H, W)`` in 0..65535 as a 16-bit grayscale PNG (values kept),
+    e.g. a folder-format panoptic map (class · 1000 + instance)."""
+    arr = class_ids(ids, what=f"id map for {path}")
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise InputError(f"cannot write {path}: ids must lie in 0..65535 for a 16-bit PNG")
+    return save_image(path, Image.fromarray(arr.astype(np.uint16)))
 
 
 def depth_to_png_array(depth_m: Any) -> np.ndarray:
