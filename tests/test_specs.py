@@ -141,7 +141,15 @@ def test_numbers_are_range_checked_when_parsed(flag, value, message, capsys, tmp
 def test_spec_fields_are_split_between_bank_and_search():
     bank, search = set(BankSpec.field_names()), set(SearchConfig.field_names())
     assert not bank & search
-    assert {"k", "temperature", "index", "index_params", "device", "batch_size"} == search
+    assert {
+        "k",
+        "temperature",
+        "index",
+        "index_params",
+        "device",
+        "batch_size",
+        "feature_cache",
+    } == search
     built = {"encoder", "layers", "image_size", "memory_size", "aug_epochs", "key_dtype"}
     assert built | {"seed", "features", "autocast", "sampling"} <= bank
 

@@ -38,6 +38,7 @@ from hbird.encoders import Encoder, check_device, create_encoder
 from hbird.encoders.normalization import with_normalize
 from hbird.errors import BankError, InputError, spell
 from hbird.features import create_extractor
+from hbird.features.cache import CachedFeatures
 from hbird.index import VectorIndex, create_index
 from hbird.index.cache import cache_path, load_or_build
 from hbird.labelspec import LabelSpec
@@ -102,6 +103,9 @@ class InContextPredictor:
         device: where the encoder runs and the exact index keeps and scores its keys (on a
             GPU ``auto`` stays exact up to ``AUTO_EXACT_MAX_GPU`` keys).
         seed: seeds augmentation, sampling and the feature extractor. progress: progress bars.
+        feature_cache: a folder keeping each view's features on disk
+            (:mod:`hbird.features.cache`), keyed by the encoder, the extractor and the
+            view's pixels: refitting or predicting the same images again skips the encoder.
         features: a name in :data:`hbird.features.FEATURE_EXTRACTORS`: ``"patch"`` (the
             encoder's patch features) or ``"fungi"`` (dense FUNGI, Simoncini et al. 2024
             appendix B.2: each patch feature concatenated with its projected SimCLR
@@ -144,6 +148,7 @@ class InContextPredictor:
         key_dtype: str = _BANK.key_dtype,
         batch_size: int = _SEARCH.batch_size,
         device: str | torch.device = _SEARCH.device,
+        feature_cache: str | Path | None = _SEARCH.feature_cache,
         seed: int = _BANK.seed,
         progress: bool = True,
         augment_first_epoch: bool = _BANK.augment_first_epoch,
@@ -169,6 +174,7 @@ class InContextPredictor:
         self.key_dtype = key_dtype
         self.batch_size = batch_size
         self.device = device
+        self.feature_cache = feature_cache
         self.seed = seed
         self.progress = progress
         self.augment_first_epoch = augment_first_epoch
@@ -205,6 +211,8 @@ class InContextPredictor:
         values = {n: getattr(self, n) for n in SearchConfig.field_names()}
         values["index_params"] = dict(self.index_params or {})
         values["device"] = str(self.device)
+        if self.feature_cache is not None:
+            values["feature_cache"] = str(self.feature_cache)
         search = SearchConfig(**values)
         search.validate()
         return search
@@ -236,6 +244,8 @@ class InContextPredictor:
             progress=self.progress,
             **(spec.feature_options or {}),
         )
+        if self.search.feature_cache is not None:
+            self.extractor_ = CachedFeatures(self.extractor_, self.search.feature_cache)
         self.key_norms_ = None
 
     def _plain_views(self, pairs: Pairs) -> Iterator[torch.Tensor]:

@@ -272,10 +272,19 @@ class SearchConfig(Settings):
     )
     device: str = setting("cpu", "torch device of the encoder and exact search (cpu, cuda...)")
     batch_size: int = setting(16, "images per encoder forward", kind=int, valid=Range(1))
+    feature_cache: str | None = setting(
+        None,
+        "folder keeping every view's features, so a re-run with other k, β, index or "
+        "fraction settings skips the encoder (hbird.features.cache)",
+        default_text="none",
+    )
 
 
 RECORDED_SEARCH = ("k", "temperature", "index", "index_params", "batch_size")
 """Search settings a bank records as its defaults (``device`` belongs to the machine)."""
+
+RUNTIME_SEARCH = ("device", "batch_size", "feature_cache")
+"""Search settings that never change a result: a run may resume with other values."""
 
 DERIVED = ("budget_per_image", "extractor")
 """Manifest ``config`` entries computed at build time (per-image budget, extractor identity)."""

@@ -25,7 +25,7 @@ from hbird.io.files import atomic_file, check_output, write_json
 from hbird.io.images import IMAGE_SUFFIXES, file_size, list_images, load_image
 from hbird.memory.bank import MemoryBank, check_bank_path
 from hbird.predictor import InContextPredictor
-from hbird.specs import BankSpec, SearchConfig
+from hbird.specs import RUNTIME_SEARCH, BankSpec, SearchConfig
 
 SETTING_FLAGS = {"root": "--prompt"}
 
@@ -194,15 +194,11 @@ def settings_record(args: argparse.Namespace, predictor: InContextPredictor) -> 
     }
 
 
-SAME_OUTPUTS = ("device", "batch_size")
-"""Search settings that do not change a prediction: a run may resume with others."""
-
-
 def changed_settings(new: dict[str, Any], old: dict[str, Any]) -> list[str]:
     """What differs between two ``settings.json`` records (outputs aside)."""
     changed = [k for k in new if k != "predictor" and new[k] != old.get(k)]
     a, b = new["predictor"], old.get("predictor", {})
-    names = sorted((set(a) | set(b)) - set(SAME_OUTPUTS))
+    names = sorted((set(a) | set(b)) - set(RUNTIME_SEARCH))
     return changed + ["--" + n.replace("_", "-") for n in names if a.get(n) != b.get(n)]
 
 

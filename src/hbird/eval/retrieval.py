@@ -22,9 +22,10 @@ from hbird.eval.report import Report, save_picture
 from hbird.eval.scoring import new_metric, score_queries, scores_from_metric
 from hbird.io.files import write_json
 from hbird.predictor import InContextPredictor
+from hbird.specs import RUNTIME_SEARCH
 
 # settings that may change between a run and its resumption without changing its numbers
-RESUMABLE_CHANGES = {"overlays", "device", "batch_size", "max_queries"}
+RESUMABLE_CHANGES = {"overlays", "max_queries", *RUNTIME_SEARCH}
 
 
 def _check_run_folder(out: Path, cfg: EvalConfig, dataset: str) -> dict[str, Any]:
