@@ -188,7 +188,7 @@ def test_timm_names_go_to_timm() -> None:
     enc = create_encoder("vit_tiny_patch16_224.augreg_in21k", depth=2)
     assert type(enc).__name__ == "TimmEncoder" and enc.name == "vit_tiny_patch16_224.augreg_in21k"
     assert (enc.patch_size, enc.embed_dim, enc.num_blocks) == (16, 192, 2)
-    assert enc.mean == (0.5, 0.5, 0.5) and enc.weights_source == "random"
+    assert enc.mean == (0.5, 0.5, 0.5) and enc.weights_source == "random:seed=0"
     with torch.no_grad():
         assert enc(torch.randn(1, 3, 48, 80)).shape == (1, 3, 5, 192)
 
@@ -218,3 +218,21 @@ def test_list_encoders() -> None:
         "test_vit_p16",
         "test_vit_reg",
     ]
+
+
+def test_random_timm_weights_are_fixed_by_seed_and_leave_the_global_rng_alone():
+    """A random timm model built by name is the same in every process (so a bank built on
+    it loads again by name); the seed picks the draw; torch's global RNG is untouched."""
+    name, options = "vit_tiny_patch16_224", dict(depth=2, img_size=32)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = create_encoder(name, pretrained=False, **options)
+    assert torch.equal(torch.rand(3), expected_next)
+    b = create_encoder(name, pretrained=False, **options)
+    other = create_encoder(name, pretrained=False, seed=1, **options)
+    assert a.identity()["weights_hash"] == b.identity()["weights_hash"]
+    assert a.identity()["weights_hash"] != other.identity()["weights_hash"]
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(a.forward_patches(x), b.forward_patches(x))
+    assert not torch.equal(a.forward_patches(x), other.forward_patches(x))

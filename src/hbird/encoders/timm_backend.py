@@ -106,6 +106,7 @@ def create_timm_encoder(
     name: str,
     weights: str | Path | None = None,
     pretrained: bool = False,
+    seed: int = 0,
     **kwargs: Any,
 ) -> TimmEncoder:
     """Build the timm model ``name`` (``arch`` or ``arch.tag``) as a :class:`TimmEncoder`.
@@ -116,15 +117,21 @@ def create_timm_encoder(
             :mod:`hbird.encoders.checkpoints`). Excludes ``pretrained``.
         pretrained: let timm fetch its pretrained weights for ``name`` (needs network or
             a populated Hugging Face cache).
+        seed: fixes the random initialisation (used as it is when neither ``weights`` nor
+            ``pretrained`` is given), so the same name gives the same random weights in
+            every process and a bank built on them loads again; the global RNG is
+            neither read nor advanced.
         **kwargs: passed to ``timm.create_model`` (e.g. ``img_size=224``).
     """
     if weights is not None and pretrained:
         raise ValueError("pass either weights=<file> or pretrained=True, not both")
     recorded = hbird_checkpoint_options(weights) if weights is not None else {}
-    model = build_timm_model(
-        name, pretrained=pretrained, **{**recorded.get("model_kwargs", {}), **kwargs}
-    )
-    source = _pretrained_source(model, name) if pretrained else "random"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_timm_model(
+            name, pretrained=pretrained, **{**recorded.get("model_kwargs", {}), **kwargs}
+        )
+    source = _pretrained_source(model, name) if pretrained else f"random:seed={seed}"
     if weights is not None:
         load_weights(model, weights, arch=name)
         source = str(Path(weights).resolve())
