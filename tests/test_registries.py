@@ -96,6 +96,13 @@ ENCODER_CASES = {  # case: (registry entry it exercises, name, kwargs; a folder 
     "test_vit_reg": ("test_vit_reg", "test_vit_reg", {}),
     "test_vit_p16": ("test_vit_p16", "test_vit_p16", {}),
     "timm": (None, "vit_tiny_patch16_224", TINY_TIMM),
+    "test_axial": ("test_axial", "test_axial", {}),
+    **{  # the registered names at a cheap depth and width (their layout: tests/test_axial.py)
+        name: (name, name, {"depths": (1, 1, 1, 1), "width": 1 / 8, "pretrained": False})
+        for name in (
+            f"{a}_{s}" for a in ("axial_resnet", "axial_deeplab") for s in "s m l xl".split()
+        )
+    },
     **{f"hf:{family}": ("hf:", family, {"pretrained": True}) for family in HF_KINDS},
 }
 
@@ -112,6 +119,13 @@ def build_case(case: str, tmp_path: Path):
     return create_encoder(name, **kwargs), name, kwargs
 
 
+def _first_bias(model: torch.nn.Module) -> torch.Tensor:
+    """A ViT's first MLP bias; a staged backbone's first bias (its stem BN's)."""
+    if hasattr(model, "blocks"):
+        return model.blocks[0].mlp.fc1.bias
+    return next(p for n, p in model.named_parameters() if n.endswith("bias"))
+
+
 @pytest.mark.parametrize("case", sorted(ENCODER_CASES))
 def test_encoder_contract(case: str, tmp_path: Path) -> None:
     """Frozen, (B, h, w, D) per layer, batch-independent, deterministic, weights round-trip."""
@@ -124,7 +138,9 @@ def test_encoder_contract(case: str, tmp_path: Path) -> None:
         both = encoder(x, layers=[0, -1])
         first, last = encoder(x, layers=0), encoder(x)
         alone = encoder(x[1:2])
-    assert both.shape == (3, 2, 3, 2 * d) and encoder.feature_dim([0, -1]) == 2 * d
+    d0 = encoder.feature_dim(0)  # = d for transformers; a staged backbone's first stage is narrower
+    assert last.shape[-1] == d and (d0 == d or hasattr(encoder, "stage_channels"))
+    assert both.shape == (3, 2, 3, d0 + d) and encoder.feature_dim([0, -1]) == d0 + d
     assert torch.isfinite(both).all()
     assert torch.allclose(both, torch.cat([first, last], dim=-1))
     assert torch.allclose(alone[0], last[1], atol=1e-5), "an image's features depend on its batch"
@@ -134,7 +150,7 @@ def test_encoder_contract(case: str, tmp_path: Path) -> None:
     if hasattr(encoder, "model") and not name.startswith("hf:"):  # weights files: timm-backed
         path = tmp_path / "weights.pth"
         with torch.no_grad():
-            encoder.model.blocks[0].mlp.fc1.bias.add_(1.0)
+            _first_bias(encoder.model).add_(1.0)
             changed = encoder(x)
         torch.save(encoder.model.state_dict(), path)
         loaded = create_encoder(name, weights=path, **kwargs)

@@ -8,6 +8,7 @@ Names: registered encoders (``list_encoders()``), ``hf:<model id or folder>`` fo
 Hugging Face models, and any timm ViT-family name (``vit_small_patch14_dinov2.lvd142m``).
 """
 
+from hbird.encoders import conv_backbone as _conv_backbone  # noqa: F401  (axial_*)
 from hbird.encoders import hf_backend as _hf_backend  # noqa: F401  (registers "hf:")
 from hbird.encoders import test_encoders as _test_encoders  # noqa: F401  (registers test_*)
 from hbird.encoders.base import Encoder

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,12 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.")
 IGNORABLE_KEY = re.compile(r"^(head|head_dist|fc_norm|pre_logits|mask_token)(\.|$)")
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+TIMM_HINT = (
+    "Check that the encoder name matches the checkpoint's architecture "
+    "(e.g. vit_small_patch14_dinov2 for dinov2_vits14, vit_small_patch14_reg4_dinov2 "
+    "for dinov2_vits14_reg, vit_small_patch16_224 for dino_deitsmall16)"
+)
 
 
 def read_weights_file(path: str | Path) -> dict[str, Any]:
@@ -173,8 +179,17 @@ def _describe(keys: list[str], limit: int = 8) -> str:
     return f"{shown}, … ({len(keys)} in all)" if len(keys) > limit else shown
 
 
-def load_weights(model: nn.Module, path: str | Path, arch: str = "the model") -> None:
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    arch: str = "the model",
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    hint: str = TIMM_HINT,
+) -> None:
     """Load a weights file into ``model`` with strict key and shape checking.
+
+    ``convert`` maps the unwrapped state dict onto ``model``'s keys (default: the timm
+    layouts above); ``hint`` ends the error message (which encoder name to pick).
 
     Raises:
         InputError: the file is missing or unreadable, or its tensors do not fit ``model``
@@ -182,8 +197,11 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "the model") ->
             DINOv2's ``mask_token`` are ignored.
     """
     state_dict = unwrap_state_dict(read_weights_file(path), source=f"weights file {path}")
-    _check_patch_kernel(state_dict, model, f"weights file {path} does not fit {arch}")
-    state_dict = to_timm_layout(state_dict, model)
+    if convert is None:
+        _check_patch_kernel(state_dict, model, f"weights file {path} does not fit {arch}")
+        state_dict = to_timm_layout(state_dict, model)
+    else:
+        state_dict = convert(state_dict)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict and not IGNORABLE_KEY.match(k)]
     unexpected = [k for k in state_dict if k not in expected and not IGNORABLE_KEY.match(k)]
@@ -201,10 +219,7 @@ def load_weights(model: nn.Module, path: str | Path, arch: str = "the model") ->
         if mismatched:
             problems.append(f"shape mismatches (file vs model): {_describe(mismatched)}")
         raise InputError(
-            f"weights file {path} does not fit {arch}: " + "; ".join(problems) + ". "
-            "Check that the encoder name matches the checkpoint's architecture "
-            "(e.g. vit_small_patch14_dinov2 for dinov2_vits14, vit_small_patch14_reg4_dinov2 "
-            "for dinov2_vits14_reg, vit_small_patch16_224 for dino_deitsmall16)"
+            f"weights file {path} does not fit {arch}: " + "; ".join(problems) + ". " + hint
         )
     usable = {k: v for k, v in state_dict.items() if k in expected}
     model.load_state_dict(usable, strict=False)

@@ -169,9 +169,9 @@ class ImageBackbone(FungiBackbone):
             self._hf_options = (
                 {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in accepts else {}
             )
-        else:
+        else:  # a feature-map backbone may name its gradient layer (encoders/conv_backbone)
             self._kind = "patches"
-            self.default_layer = ""
+            self.default_layer = getattr(encoder, "gradient_layer", "")
 
     def prepare(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """Images ``(3, H, W)`` in [0, 1] → canvases ``(B, 3, C, C)``, ``C = canvas_size``."""

@@ -87,7 +87,9 @@ class DenseFungi(Settings):
             gradient_dim(self.layer_),
             dim,
             self.seed,
-            block_rows=aligned_block_rows(self.layer_.in_features + 1, dim),
+            block_rows=aligned_block_rows(
+                gradient_dim(self.layer_) // self.layer_.out_features, dim
+            ),
         )
         return self
 

@@ -1,0 +1,10 @@
+"""Layers for long-range backbones (Wang 2021, thesis chapters 2-3), as plain ``nn.Module`` s.
+
+* :mod:`hbird.nn.axial`: position-sensitive axial attention (eq. 3.3-3.4) and the axial
+  bottleneck block;
+* :mod:`hbird.nn.axial_resnet`: Axial-ResNet S/M/L/XL, its output-stride-16
+  Axial-DeepLab backbone and the tiny seeded ``test_axial``.
+
+Models here know nothing of hbird's encoders; ``hbird.encoders.conv_backbone`` puts any
+backbone exposing stages behind the encoder contract. Nothing is imported eagerly.
+"""
