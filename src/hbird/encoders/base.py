@@ -114,18 +114,28 @@ class Encoder(nn.Module):
             "std": list(self.std),
             "params": {k: list(v.shape) for k, v in self.state_dict().items()},
         }
-        config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        digest = hashlib.sha256()
-        for key, value in sorted(self.state_dict().items()):
-            flat = value.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            sample = flat[::step].to(torch.float64).cpu().numpy()
-            digest.update(key.encode())
-            digest.update(sample.tobytes())
         return {
             "name": self.name,
-            "config_hash": config_hash,
-            "weights_hash": digest.hexdigest()[:16],
+            "config_hash": config_hash(config),
+            "weights_hash": weights_hash(self),
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+
+def config_hash(config: dict) -> str:
+    """16 hex digits of the SHA-256 of ``config`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def weights_hash(module: nn.Module) -> str:
+    """16 hex digits hashing a fixed sample of every tensor of ``module``'s state (cheap
+    even for ViT-g); models with other parameter values get other hashes."""
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        flat = value.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].to(torch.float64).cpu().numpy()
+        digest.update(key.encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
