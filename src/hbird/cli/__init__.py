@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": "evaluate an encoder with the retrieval protocol on a benchmark or a folder",
     "fungi": "FUNGI gradient features: kNN classification with and without gradients",
     "pretrain": "pretrain an encoder for retrieval (Hummingbird, iBOT, CO2...), torchrun-ready",
+    "zeroshot": "zero-shot segmentation of named classes (ReCo): index, build references, predict",
     "encoders": "list the encoders hbird can load",
     "demo": "run the whole loop offline on synthetic scenes with a tiny untrained encoder",
 }

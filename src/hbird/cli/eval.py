@@ -36,9 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--protocol",
-        choices=["retrieval", "linear", "fast-adaptation"],
+        choices=["retrieval", "linear", "fast-adaptation", "reco"],
         default="retrieval",
-        help="retrieval (default), linear probe baseline, or fast-adaptation curves",
+        help="retrieval (default), linear probe baseline, fast-adaptation curves, or reco "
+        "(zero-shot, with --refs)",
+    )
+    parser.add_argument(
+        "--refs", type=Path, help="reco protocol: saved ReCo references (hbird zeroshot build)"
     )
     parser.add_argument(
         "--fractions", help="data-efficiency sweep, e.g. 1/128,1/64,1/32 (retrieval protocol)"
@@ -97,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
         **config,
     )
     encoder = getattr(args, "encoder", None)
+    if args.protocol == "reco":
+        from hbird.eval.reco import run_from_args
+
+        return run_from_args(args, config)
     if args.protocol == "linear":
         from hbird.eval.linear_probe import linear_probe
 

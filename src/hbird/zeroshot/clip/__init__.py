@@ -5,6 +5,7 @@
 name                     backend                                        needs
 =======================  =============================================  ===============
 ``test_clip``            tiny seeded random CLIP (tests)                torch
+``toy_clip``             the toy world's colour CLIP (``zeroshot.toy``)  torch
 ``hf:<id or folder>``    Hugging Face ``CLIPModel`` (ViT towers)        ``hbird[hf]``
 any open_clip name       ``ViT-L-14-336``, ``RN50x16``... (dense: RN*)   ``hbird[clip]``
 =======================  =============================================  ===============
@@ -40,6 +41,15 @@ CLIPS: Registry = Registry("CLIP model")
 """Registered CLIP factories ``factory(name, weights=None, **kwargs) -> ClipModel``;
 ``hf:`` names and every other name (open_clip) are resolved by :func:`create_clip`."""
 CLIPS.register("test_clip", create_test_clip)
+
+
+def _create_toy_clip(name: str, weights=None, **kwargs) -> ClipModel:
+    from hbird.zeroshot.toy import ToyClip
+
+    return ToyClip(**kwargs)
+
+
+CLIPS.register("toy_clip", _create_toy_clip)
 
 
 def create_clip(

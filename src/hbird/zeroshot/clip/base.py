@@ -72,6 +72,13 @@ class ClipModel(nn.Module):
         )
 
     # -- the protocol ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors live (the CPU for a model without any)."""
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → normalised with this CLIP's mean and std."""
         mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
@@ -114,4 +121,5 @@ class ClipModel(nn.Module):
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
+            "weights_source": self.weights_source,
         }

@@ -120,4 +120,4 @@ def create_open_clip(
         if isinstance(err, RuntimeError) and not str(err).startswith("Failed to download"):
             raise
         raise ClipWeightsError(_weights_help(arch, tag)) from None
-    return OpenClipModel(model.eval(), tokenizer, name, f"open_clip:{arch}:{tag}")
+    return OpenClipModel(model.eval(), tokenizer, name, tag)

@@ -1,0 +1,268 @@
+"""``hbird zeroshot index|build|predict``: zero-shot segmentation by retrieve and
+co-segment (ReCo, issue 11): index an unlabelled folder with CLIP, build a reference per
+named class, predict class ids for new images. Score with ``hbird eval --protocol reco``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hbird.errors import InputError
+
+SETTING_FLAGS = {
+    "k": "--k",
+    "overwrite": "--overwrite",
+    "clip": "--clip",
+    "dense_clip": "--dense-clip",
+}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hbird.zeroshot.reco import DEFAULT_CONTEXTS, DEFAULT_ENCODER, ReCoSettings
+
+    sub = parser.add_subparsers(
+        dest="zeroshot_command", metavar="{index,build,predict}", required=True
+    )
+    index = sub.add_parser(
+        "index", help="CLIP image embeddings of an unlabelled folder (resumable)"
+    )
+    index.add_argument(
+        "--images", type=Path, required=True, help="folder of unlabelled images (any depth)"
+    )
+    index.add_argument(
+        "--clip",
+        required=True,
+        help="CLIP model: an open_clip name (ViT-L-14-336), hf:ID or test_clip",
+    )
+    index.add_argument(
+        "--clip-weights", help="local CLIP checkpoint file or folder (or an open_clip tag)"
+    )
+    index.add_argument("--out", type=Path, required=True, help="collection folder to create")
+    index.add_argument("--batch-size", type=_positive, default=32, help="images per CLIP batch")
+    for p in (index,):
+        p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing collection")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    defaults = ReCoSettings()
+    build = sub.add_parser(
+        "build", help="a reference per named class (needs an indexed collection)"
+    )
+    build.add_argument(
+        "--collection", type=Path, required=True, help="collection folder (hbird zeroshot index)"
+    )
+    build.add_argument(
+        "--classes", required=True, help="classes.txt (one name per line) or a comma list"
+    )
+    build.add_argument(
+        "--rename",
+        nargs="+",
+        default=[],
+        metavar="NAME=PROMPT",
+        help='prompt a class by other words, e.g. parking="parking lot"',
+    )
+    build.add_argument(
+        "--encoder", default=DEFAULT_ENCODER, help=f"image encoder (default {DEFAULT_ENCODER})"
+    )
+    build.add_argument(
+        "--weights", help="local weights of the encoder (default: its published ones)"
+    )
+    build.add_argument(
+        "--clip-weights", help="weights of the collection's CLIP (default: as recorded)"
+    )
+    build.add_argument(
+        "--dense-clip", help="DenseCLIP model, a CLIP ResNet (the paper: RN50x16); none: off"
+    )
+    build.add_argument("--dense-clip-weights", help="local weights of the DenseCLIP model")
+    build.add_argument("--out", type=Path, required=True, help="folder for the references")
+    build.add_argument(
+        "--k", type=_positive, default=defaults.k, help=f"archive size (default {defaults.k})"
+    )
+    build.add_argument(
+        "--image-size",
+        type=_positive,
+        default=defaults.image_size,
+        help=f"archive crop side (default {defaults.image_size})",
+    )
+    build.add_argument(
+        "--n-seeds",
+        type=_positive,
+        default=defaults.n_seeds,
+        help="seed pixels per archive image (default 1)",
+    )
+    build.add_argument(
+        "--contexts",
+        default=",".join(DEFAULT_CONTEXTS),
+        help="context classes, comma list ('' for none)",
+    )
+    build.add_argument(
+        "--context-temperature",
+        type=float,
+        default=defaults.context_temperature,
+        help="τ_ctx (default 1)",
+    )
+    build.add_argument(
+        "--no-context-elimination", action="store_true", help="skip context elimination"
+    )
+    build.add_argument(
+        "--no-language-guidance", action="store_true", help="skip language-guided co-segmentation"
+    )
+    build.add_argument(
+        "--no-dense-inference", action="store_true", help="predict without the DenseCLIP factor"
+    )
+    build.add_argument(
+        "--official-grid", action="store_true", help="Algorithm 1's column slice (images i..2i)"
+    )
+    build.add_argument(
+        "--query-size", type=_positive, help="short side of queries (default: --image-size)"
+    )
+    build.add_argument(
+        "--batch-size", type=_positive, default=defaults.batch_size, help="images per encoder batch"
+    )
+    build.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    build.add_argument("--overwrite", action="store_true", help="replace existing references")
+    build.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    predict = sub.add_parser("predict", help="class ids for query images from saved references")
+    predict.add_argument(
+        "--refs", type=Path, required=True, help="references folder (hbird zeroshot build)"
+    )
+    predict.add_argument(
+        "--query", type=Path, nargs="+", required=True, help="image files or folders"
+    )
+    predict.add_argument(
+        "--out", type=Path, required=True, help="folder for <stem>.png class-id masks"
+    )
+    predict.add_argument("--weights", help="local weights of the encoder, if they moved")
+    predict.add_argument(
+        "--dense-clip-weights", help="local weights of the DenseCLIP model, if they moved"
+    )
+    predict.add_argument(
+        "--no-overlays", action="store_true", help="skip the <stem>_overlay.png pictures"
+    )
+    predict.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    predict.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def read_classes(text: str) -> list[str]:
+    """``classes.txt`` (one name per line, blank lines skipped) or ``a,b,c``."""
+    path = Path(text)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif "," in text or not path.suffix:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+    else:
+        raise InputError(f"--classes {text}: no such file; give classes.txt or a comma list")
+    if not names:
+        raise InputError(f"--classes {text} names no class")
+    return names
+
+
+def read_renames(items: list[str]) -> dict[str, str]:
+    renames = {}
+    for item in items:
+        name, sep, prompt = item.partition("=")
+        if not sep or not name.strip() or not prompt.strip():
+            raise InputError(f'--rename {item!r} is not NAME=PROMPT (e.g. parking="parking lot")')
+        renames[name.strip()] = prompt.strip().strip("\"'")
+    return renames
+
+
+def _index(args: argparse.Namespace) -> int:
+    from hbird.io.files import check_output
+    from hbird.zeroshot.collection import ImageCollection
+
+    check_output(args.out, "--out")
+    coll = ImageCollection.build(
+        args.images,
+        args.clip,
+        args.out,
+        clip_weights=args.clip_weights,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(f"indexed {len(coll)} images with {args.clip} into {args.out}")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from hbird.io.files import check_output, check_replaceable, has_file
+    from hbird.zeroshot.reco import META_FILE, ReCo
+
+    check_output(args.out, "--out")
+    check_replaceable(
+        args.out, "saved ReCo references", has_file(META_FILE), args.overwrite, "--overwrite"
+    )
+    classes, renames = read_classes(args.classes), read_renames(args.rename)
+    dense = None if args.dense_clip in (None, "", "none") else args.dense_clip
+    reco = ReCo(
+        collection=args.collection,
+        encoder=args.encoder,
+        weights=args.weights,
+        dense_clip=dense,
+        dense_clip_weights=args.dense_clip_weights,
+        clip_weights=args.clip_weights,
+        device=args.device,
+        progress=not args.quiet,
+        k=args.k,
+        image_size=args.image_size,
+        n_seeds=args.n_seeds,
+        contexts=tuple(c.strip() for c in args.contexts.split(",") if c.strip()),
+        context_temperature=args.context_temperature,
+        context_elimination=not args.no_context_elimination,
+        language_guidance=not args.no_language_guidance,
+        dense_inference=not args.no_dense_inference,
+        official_grid=args.official_grid,
+        query_size=args.query_size,
+        batch_size=args.batch_size,
+    )
+    reco.build(classes, renames=renames)
+    reco.save(args.out, overwrite=args.overwrite)
+    print(f"built references for {len(classes)} classes into {args.out}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from hbird.cli.predict import query_files, write_prediction
+    from hbird.io.files import check_output, write_text
+    from hbird.io.images import load_image
+    from hbird.zeroshot.reco import ReCo
+
+    check_output(args.out, "--out")
+    files = query_files(args.query)
+    reco = ReCo.load(
+        args.refs,
+        weights=args.weights,
+        dense_clip_weights=args.dense_clip_weights,
+        device=args.device,
+        progress=False,
+    )
+    spec = reco.label_spec
+    for file in tqdm(files, desc="predicting", unit="img", disable=args.quiet):
+        image = load_image(file)
+        prediction = reco.predict_dense([image])[0]
+        write_prediction(args.out, file.stem, image, prediction, spec, not args.no_overlays)
+    write_text(args.out / "classes.txt", "\n".join(reco.classes) + "\n")
+    print(f"wrote {len(files)} prediction(s) to {args.out} (class ids: classes.txt)")
+    return 0
+
+
+def interrupted(args: argparse.Namespace) -> str:
+    if args.zeroshot_command == "index":
+        return f"the finished shards are kept in {args.out}.partial; run the same command to resume"
+    return "nothing was kept; run the command again"
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"index": _index, "build": _build, "predict": _predict}[args.zeroshot_command](args)
