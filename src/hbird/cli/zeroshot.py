@@ -24,8 +24,66 @@ def _positive(text: str) -> int:
     return value
 
 
+SETTING_HELP = {
+    "k": "archive size: images retrieved per class",
+    "image_size": "side the archive images are resized and centre-cropped to",
+    "n_seeds": "seed pixels per archive image (1-5 are best)",
+    "contexts": "context classes, a comma list ('' for none)",
+    "context_temperature": "τ_ctx of context elimination",
+    "context_elimination": "context elimination",
+    "language_guidance": "language-guided co-segmentation (needs --dense-clip)",
+    "dense_inference": "the DenseCLIP factor at prediction (needs --dense-clip)",
+    "language_scale": "the 10 in σ(10 ⟨DenseCLIP, t_c⟩)",
+    "official_grid": "Algorithm 1's column slice (the max for image i runs over images i..2i)",
+    "chunk_rows": "rows of the affinity matrix computed at once",
+    "layers": "encoder blocks whose features are used, e.g. -1 or 8,11 (default: the last)",
+    "query_size": "short side queries are resized to (default: --image-size)",
+    "batch_size": "images per encoder batch",
+}
+"""Help of the ``build`` flag of every :class:`ReCoSettings` field."""
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`ReCoSettings` field: ``--no-X`` for settings that are on by
+    default, ``--X`` for the other switches, ``--X VALUE`` for values."""
+    from dataclasses import fields
+
+    from hbird.cli.common import parse_layers
+    from hbird.zeroshot.reco import ReCoSettings
+
+    defaults = ReCoSettings()
+    for f in fields(ReCoSettings):
+        default, flag = getattr(defaults, f.name), "--" + f.name.replace("_", "-")
+        text = SETTING_HELP[f.name]
+        if isinstance(default, bool):
+            switch = "--no-" + flag[2:] if default else flag
+            action = "store_false" if default else "store_true"
+            prefix = "skip " if default else ""
+            parser.add_argument(switch, dest=f.name, action=action, help=prefix + text)
+        elif f.name == "contexts":
+            shown = ",".join(default)
+            parser.add_argument(flag, default=shown, help=f"{text} (default {shown})")
+        elif f.name == "layers":
+            parser.add_argument(flag, type=parse_layers, help=text)
+        else:
+            kind = float if isinstance(default, float) else _positive
+            shown = "" if default is None else f" (default {default})"
+            parser.add_argument(flag, type=kind, default=default, help=text + shown)
+
+
+def settings_from_args(args: argparse.Namespace) -> dict:
+    """The :class:`ReCoSettings` fields ``build``'s flags give."""
+    from dataclasses import fields
+
+    from hbird.zeroshot.reco import ReCoSettings
+
+    settings = {f.name: getattr(args, f.name) for f in fields(ReCoSettings)}
+    settings["contexts"] = tuple(c.strip() for c in args.contexts.split(",") if c.strip())
+    return settings
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hbird.zeroshot.reco import DEFAULT_CONTEXTS, DEFAULT_ENCODER, ReCoSettings
+    from hbird.zeroshot.reco import DEFAULT_ENCODER
 
     sub = parser.add_subparsers(
         dest="zeroshot_command", metavar="{index,build,predict}", required=True
@@ -51,7 +109,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--overwrite", action="store_true", help="replace an existing collection")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    defaults = ReCoSettings()
     build = sub.add_parser(
         "build", help="a reference per named class (needs an indexed collection)"
     )
@@ -82,50 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     build.add_argument("--dense-clip-weights", help="local weights of the DenseCLIP model")
     build.add_argument("--out", type=Path, required=True, help="folder for the references")
-    build.add_argument(
-        "--k", type=_positive, default=defaults.k, help=f"archive size (default {defaults.k})"
-    )
-    build.add_argument(
-        "--image-size",
-        type=_positive,
-        default=defaults.image_size,
-        help=f"archive crop side (default {defaults.image_size})",
-    )
-    build.add_argument(
-        "--n-seeds",
-        type=_positive,
-        default=defaults.n_seeds,
-        help="seed pixels per archive image (default 1)",
-    )
-    build.add_argument(
-        "--contexts",
-        default=",".join(DEFAULT_CONTEXTS),
-        help="context classes, comma list ('' for none)",
-    )
-    build.add_argument(
-        "--context-temperature",
-        type=float,
-        default=defaults.context_temperature,
-        help="τ_ctx (default 1)",
-    )
-    build.add_argument(
-        "--no-context-elimination", action="store_true", help="skip context elimination"
-    )
-    build.add_argument(
-        "--no-language-guidance", action="store_true", help="skip language-guided co-segmentation"
-    )
-    build.add_argument(
-        "--no-dense-inference", action="store_true", help="predict without the DenseCLIP factor"
-    )
-    build.add_argument(
-        "--official-grid", action="store_true", help="Algorithm 1's column slice (images i..2i)"
-    )
-    build.add_argument(
-        "--query-size", type=_positive, help="short side of queries (default: --image-size)"
-    )
-    build.add_argument(
-        "--batch-size", type=_positive, default=defaults.batch_size, help="images per encoder batch"
-    )
+    add_setting_arguments(build)
     build.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     build.add_argument("--overwrite", action="store_true", help="replace existing references")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -213,17 +227,7 @@ def _build(args: argparse.Namespace) -> int:
         clip_weights=args.clip_weights,
         device=args.device,
         progress=not args.quiet,
-        k=args.k,
-        image_size=args.image_size,
-        n_seeds=args.n_seeds,
-        contexts=tuple(c.strip() for c in args.contexts.split(",") if c.strip()),
-        context_temperature=args.context_temperature,
-        context_elimination=not args.no_context_elimination,
-        language_guidance=not args.no_language_guidance,
-        dense_inference=not args.no_dense_inference,
-        official_grid=args.official_grid,
-        query_size=args.query_size,
-        batch_size=args.batch_size,
+        **settings_from_args(args),
     )
     reco.build(classes, renames=renames)
     reco.save(args.out, overwrite=args.overwrite)

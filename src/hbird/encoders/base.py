@@ -112,15 +112,22 @@ class Encoder(nn.Module):
             "num_blocks": self.num_blocks,
             "mean": list(self.mean),
             "std": list(self.std),
-            "params": {k: list(v.shape) for k, v in self.state_dict().items()},
         }
-        return {
-            "name": self.name,
-            "config_hash": config_hash(config),
-            "weights_hash": weights_hash(self),
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
+        return identity_record(self, config)
+
+
+def identity_record(module: nn.Module, config: dict) -> dict:
+    """``name``, ``config_hash`` (of ``config`` plus every parameter's shape),
+    ``weights_hash``, ``mean`` and ``std`` of a frozen model; ``config`` holds at least
+    ``name``, ``mean`` and ``std``."""
+    shapes = {k: list(v.shape) for k, v in module.state_dict().items()}
+    return {
+        "name": config["name"],
+        "config_hash": config_hash({**config, "params": shapes}),
+        "weights_hash": weights_hash(module),
+        "mean": list(config["mean"]),
+        "std": list(config["std"]),
+    }
 
 
 def config_hash(config: dict) -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hbird.encoders.base import config_hash, weights_hash
+from hbird.encoders.base import identity_record
 from hbird.encoders.hf_backend import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from hbird.errors import InputError
 
@@ -112,14 +112,6 @@ class ClipModel(nn.Module):
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
-            "params": {k: list(v.shape) for k, v in self.state_dict().items()},
         }
-        return {
-            "name": self.name,
-            "config_hash": config_hash(config),
-            "weights_hash": weights_hash(self),
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "weights_source": self.weights_source,
-        }
+        record = identity_record(self, config)
+        return {**record, "image_size": self.image_size, "weights_source": self.weights_source}
