@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hbird.io.images import load_image
 from hbird.zeroshot.clip import create_clip
@@ -109,3 +111,21 @@ def test_a_list_of_files_is_a_collection_rooted_at_their_common_folder(tmp_path)
     coll = ImageCollection.build(files, "test_clip", tmp_path / "coll", progress=False)
     assert coll.root == images.resolve() and coll.files == ["img_01.png", "img_02.png"]
     torch.testing.assert_close(coll.load_image(1), load_image(files[1]))
+
+
+def test_archive_picture_boxes_the_seed_patch(tmp_path):
+    """viz/archive: a seed at flat index 5 of a 4×4 grid is patch (row 1, col 1); drawn at
+    128 px (32 px per patch) its yellow frame runs just outside pixels 32..63."""
+    from hbird.viz.archive import save_archive_picture
+    from hbird.viz.correspondence import NEIGHBOUR_BOX
+
+    crops = [torch.zeros(3, 16, 16), torch.full((3, 16, 16), 0.5)]
+    file = save_archive_picture(
+        tmp_path / "a.png", crops, [[5], [0]], (4, 4), scores=torch.rand(2, 4, 4)
+    )
+    picture = np.asarray(Image.open(file))
+    assert picture.shape[0] > 2 * 128  # images, then the score maps under them
+    top = picture.shape[0] - 128 - 4 - 128  # the title row's height
+    frame = picture[top + 32 - 3 : top + 64 + 3, 32 - 3 : 64 + 3]
+    assert (frame == np.array(NEIGHBOUR_BOX, dtype=np.uint8)).all(-1).any()
+    assert not (picture[top + 40 : top + 56, 40:56] == np.array(NEIGHBOUR_BOX)).all(-1).any()

@@ -172,6 +172,7 @@ def test_component_table(world, capsys):
         "+language guidance": {"context_elimination": False, "dense_inference": False},
         "both": {"dense_inference": False},
         "both + dense inference": {},
+        "both + dense inference, official grid": {"official_grid": True},
     }
     table = {}
     for name, settings in rows.items():

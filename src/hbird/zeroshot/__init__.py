@@ -5,9 +5,16 @@ class from an unlabelled collection, co-segmentation of the archive with a froze
 encoder finds a reference embedding per class, and every pixel of a new image takes the
 class whose reference it is closest to.
 
-Rooms: ``clip/`` (CLIP backends behind one protocol, MaskCLIP dense embeddings),
+>>> from hbird.zeroshot import ImageCollection, ReCo
+>>> coll = ImageCollection.build("photos/", "ViT-L-14-336", "coll/", clip_weights="ViT-L-14-336.pt")
+>>> reco = ReCo(collection=coll, encoder="deit_small_distilled_patch16_224",
+...             dense_clip="RN50x16", dense_clip_weights="RN50x16.pt").build(["road", "sky"])
+>>> masks = reco.predict(images)  # (H, W) class ids at each image's own size
+
+Modules: ``clip/`` (CLIP backends behind one protocol, MaskCLIP dense embeddings),
 ``templates`` (the 85 prompts, ``t_c``), ``cosegment`` (``A``, ``G``, seeds, the pixel
-weights, ``S_c``).
+weights, ``S_c``), ``collection`` (the CLIP index of an unlabelled folder), ``reco``
+(``ReCo``), ``toy`` (a world where all of it can succeed or fail, for tests).
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ _EXPORTS = {
     "RECO_TEMPLATES": "hbird.zeroshot.templates",
     "text_embeddings": "hbird.zeroshot.templates",
     "cosegment": "hbird.zeroshot.cosegment",
+    "ImageCollection": "hbird.zeroshot.collection",
+    "ReCo": "hbird.zeroshot.reco",
+    "ReCoSettings": "hbird.zeroshot.reco",
+    "dense_clip_scores": "hbird.zeroshot.reco",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -288,9 +288,9 @@ class ReCo:
         prompts = [prompt_name(c, renames) for c in classes]
         contexts = list(s.contexts) if s.context_elimination else []
         wanted = list(dict.fromkeys(contexts + prompts))
-        t_retrieval = dict(zip(wanted, text_embeddings(self.clip, wanted)))
+        t_retrieval = dict(zip(wanted, text_embeddings(self.clip, wanted).cpu()))
         t_dense = (
-            dict(zip(wanted, text_embeddings(self.dense_clip, wanted)))
+            dict(zip(wanted, text_embeddings(self.dense_clip, wanted).cpu()))
             if self.dense_clip is not None
             else dict.fromkeys(wanted)
         )

@@ -14,6 +14,28 @@ soft colour histogram; the dense embedding is that histogram over coarse
 ``cell × cell`` cells (8 px: a 6×6 grid), so DenseCLIP alone cannot draw object
 boundaries. ``ToyEncoder`` is a patch-4 image encoder whose features are a sharp soft
 colour assignment plus two texture energies per patch.
+
+What each part of ReCo does here (``tests/test_zeroshot_reco.py::test_component_table``:
+80 collection scenes, k = 24, context ``gray``, 8 held-out scenes with two objects each,
+mIoU over the 5 classes):
+
+==========================================  ========
+components                                  toy mIoU
+==========================================  ========
+plain co-segmentation                       0.027
+with context elimination                    0.877
+with language guidance                      0.832
+both                                        0.880
+both + dense inference                      0.836
+both + dense inference, official grid       0.834
+DenseCLIP alone                             0.603
+random reference (+ dense inference)        0.524
+==========================================  ========
+
+Plain co-segmentation seeds on the ground every scene shares (each archive holds some
+images without the class), as the paper's 5.7 plain mIoU on PASCAL-Context; either
+weighting moves the seeds onto the class. Dense inference costs a little here because
+the toy DenseCLIP cells are coarser than the test objects.
 """
 
 from __future__ import annotations
