@@ -7,7 +7,13 @@ import importlib.util
 from functools import cache
 from types import ModuleType
 
-_EXTRA_OF = {"faiss": "faiss", "transformers": "hf", "scann": "scann", "open_clip": "clip"}
+_EXTRA_OF = {
+    "faiss": "faiss",
+    "transformers": "hf",
+    "scann": "scann",
+    "open_clip": "clip",
+    "fastapi": "serve",
+}
 
 
 @cache

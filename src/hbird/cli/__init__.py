@@ -30,6 +30,7 @@ COMMANDS = {
     "zeroshot": "zero-shot segmentation of named classes (ReCo): index, build references, predict",
     "encoders": "list the encoders hbird can load",
     "demo": "run the whole loop offline on synthetic scenes with a tiny untrained encoder",
+    "serve": "serve a REST API for interactive prompting of a folder of images (hbird[serve])",
 }
 
 

@@ -1,0 +1,74 @@
+"""``hbird serve``: the REST API over workspaces of a folder of images (hbird.serve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+LOCAL = "127.0.0.1"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hbird.cli.common import add_spec_arguments
+    from hbird.specs import BankSpec, SearchConfig
+
+    parser.add_argument("--images", type=Path, help="the folder of images to segment")
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=Path("hbird-serve"),
+        help="where workspaces live; a restart with the same folder resumes (default ./hbird-serve)",
+    )
+    parser.add_argument(
+        "--classes",
+        help="comma-separated class names of new workspaces (default background,object)",
+    )
+    parser.add_argument(
+        "--host", default=LOCAL, help=f"address to bind (default {LOCAL}: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve synthetic scenes with the tiny untrained test_vit, offline (a demo)",
+    )
+    add_spec_arguments(parser, BankSpec, "memory (how each workspace's bank is built)")
+    add_spec_arguments(parser, SearchConfig, "search")
+
+
+def run(args: argparse.Namespace) -> int:
+    from hbird.cli.common import given_settings
+    from hbird.errors import InputError
+    from hbird.specs import BankSpec, SearchConfig
+
+    settings = {**given_settings(args, BankSpec), **given_settings(args, SearchConfig)}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    classes = args.classes.split(",") if args.classes else None
+    images = args.images
+    if args.demo:
+        from hbird.data.synthetic import default_class_names, make_scenes, write_scene_folder
+
+        data = args.state / "demo-data"
+        if not (data / "images").is_dir():
+            write_scene_folder(data, make_scenes(12, seed=0), with_depth=False)
+        images = data / "images"
+        classes = classes or list(default_class_names(4))
+        settings = {"encoder": "test_vit", "image_size": 64, **settings}
+        print("hbird serve --demo: synthetic scenes and a tiny UNTRAINED encoder, offline.")
+    if images is None:
+        raise InputError("give --images DIR (the folder to segment), or --demo")
+    if args.host != LOCAL:
+        print(
+            f"warning: --host {args.host} serves your images to other machines; "
+            f"hbird serve has no login. Use --host {LOCAL} to keep it local.",
+            file=sys.stderr,
+        )
+    from hbird.serve.app import create_app
+
+    app = create_app(images, args.state, classes, settings)
+    import uvicorn
+
+    print(f"hbird serve: http://{args.host}:{args.port}/docs (Ctrl-C stops; state in {args.state})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,137 @@
+"""The REST API of ``hbird serve`` (FastAPI; OpenAPI docs at ``/docs``).
+
+Each route is a few lines calling :class:`~hbird.serve.workspace.Workspace`; no logic
+lives here. Clients name images by the names the image list gives, never by path. Bad
+input is a 400 whose ``detail`` is the message the CLI gives for the same mistake.
+
+Routes (``{ws}`` is a workspace name: letters, digits, ``-`` and ``_``)::
+
+    GET    /api/workspaces                         names
+    GET    /api/workspaces/{ws}                    classes, prompt, images
+    PUT    /api/workspaces/{ws}/classes            JSON list of names
+    POST   /api/workspaces/{ws}/prompt/{image}     multipart "mask": a PNG of class ids
+    DELETE /api/workspaces/{ws}/prompt/{image}
+    GET    /api/workspaces/{ws}/prediction/{image}.png     palette PNG of class ids
+    GET    /api/workspaces/{ws}/overlay/{image}.png        colours over the image
+    GET    /api/workspaces/{ws}/confidence/{image}.png     8-bit confidence
+    POST   /api/workspaces/{ws}/predict-all        mean confidence per image, least first
+"""
+
+import io
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from hbird._optional import require
+from hbird.errors import InputError
+from hbird.io.images import load_image, voc_palette
+from hbird.serve.workspace import Workspace
+
+WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_UPLOAD_BYTES = 32 * 2**20
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def label_png(labels: Any) -> bytes:
+    """``(H, W)`` class ids → palette PNG bytes (as ``hbird predict`` writes them)."""
+    img = Image.fromarray(np.asarray(labels, dtype=np.uint8))
+    img.putpalette(voc_palette(256).reshape(-1).tolist())
+    return _png(img)
+
+
+def overlay_png(image_path: Path, labels: Any, alpha: float = 0.5) -> bytes:
+    rgb = load_image(image_path).permute(1, 2, 0).numpy()
+    colours = voc_palette(256)[np.asarray(labels, dtype=np.int64)] / 255.0
+    mixed = (1 - alpha) * rgb + alpha * colours
+    return _png(Image.fromarray(np.round(mixed * 255).astype(np.uint8)))
+
+
+def create_app(
+    images: str | Path,
+    state: str | Path,
+    classes: list[str] | None = None,
+    settings: dict[str, Any] | None = None,
+):
+    """The FastAPI app serving workspaces of the folder ``images`` under ``state/``."""
+    fastapi = require("fastapi", "hbird serve")
+    from fastapi import File, HTTPException, UploadFile
+    from fastapi.responses import JSONResponse, Response
+
+    app = fastapi.FastAPI(title="hbird serve", description=__doc__.split("\n\n")[0])
+    workspaces: dict[str, Workspace] = {}
+    state = Path(state)
+    for folder in sorted(state.glob("*/")) if state.is_dir() else []:
+        if (folder / "workspace.json").is_file():
+            workspaces[folder.name] = Workspace(images, folder)
+
+    @app.exception_handler(InputError)
+    async def input_error(request, err: InputError):
+        return JSONResponse(status_code=400, content={"detail": str(err)})
+
+    def workspace(ws: str) -> Workspace:
+        if not WORKSPACE_NAME.match(ws):
+            raise HTTPException(400, "workspace names hold letters, digits, - and _ only")
+        if ws not in workspaces:
+            workspaces[ws] = Workspace(images, state / ws, classes, settings)
+        return workspaces[ws]
+
+    def png(data: bytes) -> Response:
+        return Response(content=data, media_type="image/png")
+
+    @app.get("/api/workspaces")
+    def list_workspaces() -> list[str]:
+        return sorted(workspaces)
+
+    @app.get("/api/workspaces/{ws}")
+    def describe(ws: str) -> dict[str, Any]:
+        w = workspace(ws)
+        return {"classes": w.classes, "prompt": w.prompt, "images": w.image_names}
+
+    @app.put("/api/workspaces/{ws}/classes")
+    def put_classes(ws: str, names: list[str]) -> list[str]:
+        w = workspace(ws)
+        w.set_classes(names)
+        return w.classes
+
+    @app.post("/api/workspaces/{ws}/prompt/{image}")
+    async def add_prompt(ws: str, image: str, mask: UploadFile = File(...)) -> list[str]:
+        data = await mask.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HTTPException(413, f"the mask upload is over {MAX_UPLOAD_BYTES >> 20} MiB")
+        w = workspace(ws)
+        w.add_prompt(image, data)
+        return w.prompt
+
+    @app.delete("/api/workspaces/{ws}/prompt/{image}")
+    def remove_prompt(ws: str, image: str) -> list[str]:
+        w = workspace(ws)
+        w.remove_prompt(image)
+        return w.prompt
+
+    @app.get("/api/workspaces/{ws}/prediction/{image}.png")
+    def prediction(ws: str, image: str) -> Response:
+        return png(label_png(workspace(ws).predict(image).labels))
+
+    @app.get("/api/workspaces/{ws}/overlay/{image}.png")
+    def overlay(ws: str, image: str) -> Response:
+        w = workspace(ws)
+        return png(overlay_png(w.image_path(image), w.predict(image).labels))
+
+    @app.get("/api/workspaces/{ws}/confidence/{image}.png")
+    def confidence(ws: str, image: str) -> Response:
+        values = workspace(ws).predict(image).confidence.clamp(0, 1).numpy()
+        return png(_png(Image.fromarray(np.round(values * 255).astype(np.uint8))))
+
+    @app.post("/api/workspaces/{ws}/predict-all")
+    def predict_all(ws: str) -> dict[str, float]:
+        return workspace(ws).predict_all()
+
+    return app

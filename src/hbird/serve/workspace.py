@@ -1,0 +1,234 @@
+"""A workspace: a folder of images, a class list and a growing prompt, kept on disk.
+
+The state of ``hbird serve`` without the web: everything the routes do is a method here,
+so it is tested and usable from Python alone.
+
+On disk, under ``state/``::
+
+    workspace.json          classes, prompt (image names, in order), predictor settings
+    masks/<stem>.png        the confirmed prompt masks (palette PNGs, pixel = class id)
+    features/               the feature cache (hbird.features.cache), keyed by view pixels
+
+Every prompt change writes its mask, then ``workspace.json``, each atomically; the JSON
+is the commit point, so a kill at any moment leaves the workspace as of the last
+confirmed change (a mask without a JSON entry is ignored and overwritten later).
+
+Predictions never re-encode an image already seen: the feature cache serves every view,
+so a prompt change re-runs only the bank build from cached features, search and decode.
+Removing a prompt image rebuilds the bank without it, which gives exactly the bank a
+fresh build of the remaining prompt gives.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hbird.decode import DensePrediction
+from hbird.errors import InputError
+from hbird.io.files import write_json
+from hbird.io.images import list_images, load_image, load_mask, save_label_png
+from hbird.labelspec import LabelSpec
+
+FORMAT_VERSION = 1
+STATE_FILE = "workspace.json"
+IGNORE_INDEX = 255
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,200}$")
+
+
+def check_class_names(names: Sequence[str]) -> list[str]:
+    """Refuse an empty, duplicated or over-long class list (at most 255 classes)."""
+    names = [str(n).strip() for n in names]
+    if len(names) < 2:
+        raise InputError("give at least two classes (e.g. background and one object)")
+    if len(names) > IGNORE_INDEX:
+        raise InputError(f"at most {IGNORE_INDEX} classes fit in a palette mask, not {len(names)}")
+    if any(not n for n in names):
+        raise InputError("class names must not be empty")
+    if len(set(names)) != len(names):
+        raise InputError(f"class names must be distinct: {names}")
+    return names
+
+
+class Workspace:
+    """Images of one folder, their classes and prompt, and a predictor over the prompt.
+
+    Args:
+        images: the folder of images to segment (read only).
+        state: where the workspace lives (created; an existing one is resumed).
+        classes: class names for a new workspace (ignored when resuming).
+        settings: :class:`~hbird.InContextPredictor` settings (encoder, image_size, k...).
+    """
+
+    def __init__(
+        self,
+        images: str | Path,
+        state: str | Path,
+        classes: Sequence[str] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.images_dir = Path(images)
+        paths = list_images(self.images_dir)
+        if not paths:
+            raise InputError(f"{self.images_dir} holds no images (.png, .jpg...)")
+        self._paths = {p.name: p for p in paths}
+        self.state = Path(state)
+        self.lock = threading.RLock()
+        self._predictor: Any = None
+        self._predictions: dict[str, DensePrediction] = {}
+        if (self.state / STATE_FILE).is_file():
+            self._resume()
+        else:
+            self.classes = check_class_names(classes or ["background", "object"])
+            self.prompt: list[str] = []
+            self.settings = dict(settings or {})
+            self._save()
+
+    # -- state ------------------------------------------------------------------------
+    def _resume(self) -> None:
+        import json
+
+        record = json.loads((self.state / STATE_FILE).read_text())
+        if record.get("format_version") != FORMAT_VERSION:
+            raise InputError(f"{self.state} holds a workspace of another hbird version")
+        self.classes, self.settings = record["classes"], record["settings"]
+        self.prompt = [n for n in record["prompt"] if n in self._paths]
+
+    def _save(self) -> None:
+        write_json(
+            self.state / STATE_FILE,
+            {
+                "format_version": FORMAT_VERSION,
+                "images": str(self.images_dir.resolve()),
+                "classes": self.classes,
+                "prompt": self.prompt,
+                "settings": self.settings,
+            },
+        )
+
+    @property
+    def image_names(self) -> list[str]:
+        return sorted(self._paths)
+
+    def image_path(self, name: str) -> Path:
+        """The folder's image called ``name`` (never a path from the client)."""
+        if name not in self._paths:
+            raise InputError(f"no image {name!r} in {self.images_dir}; see the image list")
+        return self._paths[name]
+
+    def mask_path(self, name: str) -> Path:
+        return self.state / "masks" / f"{Path(name).stem}.png"
+
+    @property
+    def label_spec(self) -> LabelSpec:
+        return LabelSpec(
+            task="segmentation", num_classes=len(self.classes), ignore_index=IGNORE_INDEX
+        )
+
+    # -- edits ------------------------------------------------------------------------
+    def set_classes(self, names: Sequence[str]) -> None:
+        """Rename or add classes; removing one is refused while a prompt mask may use it."""
+        names = check_class_names(names)
+        with self.lock:
+            if self.prompt and len(names) < len(self.classes):
+                raise InputError(
+                    f"the prompt's masks use ids up to {len(self.classes) - 1}; remove the "
+                    "prompt images first, or keep the classes and rename them"
+                )
+            self.classes = names
+            self._forget()
+            self._save()
+
+    def check_mask(self, name: str, data: bytes) -> torch.Tensor:
+        """Decode an uploaded PNG mask with the CLI's own checks: ``(H, W)`` int64 ids."""
+        image_size = load_image(self.image_path(name)).shape[-2:]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{Path(name).stem}.png"
+            path.write_bytes(data)
+            mask = load_mask(path)  # same errors as a mask file on the command line
+        if tuple(mask.shape) != tuple(image_size):
+            raise InputError(
+                f"the mask for {name} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                f"{image_size[1]}x{image_size[0]}; paint it on the image itself"
+            )
+        spec = self.label_spec
+        bad = torch.unique(mask[(mask >= spec.num_classes) & (mask != IGNORE_INDEX)])
+        if bad.numel() or bool((mask < 0).any()):
+            raise InputError(
+                f"the mask for {name} holds ids {bad[:10].tolist()}, but the workspace has "
+                f"{spec.num_classes} classes (ids 0..{spec.num_classes - 1}, {IGNORE_INDEX} = "
+                "unlabelled); add the classes first"
+            )
+        return mask
+
+    def add_prompt(self, name: str, mask_png: bytes) -> None:
+        """Add (or replace) ``name``'s prompt mask; the bank grows with ``add()``."""
+        mask = self.check_mask(name, mask_png)
+        with self.lock:
+            save_label_png(self.mask_path(name), mask)
+            replaced = name in self.prompt
+            if not replaced:
+                self.prompt.append(name)
+            self._save()
+            if replaced or self._predictor is None:
+                self._forget()
+            else:
+                self._predictor.add([self.image_path(name)], [mask])
+                self._predictions.clear()
+
+    def remove_prompt(self, name: str) -> None:
+        """Drop ``name`` from the prompt; the bank is rebuilt without it (cached features)."""
+        with self.lock:
+            if name not in self.prompt:
+                raise InputError(f"{name} is not in the prompt; nothing to remove")
+            self.prompt.remove(name)
+            self._save()
+            self.mask_path(name).unlink(missing_ok=True)
+            self._forget()
+
+    def _forget(self) -> None:
+        self._predictor = None
+        self._predictions.clear()
+
+    # -- predictions ------------------------------------------------------------------
+    def predictor(self) -> Any:
+        """The predictor over the current prompt (built on first use)."""
+        from hbird.predictor import InContextPredictor
+
+        with self.lock:
+            if not self.prompt:
+                raise InputError("the prompt is empty: paint a mask on an image first")
+            if self._predictor is None:
+                settings = {"progress": False, **self.settings}
+                settings.setdefault("feature_cache", str(self.state / "features"))
+                images = [self.image_path(n) for n in self.prompt]
+                masks = [self.mask_path(n) for n in self.prompt]
+                self._predictor = InContextPredictor(**settings).fit(
+                    images, masks, label_spec=self.label_spec
+                )
+            return self._predictor
+
+    def predict(self, name: str) -> DensePrediction:
+        """``name``'s prediction (labels and confidence at the image's size), cached until
+        the prompt changes."""
+        with self.lock:
+            if name not in self._predictions:
+                path = self.image_path(name)
+                self._predictions[name] = self.predictor().predict_dense([path])[0]
+            return self._predictions[name]
+
+    def predict_all(self, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+        """Predict every image; returns mean confidence per image (least confident first)."""
+        names = self.image_names
+        scores = {}
+        for i, name in enumerate(names):
+            scores[name] = float(self.predict(name).confidence.mean())
+            if progress is not None:
+                progress(i + 1, len(names))
+        return dict(sorted(scores.items(), key=lambda kv: kv[1]))

@@ -1,0 +1,165 @@
+"""The workspace and REST API of ``hbird serve`` (FastAPI's test client, no browser)."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hbird import InContextPredictor
+from hbird.data.synthetic import make_scenes
+from hbird.serve.workspace import Workspace
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from hbird.serve.app import create_app  # noqa: E402
+
+SETTINGS = dict(encoder="test_vit", image_size=64, k=5, index="exact", memory_size=None)
+CLASSES = ["background", "a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return make_scenes(6, seed=3)
+
+
+@pytest.fixture()
+def photos(scenes, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, s in enumerate(scenes):
+        rgb = np.round(s.image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"img{i}.png")
+    return folder
+
+
+def png(mask) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def read_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def fresh_prediction(photos, scenes, prompt):
+    """Oracle: a predictor built from scratch on the given prompt indices."""
+    p = InContextPredictor(**SETTINGS, progress=False)
+    p.fit([photos / f"img{i}.png" for i in prompt], [scenes[i].mask for i in prompt], num_classes=4)
+    return p.predict([photos / f"img{i}.png" for i in range(len(scenes))])
+
+
+def test_workspace_add_remove_and_resume_match_fresh_builds(photos, scenes, tmp_path):
+    """After adding prompts 0 and 1 then removing 0, predictions equal a bank built on
+    prompt 1 alone; a workspace reopened from its folder resumes with the same prompt."""
+    ws = Workspace(photos, tmp_path / "ws", CLASSES, SETTINGS)
+    ws.add_prompt("img0.png", png(scenes[0].mask))
+    ws.add_prompt("img1.png", png(scenes[1].mask))
+    both = fresh_prediction(photos, scenes, [0, 1])
+    got = [ws.predict(f"img{i}.png").labels for i in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(got, both))
+    ws.remove_prompt("img0.png")
+    alone = fresh_prediction(photos, scenes, [1])
+    got = [ws.predict(f"img{i}.png").labels for i in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(got, alone))
+    assert not all(torch.equal(a, b) for a, b in zip(alone, both))  # the removal mattered
+
+    again = Workspace(photos, tmp_path / "ws")
+    assert again.prompt == ["img1.png"] and again.classes == CLASSES
+    assert torch.equal(again.predict("img3.png").labels, alone[3])
+    order = again.predict_all()
+    assert list(order) == sorted(order, key=order.get) and len(order) == 6
+
+
+@pytest.fixture()
+def client(photos, tmp_path):
+    return TestClient(create_app(photos, tmp_path / "state", CLASSES, SETTINGS))
+
+
+def test_api_routes_round_trip(client, scenes, photos):
+    assert client.get("/api/workspaces").json() == []
+    info = client.get("/api/workspaces/w1").json()
+    assert info["classes"] == CLASSES and info["prompt"] == [] and len(info["images"]) == 6
+    r = client.post("/api/workspaces/w1/prompt/img0.png", files={"mask": png(scenes[0].mask)})
+    assert r.status_code == 200 and r.json() == ["img0.png"]
+    pred = client.get("/api/workspaces/w1/prediction/img2.png.png")
+    assert pred.status_code == 200 and pred.headers["content-type"] == "image/png"
+    expected = fresh_prediction(photos, scenes, [0])[2].numpy()
+    assert np.array_equal(read_png(pred.content), expected)
+    overlay = read_png(client.get("/api/workspaces/w1/overlay/img2.png.png").content)
+    assert overlay.shape == (*expected.shape, 3)
+    conf = read_png(client.get("/api/workspaces/w1/confidence/img2.png.png").content)
+    assert conf.shape == expected.shape and conf.dtype == np.uint8
+    scores = client.post("/api/workspaces/w1/predict-all").json()
+    assert len(scores) == 6 and list(scores.values()) == sorted(scores.values())
+    assert client.delete("/api/workspaces/w1/prompt/img0.png").json() == []
+    assert client.get("/api/workspaces").json() == ["w1"]
+    assert client.put("/api/workspaces/w1/classes", json=[*CLASSES, "d"]).json()[-1] == "d"
+    assert "/api/workspaces/{ws}/prompt/{image}" in client.get("/openapi.json").json()["paths"]
+
+
+@pytest.mark.parametrize(
+    "case, upload, status, message",
+    [
+        ("not an image", b"hello", 400, "could not be read as an image"),
+        ("wrong size", "small", 400, "paint it on the image itself"),
+        ("label out of range", "ids", 400, "holds ids [7]"),
+        ("colour mask", "rgb", 400, "is a colour (RGB) image"),
+    ],
+)
+def test_bad_uploads_get_a_400_with_the_cli_message_and_change_nothing(
+    client, scenes, case, upload, status, message
+):
+    mask = scenes[0].mask.numpy()
+    if upload == "small":
+        upload = png(mask[:10, :10])
+    elif upload == "ids":
+        bad = mask.copy()
+        bad[0, 0] = 7
+        upload = png(bad)
+    elif upload == "rgb":
+        buffer = io.BytesIO()
+        rgb = np.random.default_rng(0).integers(0, 255, (*mask.shape, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(buffer, format="PNG")
+        upload = buffer.getvalue()
+    r = client.post("/api/workspaces/w1/prompt/img0.png", files={"mask": upload})
+    assert r.status_code == status and message in r.json()["detail"], (case, r.json())
+    assert client.get("/api/workspaces/w1").json()["prompt"] == []
+
+
+def test_requests_that_name_no_folder_image_are_refused(client, scenes):
+    r = client.post(
+        "/api/workspaces/w1/prompt/..%2Fsecret.png", files={"mask": png(scenes[0].mask)}
+    )
+    assert r.status_code in (400, 404)
+    r = client.post("/api/workspaces/w1/prompt/nope.png", files={"mask": png(scenes[0].mask)})
+    assert r.status_code == 400 and "no image 'nope.png'" in r.json()["detail"]
+    r = client.get("/api/workspaces/w1/prediction/img1.png.png")
+    assert r.status_code == 400 and "the prompt is empty" in r.json()["detail"]
+    assert client.get("/api/workspaces/bad name!").status_code == 400
+    r = client.delete("/api/workspaces/w1/prompt/img1.png")
+    assert r.status_code == 400 and "not in the prompt" in r.json()["detail"]
+
+
+def test_cli_serve_binds_localhost_warns_otherwise_and_runs_a_demo(tmp_path, monkeypatch, capsys):
+    """``hbird serve`` through main(argv), with uvicorn.run replaced by a recorder."""
+    import uvicorn
+
+    from hbird.cli import main
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append((app, kw)))
+    assert main(["serve", "--state", str(tmp_path / "s")]) == 2
+    assert "give --images DIR" in capsys.readouterr().err and not started
+    assert main(["serve", "--demo", "--state", str(tmp_path / "s"), "--port", "8123"]) == 0
+    out = capsys.readouterr()
+    assert "a tiny UNTRAINED encoder" in out.out and "warning" not in out.err
+    app, options = started[-1]
+    assert options["host"] == "127.0.0.1" and options["port"] == 8123
+    demo = TestClient(app).get("/api/workspaces/demo").json()
+    assert len(demo["images"]) == 12 and demo["classes"][0] == "background"
+    assert main(["serve", "--demo", "--state", str(tmp_path / "s"), "--host", "0.0.0.0"]) == 0
+    assert "serves your images to other machines" in capsys.readouterr().err
