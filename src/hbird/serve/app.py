@@ -20,7 +20,7 @@ Routes (``{ws}`` is a workspace name: letters, digits, ``-`` and ``_``)::
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
@@ -102,7 +102,7 @@ def create_app(
         return w.classes
 
     @app.post("/api/workspaces/{ws}/prompt/{image}")
-    async def add_prompt(ws: str, image: str, mask: UploadFile = File(...)) -> list[str]:
+    async def add_prompt(ws: str, image: str, mask: Annotated[UploadFile, File()]) -> list[str]:
         data = await mask.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise HTTPException(413, f"the mask upload is over {MAX_UPLOAD_BYTES >> 20} MiB")
