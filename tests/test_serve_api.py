@@ -163,3 +163,36 @@ def test_cli_serve_binds_localhost_warns_otherwise_and_runs_a_demo(tmp_path, mon
     assert len(demo["images"]) == 12 and demo["classes"][0] == "background"
     assert main(["serve", "--demo", "--state", str(tmp_path / "s"), "--host", "0.0.0.0"]) == 0
     assert "serves your images to other machines" in capsys.readouterr().err
+
+
+def test_export_reproduces_the_workspace_from_the_cli(
+    client, scenes, photos, tmp_path, monkeypatch
+):
+    """The exported prompt folder and settings rebuild, with ``hbird predict``, the masks
+    the app exported; the exported bank loads and predicts the same."""
+    import shlex
+    import zipfile
+
+    from hbird.cli import main
+    from hbird.io.images import load_mask
+
+    for i in (0, 1):
+        client.post(f"/api/workspaces/w1/prompt/img{i}.png", files={"mask": png(scenes[i].mask)})
+    r = client.get("/api/workspaces/w1/export.zip")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    out = tmp_path / "export"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(out)
+    import json
+
+    record = json.loads((out / "settings.json").read_text())
+    command = record["commands"]["masks"].replace("MASKS", str(tmp_path / "cli"))
+    monkeypatch.chdir(out)  # the commands run from inside the export
+    argv = shlex.split(command)[1:] + ["--quiet"]
+    assert main(argv) == 0, argv
+    for i in range(6):
+        exported = load_mask(out / "masks" / f"img{i}.png")
+        assert torch.equal(exported, load_mask(tmp_path / "cli" / f"img{i}.png"))
+    bank = InContextPredictor.load(out / "bank", progress=False)
+    assert torch.equal(
+        bank.predict([photos / "img4.png"])[0], load_mask(out / "masks" / "img4.png")
+    )

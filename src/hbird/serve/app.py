@@ -15,10 +15,13 @@ Routes (``{ws}`` is a workspace name: letters, digits, ``-`` and ``_``)::
     GET    /api/workspaces/{ws}/overlay/{image}.png        colours over the image
     GET    /api/workspaces/{ws}/confidence/{image}.png     8-bit confidence
     POST   /api/workspaces/{ws}/predict-all        mean confidence per image, least first
+    GET    /api/workspaces/{ws}/export.zip         prompt folder, masks, bank, settings.json
 """
 
 import io
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -129,6 +132,16 @@ def create_app(
     def confidence(ws: str, image: str) -> Response:
         values = workspace(ws).predict(image).confidence.clamp(0, 1).numpy()
         return png(_png(Image.fromarray(np.round(values * 255).astype(np.uint8))))
+
+    @app.get("/api/workspaces/{ws}/export.zip")
+    def export(ws: str) -> Response:
+        """Prompt folder, every image's mask, the bank and settings.json, as one zip."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = workspace(ws).export(Path(tmp) / ws)
+            archive = shutil.make_archive(str(Path(tmp) / ws), "zip", folder)
+            data = Path(archive).read_bytes()
+        headers = {"Content-Disposition": f'attachment; filename="{ws}.zip"'}
+        return Response(content=data, media_type="application/zip", headers=headers)
 
     @app.post("/api/workspaces/{ws}/predict-all")
     def predict_all(ws: str) -> dict[str, float]:

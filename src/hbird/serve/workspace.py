@@ -21,7 +21,8 @@ fresh build of the remaining prompt gives.
 
 from __future__ import annotations
 
-import re
+import shlex
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -32,14 +33,13 @@ import torch
 
 from hbird.decode import DensePrediction
 from hbird.errors import InputError
-from hbird.io.files import write_json
+from hbird.io.files import atomic_folder, has_file, write_json, write_text
 from hbird.io.images import list_images, load_image, load_mask, save_label_png
 from hbird.labelspec import LabelSpec
 
 FORMAT_VERSION = 1
 STATE_FILE = "workspace.json"
 IGNORE_INDEX = 255
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,200}$")
 
 
 def check_class_names(names: Sequence[str]) -> list[str]:
@@ -232,3 +232,57 @@ class Workspace:
             if progress is not None:
                 progress(i + 1, len(names))
         return dict(sorted(scores.items(), key=lambda kv: kv[1]))
+
+    # -- export -----------------------------------------------------------------------
+    def export(self, out: str | Path) -> Path:
+        """Write, atomically, everything needed to leave the app::
+
+        out/prompt/images/, masks/, classes.txt   the prompt as an hbird folder
+        out/masks/<stem>.png                      every image's prediction (palette PNG)
+        out/bank/                                 the bank, as ``hbird bank build`` writes
+        out/settings.json                         settings and the CLI commands that
+                                                  reproduce the masks and the bank
+        """
+        with self.lock:
+            predictor = self.predictor()
+            predictions = {n: self.predict(n).labels for n in self.image_names}
+            with atomic_folder(out, "an hbird serve export", has_file("settings.json")) as tmp:
+                prompt = tmp / "prompt"
+                for name in self.prompt:
+                    stem = Path(name).stem
+                    (prompt / "images").mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(self.image_path(name), prompt / "images" / name)
+                    save_label_png(
+                        prompt / "masks" / f"{stem}.png", load_mask(self.mask_path(name))
+                    )
+                write_text(prompt / "classes.txt", "\n".join(self.classes) + "\n")
+                for name, labels in predictions.items():
+                    save_label_png(tmp / "masks" / f"{Path(name).stem}.png", labels)
+                predictor.save(tmp / "bank")
+                write_json(tmp / "settings.json", self._settings_record())
+        return Path(out)
+
+    def _settings_record(self) -> dict[str, Any]:
+        """Settings, and commands that rebuild the bank and masks, run from the export."""
+        flags = []
+        for key, value in self.settings.items():
+            if key in ("progress", "feature_cache") or value is None:
+                continue
+            flag = "--" + key.replace("_", "-")
+            if isinstance(value, bool):
+                flags += [flag] if value else []
+            else:
+                flags += [flag, str(value)]
+        common = ["--prompt", "prompt", "--task", "segmentation", *flags]
+        return {
+            "classes": self.classes,
+            "prompt": self.prompt,
+            "images": str(self.images_dir.resolve()),
+            "settings": self.settings,
+            "commands": {
+                "bank": shlex.join(["hbird", "bank", "build", *common, "--out", "BANK"]),
+                "masks": shlex.join(
+                    ["hbird", "predict", *common, "--query", str(self.images_dir), "--out", "MASKS"]
+                ),
+            },
+        }
