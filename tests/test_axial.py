@@ -376,3 +376,28 @@ def test_test_axial_builds_a_bank_and_runs_hbird_eval(tmp_path, folder_dataset):
     ]
     assert main([*argv, *common, "--image-size", "64"]) == 0
     assert main(["bank", "info", str(bank)]) == 0
+    probe = tmp_path / "probe"  # the linear probe takes the same features unchanged
+    argv = ["eval", "--dataset", folder_dataset, "--preset", "quick", "--out", str(probe)]
+    assert main([*argv, *common, "image_size=64", "--protocol", "linear", "--epochs", "1"]) == 0
+    assert json.loads((probe / "metrics.json").read_text())["metrics"]["train_loss"] > 0
+
+
+def test_their_tables_resize_to_another_span_by_hand(tmp_path):
+    """Span 9 tables loaded into span 13: the 17 learned offsets kept in the middle, the
+    outermost repeated; inputs whose axes all fit in span 9 give the same features."""
+    encoder = create_encoder("test_axial", seed=1)
+    randomise_batchnorms(encoder.model, 2)
+    path = tmp_path / "theirs.pth"
+    torch.save(_their_layout(encoder.model), path)
+    wider = create_encoder("test_axial", weights=path, span=13)
+    small, big = (
+        encoder.model.stages[0][0].width_block.rel_k,
+        wider.model.stages[0][0].width_block.rel_k,
+    )
+    assert big.shape[0] == 25 and torch.equal(big[4:21], small)
+    assert torch.equal(big[:4], small[:1].expand(4, -1)) and torch.equal(
+        big[21:], small[-1:].expand(4, -1)
+    )
+    x = encoder.normalize(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():  # stage 1 is 8×8: every offset |p - o| <= 7 is in both tables
+        assert torch.allclose(wider(x), encoder(x), atol=1e-6)

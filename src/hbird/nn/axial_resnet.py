@@ -122,10 +122,19 @@ class AxialResNet(nn.Module):
         return self.fc(pooled) if self.fc is not None else pooled
 
     def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """csrhddlam/axial-deeplab keys → these (other layouts are returned as they are)."""
-        if any(".hight_block." in k for k in state_dict):
-            return from_axial_deeplab(state_dict)
-        return dict(state_dict)
+        """csrhddlam/axial-deeplab keys → these (other layouts are returned as they are).
+
+        Their ImageNet tables cover each block's size at 224 px; a model with another span
+        (Axial-DeepLab's 65) gets them resized by :func:`resize_offset_table`.
+        """
+        if not any(".hight_block." in k for k in state_dict):
+            return dict(state_dict)
+        converted = from_axial_deeplab(state_dict)
+        own = self.state_dict()
+        for key, table in converted.items():
+            if key.rsplit(".", 1)[-1] in ("rel_q", "rel_k", "rel_v") and key in own:
+                converted[key] = resize_offset_table(table, own[key].shape[0])
+        return converted
 
 
 def axial_resnet(size: str = "s", **kwargs) -> AxialResNet:
@@ -169,6 +178,17 @@ def _width(size: str) -> float:
 # -- csrhddlam/axial-deeplab checkpoints ------------------------------------------------
 
 _THEIR_BLOCK = re.compile(r"^layer(\d+)\.")
+
+
+def resize_offset_table(table: torch.Tensor, offsets: int) -> torch.Tensor:
+    """A ``(2K-1, d)`` relative-embedding table → ``(2m-1, d)``, centred on offset 0:
+    cropped to ``|p - o| < m``, or padded by repeating the outermost learned offsets."""
+    have = (table.shape[0] + 1) // 2
+    want = (offsets + 1) // 2
+    if want <= have:
+        return table[have - want : have - 1 + want].contiguous()
+    pad = want - have
+    return torch.cat([table[:1].expand(pad, -1), table, table[-1:].expand(pad, -1)])
 
 
 def from_axial_deeplab(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
