@@ -78,9 +78,7 @@ class Encoder(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → normalised with this encoder's mean and std."""
-        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
+        return normalize_images(images, self.mean, self.std)
 
     def forward_patches(self, x: torch.Tensor, layers: Layers = None) -> torch.Tensor:
         """Normalised ``(B, 3, H, W)`` → ``(B, h, w, D · len(layers))`` patch features."""
@@ -146,3 +144,10 @@ def weights_hash(module: nn.Module) -> str:
         digest.update(key.encode())
         digest.update(sample.tobytes())
     return digest.hexdigest()[:16]
+
+
+def normalize_images(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """``(B, 3, H, W)`` → ``(images - mean) / std`` with RGB ``mean`` and ``std``."""
+    mean = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std

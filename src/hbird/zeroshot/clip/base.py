@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hbird.encoders.base import identity_record
+from hbird.encoders.base import identity_record, normalize_images
 from hbird.encoders.hf_backend import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from hbird.errors import InputError
 
@@ -81,9 +81,7 @@ class ClipModel(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in [0, 1] → normalised with this CLIP's mean and std."""
-        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
+        return normalize_images(images, self.mean, self.std)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """CLIP's preprocessing of one ``(3, H, W)`` image in [0, 1] → ``(3, S, S)``
