@@ -37,6 +37,34 @@ def invalid_fill(spec: LabelSpec) -> float:
     return math.nan
 
 
+def crop_or_pad(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    size: tuple[int, int],
+    fill: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``size`` window of ``(3, H, W)`` image and ``(H, W[, C])`` label, the same
+    for both; where the image is smaller it is placed at a random offset on a black
+    canvas and the label is padded with ``fill``."""
+    out_h, out_w = size
+    canvas = torch.zeros(3, out_h, out_w, dtype=image.dtype)
+    target = torch.full((out_h, out_w, *label.shape[2:]), fill, dtype=torch.float64)
+    h, w = image.shape[-2:]
+    top = int(torch.randint(0, max(h - out_h, 0) + 1, (), generator=generator))
+    left = int(torch.randint(0, max(w - out_w, 0) + 1, (), generator=generator))
+    dst_top = int(torch.randint(0, max(out_h - h, 0) + 1, (), generator=generator))
+    dst_left = int(torch.randint(0, max(out_w - w, 0) + 1, (), generator=generator))
+    ch, cw = min(h, out_h), min(w, out_w)
+    canvas[:, dst_top : dst_top + ch, dst_left : dst_left + cw] = image[
+        :, top : top + ch, left : left + cw
+    ]
+    target[dst_top : dst_top + ch, dst_left : dst_left + cw] = label[
+        top : top + ch, left : left + cw
+    ].to(torch.float64)
+    return canvas, target.to(label.dtype)
+
+
 @dataclass(frozen=True)
 class PromptAugmentation:
     """Table 7's prompt augmentations at the encoder input size.
@@ -68,32 +96,12 @@ class PromptAugmentation:
         scaled = (max(1, round(out_h * s)), max(1, round(out_w * s)))
         image = resize_image(image, scaled)
         label = resize_label(label, scaled)
-        image, label = self._crop_or_pad(
-            image, label, (out_h, out_w), invalid_fill(spec), generator
-        )
+        image, label = crop_or_pad(image, label, (out_h, out_w), invalid_fill(spec), generator)
         return self._colour_jitter(image, generator), label
 
     @staticmethod
     def _uniform(generator: torch.Generator, low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=generator))
-
-    def _crop_or_pad(self, image, label, size, fill, generator):
-        out_h, out_w = size
-        canvas = torch.zeros(3, out_h, out_w, dtype=image.dtype)
-        target = torch.full((out_h, out_w, *label.shape[2:]), fill, dtype=torch.float64)
-        h, w = image.shape[-2:]
-        top = int(torch.randint(0, max(h - out_h, 0) + 1, (), generator=generator))
-        left = int(torch.randint(0, max(w - out_w, 0) + 1, (), generator=generator))
-        dst_top = int(torch.randint(0, max(out_h - h, 0) + 1, (), generator=generator))
-        dst_left = int(torch.randint(0, max(out_w - w, 0) + 1, (), generator=generator))
-        ch, cw = min(h, out_h), min(w, out_w)
-        canvas[:, dst_top : dst_top + ch, dst_left : dst_left + cw] = image[
-            :, top : top + ch, left : left + cw
-        ]
-        target[dst_top : dst_top + ch, dst_left : dst_left + cw] = label[
-            top : top + ch, left : left + cw
-        ].to(torch.float64)
-        return canvas, target.to(label.dtype)
 
     def _colour_jitter(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         ops = (

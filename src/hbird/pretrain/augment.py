@@ -108,7 +108,8 @@ def crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _jitter(image: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
+def colour_jitter(image: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
+    """``ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)`` in random order."""
     ops = []
     if spec.brightness > 0:
         f = _uniform(gen, max(0.0, 1 - spec.brightness), 1 + spec.brightness)
@@ -127,6 +128,11 @@ def _jitter(image: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.
     return image
 
 
+def blur_kernel(height: int, width: int) -> int:
+    """Gaussian-blur kernel side: about a tenth of the shorter side, odd, at least 3."""
+    return max(3, (min(height, width) // 10) | 1)
+
+
 def augment_view(image: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> torch.Tensor:
     """``(3, H, W)`` in [0, 1] → one ``(3, size, size)`` view in [0, 1]."""
     top, left, h, w = crop_box(image.shape[-2], image.shape[-1], spec.scale, spec.ratio, gen)
@@ -134,12 +140,12 @@ def augment_view(image: torch.Tensor, spec: ViewSpec, gen: torch.Generator) -> t
     if _coin(gen, spec.flip):
         x = TF.horizontal_flip(x)
     if _coin(gen, spec.jitter):
-        x = _jitter(x, spec, gen)
+        x = colour_jitter(x, spec, gen)
     if _coin(gen, spec.grayscale):
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
     if _coin(gen, spec.blur):
         sigma = _uniform(gen, *spec.blur_sigma)
-        kernel = max(3, (spec.size // 10) | 1)
+        kernel = blur_kernel(spec.size, spec.size)
         x = TF.gaussian_blur(x, [kernel, kernel], [sigma, sigma])
     if _coin(gen, spec.solarize):
         x = TF.solarize(x, 0.5)
