@@ -251,7 +251,7 @@ def test_student_matches_its_teacher_on_held_out_scenes(tmp_path: Path) -> None:
     test = create_dataset(TOY.format(n=24, seed=1))
     teacher = NoisyOracle(_join(train, test))
     teacher_miou = _miou(teacher, test)
-    trainer, summary = train_plus(train, teacher, tmp_path, _tiny(iterations=300), progress=False)
+    trainer, summary = train_plus(train, teacher, tmp_path, PRESETS["tiny"], progress=False)
     student = load_student(tmp_path / "student.safetensors")
     student_miou = _miou(student.predict, test)
     print(f"teacher {teacher_miou:.3f} student {student_miou:.3f} (best step {summary})")

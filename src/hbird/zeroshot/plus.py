@@ -412,9 +412,11 @@ PRESETS: dict[str, PlusConfig] = {
 }
 """``paper``: supplementary B.4. ``tiny``: the CPU/test setting — the three-layer
 :class:`TinyStudent`, 150 iterations, crop 48, lr 1e-2 (a small net from scratch), a fifth
-held out. On the toy world of ``tests/test_zeroshot_plus.py`` (64-pixel synthetic scenes)
-it trains in about 15 s on one core; its fidelity cost against the paper's student is not
-measurable there (the paper's student does not train on a CPU in test time)."""
+held out. On the toy world of ``tests/test_zeroshot_plus.py`` (48 scenes of 48 pixels, a
+noisy-oracle teacher at 0.659 mIoU) the student reaches 0.891 mIoU on held-out scenes in
+about a minute on a loaded 2-core CPU (0.924 with 300 iterations). Its fidelity cost
+against the paper's student is not measurable on a CPU (that student does not train
+there in useful time)."""
 
 
 class PlusTrainer:
