@@ -146,50 +146,52 @@ def split_heldout(
 # --------------------------------------------------------------------------- augmentation
 
 
+PAPER_COLOUR = ViewSpec(
+    320, jitter=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur=0.5
+)
+"""Supplementary B.4's photometric part: ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8 and a
+Gaussian blur (p 0.5, sigma in (0.1, 2.0): the paper gives neither). Only its jitter and
+blur fields are read."""
+
+
 @dataclass(frozen=True)
 class PairAugmentation:
     """Supplementary B.4: the same geometry on image and label, colour on the image only.
 
     Random scale in ``scale`` (bilinear image, nearest label), a random ``crop``-square
     crop (padded with black and ``ignore_index`` where the scaled image is smaller),
-    a horizontal flip with probability ``flip``; then ColorJitter(``brightness``,
-    ``contrast``, ``saturation``, ``hue``) with probability ``jitter`` and a Gaussian blur
-    with probability ``blur`` (kernel 10% of the crop's short side, sigma in ``blur_sigma``).
+    a horizontal flip with probability ``flip``; then the colour jitter of ``colour``
+    with probability ``colour.jitter`` and a Gaussian blur with probability
+    ``colour.blur`` (kernel 10% of the crop's short side, sigma in ``colour.blur_sigma``).
     """
 
     crop: int = 320
     scale: tuple[float, float] = (0.5, 2.0)
     flip: float = 0.5
-    jitter: float = 0.8
-    brightness: float = 0.8
-    contrast: float = 0.8
-    saturation: float = 0.8
-    hue: float = 0.2
-    blur: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    colour: ViewSpec = PAPER_COLOUR
 
     def __call__(
         self, image: torch.Tensor, label: torch.Tensor, ignore_index: int, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(3, H, W)`` in [0, 1], ``(H, W)`` int64 → ``(3, crop, crop)``, ``(crop, crop)``."""
-        low, high = self.scale
-        s = low + (high - low) * float(torch.rand((), generator=gen))
+        s = _uniform(gen, self.scale)
         height, width = image.shape[-2:]
         size = (max(1, round(height * s)), max(1, round(width * s)))
         image, label = resize_image(image, size), resize_label(label, size)
         image, label = crop_or_pad(image, label, (self.crop, self.crop), ignore_index, gen)
         if float(torch.rand((), generator=gen)) < self.flip:
             image, label = image.flip(-1), label.flip(-1)
-        if float(torch.rand((), generator=gen)) < self.jitter:
-            spec = ViewSpec(self.crop, brightness=self.brightness, contrast=self.contrast)
-            spec = dataclasses.replace(spec, saturation=self.saturation, hue=self.hue)
-            image = colour_jitter(image, spec, gen).clamp(0.0, 1.0)
-        if float(torch.rand((), generator=gen)) < self.blur:
-            low, high = self.blur_sigma
-            sigma = low + (high - low) * float(torch.rand((), generator=gen))
+        if float(torch.rand((), generator=gen)) < self.colour.jitter:
+            image = colour_jitter(image, self.colour, gen).clamp(0.0, 1.0)
+        if float(torch.rand((), generator=gen)) < self.colour.blur:
+            sigma = _uniform(gen, self.colour.blur_sigma)
             kernel = blur_kernel(self.crop, self.crop)
             image = TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
         return image, label
+
+
+def _uniform(gen: torch.Generator, bounds: tuple[float, float]) -> float:
+    return bounds[0] + (bounds[1] - bounds[0]) * float(torch.rand((), generator=gen))
 
 
 class AugmentedPairs(torch.utils.data.Dataset):
