@@ -49,7 +49,7 @@ from hbird.io.images import load_mask, save_label_png
 from hbird.io.seeds import make_generator
 from hbird.labelspec import LabelSpec
 from hbird.memory.augment import crop_or_pad
-from hbird.metrics.segmentation import ConfusionMatrix
+from hbird.metrics.segmentation import SegmentationScores
 from hbird.pretrain import checkpoint as ckpt
 from hbird.pretrain.augment import ViewSpec, blur_kernel, colour_jitter
 from hbird.pretrain.schedule import poly
@@ -357,6 +357,18 @@ def load_student(path: str | Path, device: str | torch.device = "cpu") -> Studen
     return student.to(device).eval()
 
 
+def score_student(
+    student: Student, dataset: DenseDataset, progress: bool = False
+) -> SegmentationScores:
+    """The student's scores (mIoU, pixel accuracy, per-class IoU) against ``dataset``'s
+    labels, one whole image at a time, through :func:`hbird.eval.scoring.score_queries`."""
+    from hbird.eval.scoring import new_metric, score_queries
+
+    predict = lambda images: [student.predict(image) for image in images]  # noqa: E731
+    metric = new_metric(dataset.label_spec)
+    return score_queries(predict, dataset, metric, batch_size=1, progress=progress).metric.compute()
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -500,12 +512,7 @@ class PlusTrainer:
     def evaluate(self, dataset: DenseDataset | None = None) -> float:
         """mIoU of the student against ``dataset``'s labels (default: the held-out
         pseudo-labels)."""
-        dataset = dataset if dataset is not None else self.heldout
-        spec = dataset.label_spec
-        matrix = ConfusionMatrix(spec.num_classes, spec.ignore_index)
-        for sample in dataset:
-            matrix.update(self.student.predict(sample.image), sample.label)
-        return matrix.compute().miou
+        return score_student(self.student, self.heldout if dataset is None else dataset).miou
 
     def fit(self) -> dict[str, Any]:
         """Train to ``iterations``; returns ``{"step", "best_miou", "best_step"}``."""
@@ -618,6 +625,7 @@ __all__: Sequence[str] = [
     "create_student",
     "load_student",
     "pseudo_label",
+    "score_student",
     "split_heldout",
     "train_plus",
 ]
