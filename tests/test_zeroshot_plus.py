@@ -263,3 +263,92 @@ def test_student_matches_its_teacher_on_held_out_scenes(tmp_path: Path) -> None:
 
 def _join(*datasets: DenseDataset) -> list[Sample]:
     return [s for ds in datasets for s in ds]
+
+
+@pytest.mark.slow
+def test_student_of_reco_matches_it_on_held_out_toy_scenes(tmp_path: Path) -> None:
+    """Acceptance (issue 11, ReCo+) with ReCo itself as the teacher, in the ReCo toy world
+    (:mod:`hbird.zeroshot.toy`: the toy CLIP and encoder of ReCo's end-to-end test):
+    the student reaches at least ReCo's mIoU − 0.02 on held-out scenes."""
+    from hbird.data.synthetic import write_scene_folder
+    from hbird.zeroshot import toy
+    from hbird.zeroshot.collection import ImageCollection
+    from hbird.zeroshot.reco import ReCo
+
+    clip = toy.ToyClip()
+    collection = write_scene_folder(
+        tmp_path / "collection", toy.make_scenes(80, seed=0), toy.CLASSES, with_depth=False
+    )
+    coll = ImageCollection.build(collection / "images", clip, tmp_path / "coll", progress=False)
+    reco = ReCo(
+        collection=coll,
+        encoder=toy.ToyEncoder(),
+        dense_clip=clip,
+        progress=False,
+        k=24,
+        image_size=48,
+        contexts=("gray",),
+    ).build(list(toy.CLASSES))
+
+    def scenes(seed: int, n: int) -> list:
+        return [
+            toy.make_scene(seed, i, objects=[1 + i % 4, 1 + (i + 1) % 4], sizes=(8, 18))
+            for i in range(n)
+        ]
+
+    train_root = write_scene_folder(tmp_path / "train", scenes(2, 40), toy.CLASSES, False)
+    train = create_dataset(f"folder:root={train_root}")
+    held_out = scenes(3, 16)
+
+    def miou(predict) -> float:
+        matrix = ConfusionMatrix(len(toy.CLASSES), 255)
+        for scene in held_out:
+            matrix.update(predict(scene.image), scene.mask)
+        return matrix.compute().miou
+
+    teacher_miou = miou(lambda image: reco.predict([image])[0])
+    config = _tiny(iterations=300, augment={"crop": 48})
+    train_plus(
+        train, lambda image: reco.predict([image])[0], tmp_path / "run", config, progress=False
+    )
+    student_miou = miou(load_student(tmp_path / "run" / "student.safetensors").predict)
+    print(f"ReCo {teacher_miou:.3f} student {student_miou:.3f}")
+    assert teacher_miou > 0.5
+    assert student_miou >= teacher_miou - 0.02
+
+
+@pytest.mark.slow
+def test_cli_plus_end_to_end(tmp_path: Path, capsys) -> None:
+    """``hbird zeroshot index → build → plus`` on a written toy-world folder; refs built
+    for other classes than the dataset's are refused with one line."""
+    from hbird.cli import main
+    from hbird.data.synthetic import write_scene_folder
+    from hbird.zeroshot import toy
+
+    write_scene_folder(tmp_path / "unlabelled", toy.make_scenes(30, seed=0), toy.CLASSES, False)
+    scenes = [toy.make_scene(2, i, objects=[1 + i % 4], sizes=(12, 20)) for i in range(8)]
+    write_scene_folder(tmp_path / "bench" / "train", scenes, toy.CLASSES, False)
+    coll, refs, run = tmp_path / "coll", tmp_path / "refs", tmp_path / "run"
+    images = tmp_path / "unlabelled" / "images"
+    assert (
+        main(f"zeroshot index --images {images} --clip toy_clip --out {coll} --quiet".split()) == 0
+    )
+    build = f"zeroshot build --collection {coll} --encoder test_vit --dense-clip toy_clip --k 8"
+    build += " --image-size 48 --contexts gray --quiet --classes"
+    assert main([*build.split(), ",".join(toy.CLASSES), "--out", str(refs)]) == 0
+    dataset = f"folder:root={tmp_path / 'bench'}:split=train"
+    plus = f"zeroshot plus --refs {refs} --dataset {dataset} --preset tiny --iterations 6"
+    plus += f" --batch-size 2 --crop 32 --eval-every 3 --quiet --score-on {dataset}"
+    assert main([*plus.split(), "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["step"] == 6 and summary["best_step"] in (3, 6)
+    assert 0.0 <= summary["score_on"]["miou"] <= 1.0
+    assert len(list((run / "pseudo_labels").glob("*.png"))) == 8
+    assert (run / "student.safetensors").is_file()
+    assert main([*plus.split(), "--out", str(run)]) == 2  # a finished run needs --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main([*plus.split(), "--out", str(run), "--resume"]) == 0  # nothing left to do
+    other = tmp_path / "refs_other"
+    assert main([*build.split(), "gray,red", "--out", str(other)]) == 0
+    assert main([*plus.split(), "--refs", str(other), "--out", str(tmp_path / "run2")]) == 2
+    assert "were built for the classes" in capsys.readouterr().err

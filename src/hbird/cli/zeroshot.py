@@ -1,6 +1,7 @@
-"""``hbird zeroshot index|build|predict``: zero-shot segmentation by retrieve and
+"""``hbird zeroshot index|build|predict|plus``: zero-shot segmentation by retrieve and
 co-segment (ReCo, issue 11): index an unlabelled folder with CLIP, build a reference per
-named class, predict class ids for new images. Score with ``hbird eval --protocol reco``."""
+named class, predict class ids for new images, train a ReCo+ student on ReCo's
+pseudo-labels (:mod:`hbird.cli.zeroshot_plus`). Score with ``hbird eval --protocol reco``."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from hbird.zeroshot.reco import DEFAULT_ENCODER
 
     sub = parser.add_subparsers(
-        dest="zeroshot_command", metavar="{index,build,predict}", required=True
+        dest="zeroshot_command", metavar="{index,build,predict,plus}", required=True
     )
     index = sub.add_parser(
         "index", help="CLIP image embeddings of an unlabelled folder (resumable)"
@@ -163,6 +164,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     predict.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from hbird.cli.zeroshot_plus import add_plus_arguments
+
+    add_plus_arguments(
+        sub.add_parser("plus", help="ReCo+: a student trained on ReCo's pseudo-labels (resumable)")
+    )
 
 
 def read_classes(text: str) -> list[str]:
@@ -265,8 +272,13 @@ def _predict(args: argparse.Namespace) -> int:
 def interrupted(args: argparse.Namespace) -> str:
     if args.zeroshot_command == "index":
         return f"the finished shards are kept in {args.out}.partial; run the same command to resume"
+    if args.zeroshot_command == "plus":
+        return f"the pseudo-labels and the last checkpoint are kept in {args.out}; add --resume"
     return "nothing was kept; run the command again"
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"index": _index, "build": _build, "predict": _predict}[args.zeroshot_command](args)
+    from hbird.cli.zeroshot_plus import run_plus
+
+    commands = {"index": _index, "build": _build, "predict": _predict, "plus": run_plus}
+    return commands[args.zeroshot_command](args)
