@@ -177,3 +177,45 @@ def test_kitti_step_reads_kitti_image_layout_and_refuses_bad_input(tmp_path: Pat
     _panoptic(tmp_path / "panoptic_maps" / "train" / "0001" / "000006.png", semantic)
     with pytest.raises(InputError, match="needs its image"):
         create_dataset(f"kitti_step:root={tmp_path}:split=train")
+
+
+# ----------------------------------------------------------------------- eval over a vocabulary
+
+
+@pytest.mark.slow
+def test_reco_eval_maps_a_finer_vocabulary_to_the_labels(tmp_path: Path) -> None:
+    """``hbird eval --protocol reco`` on a dataset with a vocabulary (as COCO-Stuff-27 over
+    its 171 names): references built for the vocabulary's names, each prediction mapped
+    to its label id before scoring. Here the toy world's 5 names map to 2 labels (gray →
+    ground 0, every colour → object 1); the score equals a confusion matrix of the mapped
+    predictions computed here."""
+    from hbird.data.synthetic import SyntheticScene, write_scene_folder
+    from hbird.eval.reco import evaluate_reco
+    from hbird.metrics.segmentation import ConfusionMatrix
+    from hbird.zeroshot import toy
+    from hbird.zeroshot.collection import ImageCollection
+    from hbird.zeroshot.reco import ReCo
+
+    clip = toy.ToyClip()
+    root = write_scene_folder(tmp_path / "c", toy.make_scenes(30, seed=0), toy.CLASSES, False)
+    coll = ImageCollection.build(root / "images", clip, tmp_path / "coll", progress=False)
+    settings = {"k": 8, "image_size": 48, "contexts": ("gray",)}
+    reco = ReCo(
+        collection=coll, encoder=toy.ToyEncoder(), dense_clip=clip, progress=False, **settings
+    )
+    reco.build(list(toy.CLASSES)).save(tmp_path / "refs")
+    scenes = [toy.make_scene(1, i, objects=[1 + i % 4], sizes=(12, 20)) for i in range(3)]
+    binary = [SyntheticScene(s.image, (s.mask > 0).long(), s.depth, 2) for s in scenes]
+    write_scene_folder(tmp_path / "bench" / "val", binary, ("ground", "object"), False)
+    ds = create_dataset(f"folder:root={tmp_path / 'bench'}:split=val")
+    ds.vocabulary = Vocabulary(toy.CLASSES, torch.tensor([0, 1, 1, 1, 1]))
+    report = evaluate_reco(
+        tmp_path / "refs", ds, encoder=toy.ToyEncoder(), collection=coll, progress=False
+    )
+    expected = ConfusionMatrix(2, 255)
+    for sample in ds:
+        expected.update(
+            torch.tensor([0, 1, 1, 1, 1])[reco.predict([sample.image])[0]], sample.label
+        )
+    assert report.metrics["miou"] == pytest.approx(expected.compute().miou)
+    assert 0.5 < report.metrics["miou"] <= 1.0

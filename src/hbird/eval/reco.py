@@ -9,6 +9,7 @@ scores ``s``: why a class found what it found) and ``pictures/`` (predictions).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -117,22 +118,32 @@ def evaluate_reco(
     reco = ReCo.load(refs, device=device, progress=False, **load)
     queries, description = _open_queries(dataset, split)
     spec = queries.label_spec
-    if not spec.is_classification or spec.num_classes != len(reco.classes):
+    predict, vocabulary = reco.predict_dense, getattr(queries, "vocabulary", None)
+    if vocabulary is not None and tuple(vocabulary.names) == tuple(reco.classes):
+        # predicted over the dataset's own vocabulary (COCO-Stuff-27: 171 names), then mapped
+        def predict(images):
+            dense = reco.predict_dense(images)
+            return [dataclasses.replace(p, labels=vocabulary.to_labels(p.labels)) for p in dense]
+
+        reco_classes = spec.class_names or tuple(map(str, range(spec.num_classes)))
+    elif not spec.is_classification or spec.num_classes != len(reco.classes):
         raise InputError(
             f"{description} has {spec.num_classes} classes but the references in {refs} name "
             f"{len(reco.classes)} ({', '.join(reco.classes[:5])}...); build references for the "
             "dataset's classes, in its order (hbird zeroshot build --classes)"
         )
+    else:
+        reco_classes = reco.classes
     notes = []
-    if spec.class_names is not None and tuple(spec.class_names) != tuple(reco.classes):
-        differ = [f"{a} ≠ {b}" for a, b in zip(spec.class_names, reco.classes) if a != b]
+    if spec.class_names is not None and tuple(spec.class_names) != tuple(reco_classes):
+        differ = [f"{a} ≠ {b}" for a, b in zip(spec.class_names, reco_classes) if a != b]
         notes.append(
             f"Class names differ from the dataset's ({', '.join(differ[:5])}); ids are scored by position."
         )
     scored_spec = type(spec)(
         num_classes=spec.num_classes,
         ignore_index=spec.ignore_index,
-        class_names=tuple(reco.classes),
+        class_names=tuple(reco_classes),
     )
     record = {
         "refs": str(Path(refs).resolve()),
@@ -156,7 +167,7 @@ def evaluate_reco(
             notes.append(f"No archive pictures: the collection {coll_path} is not there.")
     start = time.perf_counter()
     scored = score_queries(
-        reco.predict_dense,
+        predict,
         queries,
         new_metric(scored_spec),
         batch_size=1,
