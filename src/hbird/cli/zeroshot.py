@@ -1,12 +1,14 @@
 """``hbird zeroshot index|build|predict|plus``: zero-shot segmentation by retrieve and
 co-segment (ReCo, issue 11): index an unlabelled folder with CLIP, build a reference per
 named class, predict class ids for new images, train a ReCo+ student on ReCo's
-pseudo-labels (:mod:`hbird.cli.zeroshot_plus`). Score with ``hbird eval --protocol reco``."""
+pseudo-labels (:mod:`hbird.zeroshot.plus`). Score with ``hbird eval --protocol reco``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from hbird.errors import InputError
 
@@ -165,9 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     predict.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    from hbird.cli.zeroshot_plus import add_plus_arguments
-
-    add_plus_arguments(
+    _add_plus_arguments(
         sub.add_parser("plus", help="ReCo+: a student trained on ReCo's pseudo-labels (resumable)")
     )
 
@@ -269,6 +269,108 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plus_arguments(parser: argparse.ArgumentParser) -> None:
+    from hbird.zeroshot.plus import PRESETS, STUDENTS
+
+    parser.add_argument("--refs", required=True, help="references saved by hbird zeroshot build")
+    parser.add_argument(
+        "--dataset", required=True, help="the split to pseudo-label and train on (a spec)"
+    )
+    parser.add_argument("--out", required=True, help="run folder")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="paper",
+        help="paper (supplementary B.4: 20k iterations, batch 8, crop 320, deeplabv3_resnet101) "
+        "or tiny (a 3-layer CNN, 150 iterations, crop 48: tests and CPU); flags override it",
+    )
+    parser.add_argument("--student", choices=STUDENTS.names(), help="the student network")
+    parser.add_argument(
+        "--student-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="student option, e.g. weights_backbone=resnet101.pth or arch=vit_small_patch16_224 "
+        "(repeatable)",
+    )
+    parser.add_argument("--iterations", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--crop", type=int, help="training crop side (paper: 320)")
+    parser.add_argument("--heldout-fraction", type=float, help="share held out for selection")
+    parser.add_argument("--eval-every", type=int, help="iterations between held-out scores")
+    parser.add_argument("--save-every", type=int, help="iterations between resumable saves")
+    parser.add_argument("--num-workers", type=int, help="data-loader workers")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", help="torch device for the teacher and the student")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument(
+        "--score-on", metavar="SPEC", help="score the selected student on this labelled split"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _plus_config(args: argparse.Namespace):
+    """The preset with the flags given on top."""
+    from hbird.io.options import parse_pairs
+    from hbird.zeroshot.plus import PRESETS
+
+    config = PRESETS[args.preset]
+    changes: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in (
+            "student",
+            "iterations",
+            "batch_size",
+            "lr",
+            "heldout_fraction",
+            "eval_every",
+            "save_every",
+            "num_workers",
+            "seed",
+            "device",
+        )
+        if getattr(args, name) is not None
+    }
+    if args.student is not None and args.student != config.student:
+        changes["student_options"] = {}
+    if args.student_option:
+        changes["student_options"] = {
+            **changes.get("student_options", config.student_options),
+            **parse_pairs(args.student_option, "--student-option", "weights_backbone=r101.pth"),
+        }
+    if args.crop is not None:
+        changes["augment"] = {**config.augment, "crop": args.crop}
+    return dataclasses.replace(config, resume=args.resume, **changes)
+
+
+def _plus(args: argparse.Namespace) -> int:
+    from hbird.data import create_dataset
+    from hbird.io.files import write_json
+    from hbird.zeroshot.plus import load_student, reco_teacher, score_student, train_plus
+
+    config = _plus_config(args)
+    dataset = create_dataset(args.dataset)
+    if dataset.label_spec.task != "segmentation":
+        raise InputError(f"--dataset {args.dataset} is not a segmentation dataset")
+    scored = create_dataset(args.score_on) if args.score_on else None  # fail before training
+    teacher = reco_teacher(args.refs, dataset, args.device)
+    _, summary = train_plus(dataset, teacher, args.out, config, progress=not args.quiet)
+    out = Path(args.out)
+    summary = {**summary, "refs": str(args.refs), "dataset": args.dataset}
+    if scored is not None:
+        scores = score_student(load_student(out / "student.safetensors"), scored, not args.quiet)
+        summary["score_on"] = {"dataset": args.score_on, **scores.to_dict()}
+    write_json(out / "summary.json", summary)
+    line = (
+        f"best held-out pseudo-label mIoU {summary['best_miou']:.4f} at step {summary['best_step']}"
+    )
+    if scored is not None:
+        line += f"; on {args.score_on}: mIoU {summary['score_on']['miou']:.4f}"
+    print(f"{line}; student in {out / 'student.safetensors'}")
+    return 0
+
+
 def interrupted(args: argparse.Namespace) -> str:
     if args.zeroshot_command == "index":
         return f"the finished shards are kept in {args.out}.partial; run the same command to resume"
@@ -278,7 +380,5 @@ def interrupted(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hbird.cli.zeroshot_plus import run_plus
-
-    commands = {"index": _index, "build": _build, "predict": _predict, "plus": run_plus}
+    commands = {"index": _index, "build": _build, "predict": _predict, "plus": _plus}
     return commands[args.zeroshot_command](args)

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from hbird.data.datasets import DenseDataset, Sample
 from hbird.data.transforms import resize_image, resize_label
-from hbird.errors import InputError
+from hbird.errors import InputError, spell
 from hbird.io.files import save_tensors, write_json
 from hbird.io.images import load_mask, save_label_png
 from hbird.io.seeds import make_generator
@@ -215,6 +215,23 @@ class AugmentedPairs(torch.utils.data.Dataset):
         sample = self.dataset[self.image_index(g)]
         gen = make_generator(self.seed, "plus", "augment", g)
         return self.augment(sample.image, sample.label, self.ignore_index, gen)
+
+
+def reco_teacher(refs: str | Path, dataset: DenseDataset, device: str | None = None) -> Teacher:
+    """``ReCo.load(refs)`` as a teacher of ``dataset``'s label ids: predicted over the
+    dataset's vocabulary (:func:`hbird.data.vocabulary.vocabulary_of`), then mapped."""
+    from hbird.data.vocabulary import vocabulary_of
+    from hbird.zeroshot.reco import ReCo
+
+    reco = ReCo.load(refs, device=device or "cpu")
+    vocabulary = vocabulary_of(dataset)
+    if tuple(reco.classes) != tuple(vocabulary.names):
+        raise InputError(
+            f"{spell('refs')} {refs} were built for the classes {list(reco.classes)[:6]}..., but "
+            f"{dataset!r} is predicted over {list(vocabulary.names)[:6]}...; build the "
+            "references with the dataset's class names (in its order)"
+        )
+    return lambda image: vocabulary.to_labels(reco.predict([image])[0])
 
 
 # --------------------------------------------------------------------------- students
@@ -625,6 +642,7 @@ __all__: Sequence[str] = [
     "create_student",
     "load_student",
     "pseudo_label",
+    "reco_teacher",
     "score_student",
     "split_heldout",
     "train_plus",
