@@ -3,6 +3,7 @@ the csrhddlam/axial-deeplab checkpoint converter."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -13,7 +14,7 @@ import torch
 from hbird.cli import main
 from hbird.encoders import create_encoder
 from hbird.nn import axial_resnet
-from hbird.nn.axial import AxialAttention, AxialBlock, relative_index
+from hbird.nn.axial import AxialAttention, AxialBlock, batch_norm_slice, relative_index
 
 ALL = ("qk", "qr", "kr", "v", "rv")
 
@@ -114,6 +115,22 @@ def test_layer_matches_a_per_position_loop(terms, span, axis):
         fast, slow = layer(x), naive_axial(layer, x)
     assert fast.shape == shape[:3] + (8,)
     assert torch.allclose(fast, slow, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_per_term_batch_norm_is_the_norm_of_the_concatenation(training):
+    """BN on each term by channel slices = one BN over the stacked terms, running statistics
+    included (the layer never builds the stack)."""
+    whole = torch.nn.BatchNorm2d(6).train(training)
+    randomise_batchnorms(whole, 0)
+    sliced = copy.deepcopy(whole)
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, 2, 3, 5, generator=gen), torch.randn(4, 4, 3, 5, generator=gen)
+    expected = whole(torch.cat([a, b], dim=1))
+    got = torch.cat([batch_norm_slice(sliced, a, 0, 2), batch_norm_slice(sliced, b, 2, 6)], dim=1)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(sliced.running_mean, whole.running_mean)
+    assert torch.allclose(sliced.running_var, whole.running_var)
 
 
 def test_relative_index_by_hand():

@@ -45,6 +45,24 @@ class ChannelsLastBatchNorm(nn.BatchNorm1d):
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
+def batch_norm_slice(norm: nn.modules.batchnorm._BatchNorm, x, start: int, stop: int):
+    """``norm`` applied to ``x`` (channels on axis 1) as channels ``start:stop`` of its input:
+    the same result (and running-statistics update) as normalising the concatenation, without
+    building it."""
+    part = slice(start, stop)
+    stats = norm.running_mean is not None and not norm.training
+    return F.batch_norm(
+        x,
+        norm.running_mean[part] if norm.running_mean is not None else None,
+        norm.running_var[part] if norm.running_var is not None else None,
+        norm.weight[part] if norm.weight is not None else None,
+        norm.bias[part] if norm.bias is not None else None,
+        training=not stats,
+        momentum=0.1 if norm.momentum is None else norm.momentum,
+        eps=norm.eps,
+    )
+
+
 def relative_index(length: int, span: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Offset-table rows and the span mask of an axis of ``length`` positions.
 
@@ -138,14 +156,23 @@ class AxialAttention(nn.Module):
         index, outside = relative_index(length, self.span, self.rel_q.device)
         return self.rel_q[index], self.rel_k[index], self.rel_v[index], outside
 
-    def similarity(self, q, k, rq, rk) -> torch.Tensor:
-        """``q, k (N, L, G, d_q)`` → BN'd logits of each term ``(N, 3, G, L_o, L_p)``."""
-        n, length, g, _ = q.shape
-        qk = torch.einsum("nogc,npgc->ngop", q, k)
-        qr = torch.einsum("nogc,opc->ngop", q, rq)
-        kr = torch.einsum("npgc,opc->ngop", k, rk)
-        stacked = self.bn_similarity(torch.cat([qk, qr, kr], dim=1))
-        return stacked.view(n, 3, g, length, length)
+    def logits(self, q, k, rq, rk) -> torch.Tensor:
+        """``q, k (N, L, G, d_q)`` → the sum of the chosen BN'd terms ``(N, G, L_o, L_p)``."""
+        g = self.heads
+        products = {
+            "qk": lambda: torch.einsum("nogc,npgc->ngop", q, k),
+            "qr": lambda: torch.einsum("nogc,opc->ngop", q, rq),
+            "kr": lambda: torch.einsum("npgc,opc->ngop", k, rk),
+        }
+        total = None
+        for i, term in enumerate(SIMILARITY_TERMS):
+            if term in self.terms:
+                part = batch_norm_slice(self.bn_similarity, products[term](), i * g, (i + 1) * g)
+                total = part if total is None else total + part
+        if total is None:  # no similarity term: uniform attention over the span
+            n, length = q.shape[:2]
+            total = q.new_zeros(n, g, length, length)
+        return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C_in)`` → ``(B, ⌈H/s⌉, ⌈W/s⌉, C_out)``."""
@@ -156,16 +183,23 @@ class AxialAttention(nn.Module):
         qkv = self.bn_qkv(self.qkv(x.reshape(b * lines, length, -1)))
         q, k, v = qkv.view(b * lines, length, g, -1).split([dq, dq, self.value_dim], dim=-1)
         rq, rk, rv, outside = self.relative_embeddings(length)
-        terms = self.similarity(q, k, rq, rk)
-        chosen = [i for i, t in enumerate(SIMILARITY_TERMS) if t in self.terms]
-        logits = terms[:, chosen].sum(dim=1) if chosen else terms[:, 0] * 0
-        attention = logits.masked_fill(outside, float("-inf")).softmax(dim=-1)  # (N, G, L, L)
-        pooled_v = torch.einsum("ngop,npgc->nogc", attention, v).reshape(b * lines, length, -1)
-        pooled_r = torch.einsum("ngop,opc->nogc", attention, rv).reshape(b * lines, length, -1)
-        outputs = self.bn_output(torch.cat([pooled_v, pooled_r], dim=-1))
-        outputs = outputs.view(b * lines, length, 2, self.out_dim)
-        kept = [i for i, t in enumerate(OUTPUT_TERMS) if t in self.terms]
-        y = outputs[:, :, kept].sum(dim=2).view(b, lines, length, self.out_dim)
+        logits = self.logits(q, k, rq, rk)
+        if bool(outside.any()):
+            logits = logits.masked_fill(outside, float("-inf"))
+        attention = logits.softmax(dim=-1)  # (N, G, L_o, L_p)
+        pooled = {
+            "v": lambda: torch.einsum("ngop,npgc->nogc", attention, v),
+            "rv": lambda: torch.einsum("ngop,opc->nogc", attention, rv),
+        }
+        y = None
+        for i, term in enumerate(OUTPUT_TERMS):
+            if term in self.terms:
+                flat = pooled[term]().reshape(-1, self.out_dim)  # (N·L, C_out)
+                part = batch_norm_slice(
+                    self.bn_output, flat, i * self.out_dim, (i + 1) * self.out_dim
+                )
+                y = part if y is None else y + part
+        y = y.view(b, lines, length, self.out_dim)
         if self.axis == "height":
             y = y.transpose(1, 2)
         return avg_pool_channels_last(y, self.stride)
