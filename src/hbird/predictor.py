@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from hbird import distributed
 from hbird.data.inputs import as_image, as_images
 from hbird.data.pairs import DatasetPairs, Pairs, PromptPairs
 from hbird.data.transforms import resize_for_encoder
@@ -34,6 +35,7 @@ from hbird.decode import (
     neighbour_attention,
     softmax_over_neighbours,
 )
+from hbird.distributed.build import build_across_ranks, has_parts
 from hbird.encoders import Encoder, check_device, create_encoder
 from hbird.encoders.normalization import with_normalize
 from hbird.errors import BankError, InputError, spell
@@ -41,6 +43,7 @@ from hbird.features import create_extractor
 from hbird.features.cache import CachedFeatures
 from hbird.index import VectorIndex, create_index
 from hbird.index.cache import cache_path, load_or_build
+from hbird.index.sharded import ShardedIndex, slice_bounds
 from hbird.labelspec import LabelSpec
 from hbird.memory.augment import image_generator
 from hbird.memory.bank import BankWriter, MemoryBank, content_id
@@ -125,6 +128,9 @@ class InContextPredictor:
         label_pooling: ``"exclude_ignore"`` (default: ignore pixels are left out of a
             patch's class fractions) or ``"ignore_as_class0"`` (they count as class 0, as
             open-hummingbird-eval pools them; segmentation only).
+        shard_bank: under ``torchrun``, each process loads only its slice of a saved bank
+            and searches are collective (:class:`~hbird.index.sharded.ShardedIndex`):
+            every process then calls ``predict`` together. Off by default.
 
     Attributes (after ``fit`` or ``load``):
         spec_: the :class:`~hbird.specs.BankSpec` of the memory; encoder_, extractor_
@@ -158,6 +164,7 @@ class InContextPredictor:
         normalize: str = _BANK.normalize,
         resize: str = _BANK.resize,
         label_pooling: str = _BANK.label_pooling,
+        shard_bank: bool = _SEARCH.shard_bank,
     ) -> None:
         self.encoder = encoder
         self.weights = weights
@@ -184,6 +191,7 @@ class InContextPredictor:
         self.normalize = normalize
         self.resize = resize
         self.label_pooling = label_pooling
+        self.shard_bank = shard_bank
         self.timings = Timings()
 
     # -- parameters -------------------------------------------------------------------
@@ -356,16 +364,9 @@ class InContextPredictor:
         self._prepare(self.bank_spec)
         self.extractor_.fit(self._plain_views(pairs))  # deterministic: same state on resume
         bank = self._new_bank(label_spec, len(pairs))
-        writer = BankWriter(
-            path,
-            feature_dim=bank.feature_dim,
-            label_spec=label_spec,
-            encoder=bank.encoder,
-            key_dtype=bank.key_dtype,
-            config=bank.config,
-            shard_size=shard_size,
-            overwrite=overwrite,
-        )
+        if distributed.world_size() > 1 or has_parts(path):  # every rank, or resuming them
+            return build_across_ranks(self, pairs, bank, path, shard_size, overwrite)
+        writer = BankWriter.for_bank(path, bank, shard_size=shard_size, overwrite=overwrite)
         try:
             for item, keys, values in self._memory_entries(pairs, bank, 0, skip=writer.done):
                 writer.add(keys, values, item=item, images=int(item.startswith("0:")))
@@ -376,16 +377,28 @@ class InContextPredictor:
         return writer.finalize()
 
     def _memory_entries(
-        self, pairs: Pairs, bank: MemoryBank, start_index: int, skip: set[str] = frozenset()
+        self,
+        pairs: Pairs,
+        bank: MemoryBank,
+        start_index: int,
+        skip: set[str] = frozenset(),
+        items: list[tuple[int, int]] | None = None,
+        progress: bool | None = None,
     ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-        """Yield ``(item, keys (n, D), values (n, C))`` per (epoch, image), ``item = "epoch:index"``."""
+        """Yield ``(item, keys (n, D), values (n, C))`` per (epoch, image), ``item = "epoch:index"``
+        (``items``: these ``(epoch, index)`` pairs, default every pass over every image)."""
         spec = self.spec_
-        todo = [
-            (epoch, i)
-            for epoch in range(spec.aug_epochs)
-            for i in range(len(pairs))
-            if f"{epoch}:{start_index + i}" not in skip
-        ]
+        todo = (
+            [
+                (epoch, i)
+                for epoch in range(spec.aug_epochs)
+                for i in range(len(pairs))
+                if f"{epoch}:{start_index + i}" not in skip
+            ]
+            if items is None
+            else items
+        )
+        progress = self.progress if progress is None else progress
         batches = encode_prompt(
             pairs,
             self.extractor_.transform,
@@ -399,7 +412,7 @@ class InContextPredictor:
             seed=spec.seed,
             start=start_index,
             batch_size=self.search.batch_size,
-            progress=self.progress and "building memory",
+            progress=progress and "building memory",
         )
         budget, sampler = bank.config["budget_per_image"], bank.config["sampling"]
         for batch in batches:
@@ -472,7 +485,11 @@ class InContextPredictor:
         out: list[DensePrediction] = []
         bs = self.search.batch_size
         bar = tqdm(total=len(images), desc="predicting", unit="img", disable=not self.progress)
-        for start in range(0, len(images), bs):
+        starts = list(range(0, len(images), bs))
+        if isinstance(self.index_, ShardedIndex):  # searches are collective: as many per rank
+            rounds = int(distributed.all_reduce(torch.tensor(len(starts)), "max"))
+            starts += [len(images)] * (rounds - len(starts))
+        for start in starts:
             loaded = [as_image(x) for x in images[start : start + bs]]
             for image, patch_labels, confidence in zip(loaded, *self._predict_patches(loaded)):
                 with self.timings.measure("decode"):
@@ -488,7 +505,9 @@ class InContextPredictor:
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Eq. 1 for every patch: ``(h, w, C)`` soft labels and ``(h, w)`` top weights."""
         with self.timings.measure("encode"):
-            feats = self.extractor_.transform([self._view(x) for x in images])
+            feats = self.extractor_.transform([self._view(x) for x in images]) if images else []
+        if isinstance(self.index_, ShardedIndex):  # one collective search for the batch
+            return self._predict_patches_together(feats)
         soft, top = [], []
         for feat in feats:
             h, w, d = feat.shape
@@ -498,6 +517,20 @@ class InContextPredictor:
                 top.append(weights.max(dim=-1).values.reshape(h, w))
         return soft, top
 
+    def _predict_patches_together(
+        self, feats: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`_predict_patches` with every image's patches in one :meth:`attend`."""
+        d = self.extractor_.feature_dim
+        flat = torch.cat([f.reshape(-1, d) for f in feats]) if feats else torch.empty(0, d)
+        weights, values = self.attend(flat)
+        with self.timings.measure("decode"):
+            soft_flat, top_flat = aggregate(weights, values), weights.max(dim=-1).values
+        sizes = [f.shape[0] * f.shape[1] for f in feats]
+        soft = [s.reshape(*f.shape[:2], -1) for s, f in zip(soft_flat.split(sizes), feats)]
+        top = [t.reshape(f.shape[:2]) for t, f in zip(top_flat.split(sizes), feats)]
+        return soft, top
+
     def attend(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q, D)`` query features → eq.-1 weights ``(Q, k)`` and neighbour values ``(Q, k, C)``.
 
@@ -505,6 +538,8 @@ class InContextPredictor:
         products of the stored keys (divided by both norms), else recomputed from the keys.
         """
         search = self.search
+        if isinstance(self.index_, ShardedIndex):
+            return self._attend_sharded(queries)
         with self.timings.measure("search"):
             sims, ids = self.index_.search(queries, search.k)  # (Q, k)
         with self.timings.measure("decode"):
@@ -519,6 +554,26 @@ class InContextPredictor:
                 keys = self.bank_.read_keys()[safe]  # (Q, k, D)
                 weights = neighbour_attention(queries, keys, beta, valid)
             return weights, self.bank_.values[safe]
+
+    def _attend_sharded(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attend` over a bank split across ranks (collective): each neighbour's
+        value and key norm (or key, for approximate scores) is fetched from its rank."""
+        search, index = self.search, self.index_
+        with self.timings.measure("search"):
+            sims, ids = index.search(queries, search.k)  # (Q, k), global ids
+            values = self.bank_.values
+            extra = self._key_norms()[:, None] if index.exact_scores else self.bank_.keys
+            fetched = index.fetch(ids, torch.cat([values, extra.to(torch.float32)], dim=1))
+        with self.timings.measure("decode"):
+            valid, beta = ids >= 0, search.temperature
+            values, extra = fetched[..., : values.shape[1]], fetched[..., values.shape[1] :]
+            if index.exact_scores:
+                q_norms = torch.linalg.vector_norm(queries.to(torch.float32), dim=-1)  # (Q,)
+                cosines = sims / (q_norms[:, None] * extra[..., 0]).clamp_min(1e-12)
+                weights = softmax_over_neighbours(cosines.masked_fill(~valid, 0.0), beta, valid)
+            else:
+                weights = neighbour_attention(queries, extra, beta, valid)
+            return weights, values
 
     def _key_norms(self) -> torch.Tensor:
         """``(N,)`` float32 norms of the stored keys (1 up to their storage rounding)."""
@@ -565,14 +620,22 @@ class InContextPredictor:
         if weights is not None:
             spec = replace(spec, weights=str(weights))
         predictor = cls._from_spec(spec, encoder, progress, {**recorded, **search})
+        if predictor.search.shard_bank:  # this rank's slice of the entries
+            entries = manifest["counts"]["entries"]
+            rows = slice_bounds(entries, distributed.rank(), distributed.world_size())
         predictor.bank_ = MemoryBank.load(  # keys stay on disk unless the index needs them
             path,
             encoder=predictor.encoder_.identity(),
             feature_dim=predictor.extractor_.feature_dim,
             keys=False,
+            rows=rows if predictor.search.shard_bank else None,
         )
         predictor._attach(predictor.bank_, str(path))
-        predictor._build_index(Path(path))
+        if predictor.search.shard_bank:
+            predictor._build_index()  # each rank indexes its slice (not kept in the bank)
+            predictor.index_ = ShardedIndex(predictor.index_, rows[0], entries)
+        else:
+            predictor._build_index(Path(path))
         return predictor
 
     @classmethod

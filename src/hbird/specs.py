@@ -278,6 +278,12 @@ class SearchConfig(Settings):
         "fraction settings skips the encoder (hbird.features.cache)",
         default_text="none",
     )
+    shard_bank: bool = setting(
+        False,
+        "under torchrun: each process holds 1/N of the bank and searches are merged across "
+        "processes (hbird.index.sharded); exact search gives the one-process results",
+        kind=bool,
+    )
 
 
 RECORDED_SEARCH = ("k", "temperature", "index", "index_params", "batch_size")

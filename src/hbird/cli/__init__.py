@@ -91,10 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser([command] if command in COMMANDS else [])
     args, extras = parser.parse_known_args(argv)
     _collect_overrides(parser, args, extras)
-    from hbird.cli.common import flag_spelling, max_pixels_from
+    from hbird.cli.common import flag_spelling, max_pixels_from, process_group
 
     try:
-        with spelled_as(flag_spelling(args._flags)), max_pixels_from(args):
+        with spelled_as(flag_spelling(args._flags)), max_pixels_from(args), process_group(args):
             return int(args._run(args) or 0)
     except (HbirdError, OSError, ImportError) as err:
         print(f"hbird {args.command}: error: {err}", file=sys.stderr)

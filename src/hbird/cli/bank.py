@@ -12,8 +12,10 @@ from hbird.cli.common import (
     predictor_from_args,
     prompt_dataset,
 )
+from hbird.errors import InputError
 from hbird.eval.report import layers_text
 from hbird.io.files import check_output
+from hbird.labelspec import LabelSpec
 from hbird.specs import SearchConfig, split_stored_config
 
 
@@ -33,6 +35,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     info = sub.add_parser("info", help="print a bank's manifest summary")
     info.add_argument("bank", type=Path, help="the bank folder")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    info.add_argument(
+        "--shards",
+        type=int,
+        metavar="W",
+        help="also show how the bank splits over W ranks with --shard-bank (torchrun)",
+    )
+
+
+def format_sharding(path: Path, manifest: dict, world: int) -> str:
+    """How ``--shard-bank`` splits the bank over ``world`` ranks: rows, MiB, shard files."""
+    from hbird.index.sharded import slice_bounds
+
+    if world < 1:
+        raise InputError(f"--shards must be >= 1, got {world}")
+    total = manifest["counts"]["entries"]
+    row_bytes = manifest["feature_dim"] * (2 if manifest["key_dtype"] == "float16" else 4)
+    row_bytes += 4 * LabelSpec.from_dict(manifest["label_spec"]).value_dim
+    bounds, stop = [], 0
+    for shard in manifest["shards"]:
+        bounds.append((stop, stop + shard["entries"], shard["file"]))
+        stop += shard["entries"]
+    lines = [f"sharding    over {world} rank(s) (--shard-bank): entries, keys + values in memory"]
+    for rank in range(world):
+        lo, hi = slice_bounds(total, rank, world)
+        files = [f for a, b, f in bounds if a < hi and b > lo]
+        lines.append(
+            f"  rank {rank:<3} rows {lo:,}..{hi:,} ({hi - lo:,} entries, "
+            f"{(hi - lo) * row_bytes / 2**20:.1f} MiB) from {len(files)} shard file(s)"
+        )
+    return "\n".join(lines)
 
 
 def format_info(path: Path, manifest: dict) -> str:
@@ -98,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     if args.bank_command == "info":
         manifest = MemoryBank.read_manifest(args.bank)
         print(json.dumps(manifest, indent=2) if args.json else format_info(args.bank, manifest))
+        if args.shards is not None:
+            print(format_sharding(args.bank, manifest, args.shards))
         return 0
     check_bank_path(args.out, args.overwrite)  # before any work, and before anything is deleted
     check_output(args.out, "--out")
@@ -110,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         overwrite=args.overwrite,
     )
+    from hbird.distributed import is_main
+
+    if not is_main():  # rank 0 indexes the bank and reports
+        return 0
     # build the search index now and keep it with the bank, so the first predict is fast
     search = given_settings(args, SearchConfig)
     InContextPredictor.load(path, encoder=predictor.encoder_, progress=not args.quiet, **search)

@@ -88,6 +88,27 @@ def max_pixels_from(args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def process_group(args: argparse.Namespace) -> Iterator[None]:
+    """Under ``torchrun`` with several processes, join the group for the command (gloo on
+    the CPU, NCCL when ``--device cuda``) and leave it afterwards; otherwise nothing.
+    ``pretrain`` sets up its own group."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or args.command == "pretrain":
+        yield
+        return
+    from hbird.distributed import cleanup_distributed, init_from_env, is_distributed
+
+    owned = not is_distributed()  # a caller's own group is left to the caller
+    init_from_env(getattr(args, "device", None))
+    try:
+        yield
+    finally:
+        if owned:
+            cleanup_distributed()
+
+
 def _positive_int(flag: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,14 @@ def interrupted(args: argparse.Namespace) -> str:
     return f"the results finished so far are kept in {args.out}; run the same command to resume"
 
 
+def _silent(*_: Any) -> None:
+    """What ranks other than 0 print: nothing (they hold the same report)."""
+
+
 def run(args: argparse.Namespace) -> int:
+    from hbird.distributed import is_main
+
+    print = builtins.print if is_main() else _silent  # noqa: A001 - rank 0 reports
     if args.out is not None:
         check_output(args.out, "--out")
     config = config_from_args(args)
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         preset=args.preset,
         overrides=parse_overrides(args.overrides),
-        progress=not args.quiet,
+        progress=not args.quiet and is_main(),
         **config,
     )
     encoder = getattr(args, "encoder", None)

@@ -9,7 +9,8 @@ are averaged over seeds with their standard deviation (n − 1 denominator) into
 ``data_efficiency.{json,csv,png}`` and ``summary.md`` at the top of ``out``.
 
 Subsets that come out identical (every seed at 1/1; tiny fractions of tiny datasets) are
-evaluated once and their numbers shared. The paper runs these fractions with its
+evaluated once and their numbers shared. Under ``torchrun`` the runs are spread over the
+ranks (:func:`hbird.distributed.spread`), each written by the rank that makes it. The paper runs these fractions with its
 low-data settings (``preset="hummingbird_lowdata"``: |M| = 20,480,000, k = 90, β = 0.1,
 8 augmentation epochs); nothing is forced here, the settings used are written down.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hbird import distributed
 from hbird.data.fewshot import fewshot_indices, parse_fraction, read_subset, write_subset
 from hbird.encoders import Encoder
 from hbird.errors import InputError
@@ -264,32 +266,43 @@ def evaluate_fractions(
     names = prompt.names
     run_config = {k: v for k, v in config.items() if k != "encoder"}  # the model is passed instead
     out = Path(out) if out is not None else None
-    done: dict[tuple[int, ...], tuple[dict[str, float], str]] = {}  # subset → (metrics, run)
-    rows, task, headline = [], None, None
+    plan = []  # (fraction, seed, subset, run folder)
     for fraction in fractions:
-        label = str(fraction)
-        row = None
         for seed in seeds:
-            indices = fewshot_indices(len(prompt), fraction, seed)
-            run = f"fractions/{fraction_folder(label)}/seed_{seed}"
-            if out is not None:
+            indices = tuple(fewshot_indices(len(prompt), fraction, seed))
+            run = f"fractions/{fraction_folder(str(fraction))}/seed_{seed}"
+            if out is not None and distributed.is_main():
                 _pin_subset(out / run / SUBSET_FILE, [names[i] for i in indices])
-            if tuple(indices) not in done:
-                report = evaluate(
-                    model,
-                    (prompt.subset(indices), queries),
-                    out=out / run if out is not None else None,
-                    preset=preset,
-                    overrides=overrides,
-                    progress=progress,
-                    **run_config,
-                )
-                task, headline = report.task, report.headline[0]
-                done[tuple(indices)] = (scalar_metrics(report.metrics), run)
-            metrics, source = done[tuple(indices)]
-            row = row or FractionResult(label, parse_fraction(fraction), len(indices))
-            row.per_seed[seed], row.runs[seed] = metrics, source
-        rows.append(row)
+            plan.append((fraction, seed, indices, run))
+    first_runs = {}  # subset → the run that evaluates it (identical subsets run once)
+    for _, _, indices, run in plan:
+        first_runs.setdefault(indices, run)
+
+    def subset_run(indices: tuple[int, ...], run: str):
+        def run_it() -> tuple[dict[str, float], str, str, str]:
+            report = evaluate(
+                model,
+                (prompt.subset(list(indices)), queries),
+                out=out / run if out is not None else None,
+                preset=preset,
+                overrides=overrides,
+                progress=progress,
+                **run_config,
+            )
+            return scalar_metrics(report.metrics), run, report.task, report.headline[0]
+
+        return run_it
+
+    # independent runs: spread over the ranks under torchrun, one by one otherwise
+    tasks = [subset_run(indices, run) for indices, run in first_runs.items()]
+    done = dict(zip(first_runs, distributed.spread(tasks)))
+    task, headline = next(iter(done.values()))[2:]
+    rows: dict[str, FractionResult] = {}
+    for fraction, seed, indices, _ in plan:
+        label = str(fraction)
+        row = rows.setdefault(label, FractionResult(label, parse_fraction(fraction), len(indices)))
+        row.per_seed[seed], row.runs[seed] = done[indices][:2]
+    rows = list(rows.values())
     shared = sum(len(set(r.runs.values())) < len(r.runs) for r in rows)
     notes = [
         "Class ids are predicted directly and scored as they are: no Hungarian matching; classes absent "
@@ -312,6 +325,6 @@ def evaluate_fractions(
         rows=rows,
         notes=notes,
     )
-    if out is not None:
+    if out is not None and distributed.is_main():
         result.write(out)
     return result

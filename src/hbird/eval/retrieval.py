@@ -4,6 +4,8 @@ Prompt = a dataset's training split, queries = its validation split. The prompt 
 encoded into a memory bank (sampled, augmented), each query is predicted by eq. 1 and
 scored at its original resolution with a streaming metric. With a run folder, the bank
 and every finished query batch are kept, so an interrupted run resumes where it stopped.
+Under ``torchrun`` the ranks build the bank together and split the queries; rank 0 alone
+writes the run folder.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hbird import distributed
 from hbird.data.pairs import DatasetPairs
 from hbird.encoders import Encoder
 from hbird.errors import InputError
@@ -54,21 +57,27 @@ def _predictor(
     kwargs = cfg.predictor_kwargs()
     if encoder is not None:
         kwargs["encoder"] = encoder
-    predictor = InContextPredictor(**kwargs, progress=progress)
+    predictor = InContextPredictor(**kwargs, progress=progress and distributed.is_main())
     if out is None:
         return predictor.fit_dataset(prompt)
     bank = out / "bank"
     if not (bank / "manifest.json").is_file():
         predictor.build_bank(DatasetPairs(prompt), prompt.label_spec, bank)
         kwargs["encoder"] = predictor.encoder_  # built once
-    loaded = InContextPredictor.load(
-        bank,
-        encoder=kwargs["encoder"],
-        device=cfg.device,
-        progress=progress,
-        index_params=cfg.index_params,
-        batch_size=cfg.batch_size,
-    )
+    # rank 0 first, as it alone keeps a built index in the bank; a sharded bank: together
+    turns = ("all",) if cfg.shard_bank else ("main", "others")
+    for turn in turns:
+        if turn == "all" or (turn == "main") == distributed.is_main():
+            loaded = InContextPredictor.load(
+                bank,
+                encoder=kwargs["encoder"],
+                device=cfg.device,
+                progress=progress and distributed.is_main(),
+                index_params=cfg.index_params,
+                batch_size=cfg.batch_size,
+                shard_bank=cfg.shard_bank,
+            )
+        distributed.barrier()
     loaded.timings = predictor.timings
     return loaded
 
@@ -103,7 +112,7 @@ def evaluate(
     predictor = _predictor(
         cfg, encoder if isinstance(encoder, Encoder) else None, prompt, out, progress
     )
-    if out is not None:  # the bank is the run's first result
+    if out is not None and distributed.is_main():  # the bank is the run's first result
         write_json(out / "config.json", record)
     build_seconds = time.perf_counter() - start
     predictor.timings.reset()
@@ -131,7 +140,7 @@ def evaluate(
         config=cfg.to_dict(),
         counts={
             "prompt_images": len(prompt),
-            "memory_entries": len(predictor.bank_),
+            "memory_entries": predictor.index_.ntotal if cfg.shard_bank else len(predictor.bank_),
             "queries": scored.done,
         },
         timings={
@@ -143,6 +152,6 @@ def evaluate(
         pictures=scored.overlays,
         search=predictor.index_.describe(),
     )
-    if out is not None:
+    if out is not None and distributed.is_main():
         report.write(out)
     return report

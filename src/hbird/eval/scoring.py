@@ -21,6 +21,11 @@ memory took to build). Run again with the same file, it loads all of that and go
 after the last finished batch. Metrics add up image by image in the same order, so an
 interrupted and resumed run gives the numbers of an uninterrupted one.
 
+Under a process group (``torchrun``) each step gives every rank its own ``batch_size``
+queries; the ranks' metric states are summed (:func:`hbird.distributed.sum_metric_state`)
+and only rank 0 writes the progress file and the overlays. The file records global
+counts, so a run resumes with any number of ranks.
+
 :func:`new_metric` is the metric the protocols score a label spec with, and
 :func:`scores_from_metric` how its scores read in a :class:`~hbird.eval.report.Report`.
 """
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -37,6 +42,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from hbird import distributed
 from hbird.errors import InputError
 from hbird.io.files import write_json
 from hbird.labelspec import LabelSpec
@@ -121,6 +127,7 @@ def score_queries(
     """
     timings = timings if timings is not None else Timings()
     total = len(queries) if limit is None else min(limit, len(queries))
+    world, me = distributed.world_size(), distributed.rank()
     done, drawn, extra = 0, [], dict(extra or {})
     if progress_file is not None and progress_file.is_file():
         saved = json.loads(progress_file.read_text())
@@ -130,29 +137,55 @@ def score_queries(
                 f"{progress_file} lacks {', '.join(sorted(missing))} (written by another hbird "
                 "version?); delete it to score the queries again"
             )
-        metric.load_state_dict(saved["metric"])
+        if me == 0:  # the saved sums are counted once, on rank 0
+            metric.load_state_dict(saved["metric"])
+            timings.seconds = saved["seconds"]
         done, drawn, extra = saved["done"], saved["overlays"], saved["extra"]
-        timings.seconds = saved["seconds"]
-    bar = tqdm(total=total, initial=done, desc="scoring queries", unit="img", disable=not progress)
+    show = progress and me == 0
+    bar = tqdm(total=total, initial=done, desc="scoring queries", unit="img", disable=not show)
     while done < total:
+        # a step scores world × batch_size queries, batch_size per rank, in query order
+        stop = min(done + batch_size * world, total)
+        mine = range(min(done + me * batch_size, stop), min(done + (me + 1) * batch_size, stop))
         with timings.measure("loading"):
-            batch = [queries[i] for i in range(done, min(done + batch_size, total))]
-        predictions = predict([q.image for q in batch])
+            batch = [queries[i] for i in mine]
+        predictions = predict([q.image for q in batch])  # every rank calls it, even with none
         with timings.measure("scoring"):
             for query, prediction in zip(batch, predictions):
                 metric.update(getattr(prediction, "labels", prediction), query.label)
-        if overlay is not None:
-            drawn += [overlay(q, p) for q, p in zip(batch[: max(overlays - done, 0)], predictions)]
-        done += len(batch)
-        bar.update(len(batch))
+        if overlay is not None and done < overlays:
+            drawn += _draw(overlay, queries, zip(mine, batch, predictions), overlays)
+        bar.update(stop - done)
+        done = stop
         if progress_file is not None:
-            state = {"done": done, "metric": _jsonable(metric.state_dict())}
-            write_json(
-                progress_file,
-                {**state, "seconds": timings.seconds, "overlays": drawn, "extra": extra},
-            )
+            state = {"done": done, "metric": _jsonable(distributed.sum_metric_state(metric))}
+            seconds = distributed.sum_seconds(timings.seconds)
+            if me == 0:
+                write_json(
+                    progress_file, {**state, "seconds": seconds, "overlays": drawn, "extra": extra}
+                )
     bar.close()
+    if world > 1:  # every rank returns the sums over all of them
+        metric.load_state_dict(distributed.sum_metric_state(metric))
+        timings.seconds = distributed.sum_seconds(timings.seconds)
     return Scored(metric, done, dict(timings.seconds), drawn, extra)
+
+
+def _draw(
+    overlay: Callable[[Any, Any], str],
+    queries: Sequence[Any],
+    scored: Iterable[tuple[int, Any, Any]],
+    overlays: int,
+) -> list[str]:
+    """Draw the first ``overlays`` queries of a step; several ranks send theirs to rank 0,
+    which alone writes (and returns) the files."""
+    wanted = [(i, q, p) for i, q, p in scored if i < overlays]
+    if distributed.world_size() == 1:
+        return [overlay(q, p) for _, q, p in wanted]
+    sent = distributed.all_gather_object([(i, p) for i, _, p in wanted])
+    if not distributed.is_main():
+        return []
+    return [overlay(queries[i], p) for i, p in sorted(x for part in sent for x in part)]
 
 
 def new_metric(spec: LabelSpec) -> ConfusionMatrix | DepthMetrics:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from hbird.errors import BankError, check_format_version, spell
@@ -247,16 +247,8 @@ class MemoryBank:
     # -- disk -------------------------------------------------------------------------
     def save(self, path: str | Path, shard_size: int = 1_000_000, overwrite: bool = False) -> Path:
         """Write the bank folder atomically (temporary folder, then rename)."""
-        writer = BankWriter(
-            path,
-            feature_dim=self.feature_dim,
-            label_spec=self.label_spec,
-            encoder=self.encoder,
-            key_dtype=self.key_dtype,
-            config=self.config,
-            shard_size=shard_size,
-            overwrite=overwrite,
-            resume=False,
+        writer = BankWriter.for_bank(
+            path, self, shard_size=shard_size, overwrite=overwrite, resume=False
         )
         writer.bank.attachments = dict(self.attachments)
         writer.bank.search = dict(self.search)
@@ -297,11 +289,14 @@ class MemoryBank:
         feature_dim: int | None = None,
         verify: bool = True,
         keys: bool = True,
+        rows: tuple[int, int] | None = None,
     ) -> MemoryBank:
         """Read a bank folder; check checksums and, if given, the encoder identity.
 
         ``keys=False`` reads the values only and leaves the keys on disk, to be read on
-        first use (checksums verified then).
+        first use (checksums verified then). ``rows=(start, stop)`` reads only those
+        entries (one rank's slice of a sharded bank: only the shard files that hold them
+        are opened, and only those rows are kept in memory).
         """
         path = Path(path)
         manifest = cls.read_manifest(path)
@@ -316,7 +311,9 @@ class MemoryBank:
             bank.check_encoder(
                 encoder, feature_dim if feature_dim is not None else bank.feature_dim, str(path)
             )
-        for shard_keys, values in iter_shards(path, manifest, verify=verify):
+        if rows is not None:
+            keys = True  # a slice is kept whole: its keys cannot be re-read on demand
+        for shard_keys, values in iter_shards(path, manifest, verify=verify, rows=rows):
             if keys:
                 bank._keys.append(shard_keys)
             bank._values.append(values)
@@ -325,10 +322,9 @@ class MemoryBank:
         bank.attachments = read_attachments(path, manifest, verify=verify)
         bank._source = (path, manifest)
         bank._keys_on_disk = not keys
-        if len(bank) != manifest["counts"]["entries"]:
-            raise BankError(
-                f"{path}: shards hold {len(bank)} entries, manifest says {manifest['counts']['entries']}"
-            )
+        expected = manifest["counts"]["entries"] if rows is None else rows[1] - rows[0]
+        if len(bank) != expected:
+            raise BankError(f"{path}: shards hold {len(bank)} entries, manifest says {expected}")
         return bank
 
 
@@ -354,12 +350,20 @@ def read_attachments(
 
 
 def iter_shards(
-    path: str | Path, manifest: dict[str, Any] | None = None, verify: bool = True
+    path: str | Path,
+    manifest: dict[str, Any] | None = None,
+    verify: bool = True,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(keys (n, D), values (n, C))`` shard by shard, checking each checksum."""
+    """Yield ``(keys (n, D), values (n, C))`` shard by shard, checking each checksum
+    (``rows=(start, stop)``: only the entries in that range, from the shards holding them)."""
     path = Path(path)
     manifest = manifest or MemoryBank.read_manifest(path)
+    stop = 0
     for shard in manifest["shards"]:
+        start, stop = stop, stop + shard["entries"]  # this shard's entries
+        if rows is not None and (stop <= rows[0] or start >= rows[1]):
+            continue
         file = path / shard["file"]
         if not file.is_file():
             raise BankError(f"bank shard {file} is missing; the bank is incomplete, rebuild it")
@@ -369,7 +373,12 @@ def iter_shards(
                 "truncated or modified; rebuild the bank"
             )
         try:
-            tensors = load_file(str(file))
+            if rows is None:
+                tensors = load_file(str(file))
+            else:  # only the rows in range are read into memory
+                lo, hi = max(rows[0] - start, 0), min(rows[1], stop) - start
+                with safe_open(str(file), "pt") as f:
+                    tensors = {n: f.get_slice(n)[lo:hi] for n in ("keys", "values")}
         except (SafetensorError, OSError) as err:
             raise BankError(
                 f"bank shard {file} could not be read ({err}); rebuild the bank"
@@ -426,6 +435,20 @@ class BankWriter:
         remove_folder(self.staging, "an unfinished bank build", _is_staging)
         self.staging.mkdir(parents=True)
         self._save_progress()
+
+    @classmethod
+    def for_bank(cls, path: str | Path, bank: MemoryBank, **options: Any) -> BankWriter:
+        """A writer of entries like ``bank``'s (its dim, labels, encoder, key dtype and
+        config); ``options``: ``shard_size``, ``overwrite``, ``resume``."""
+        return cls(
+            path,
+            feature_dim=bank.feature_dim,
+            label_spec=bank.label_spec,
+            encoder=bank.encoder,
+            key_dtype=bank.key_dtype,
+            config=bank.config,
+            **options,
+        )
 
     def _load_progress(self) -> bool:
         progress_file = self.staging / PROGRESS

@@ -1,4 +1,6 @@
-"""torch.distributed plumbing for pretraining: process setup, collectives, global batch norm.
+"""torch.distributed plumbing for pretraining: differentiable collectives, global batch norm.
+
+Process setup and plain collectives are :mod:`hbird.distributed`'s (re-exported here).
 
 Every helper works unchanged in a single process (no process group): gathers return
 their input, reductions are the identity. Collectives that sit inside the loss are
@@ -9,91 +11,20 @@ same loss and, after DDP averages the gradients, the same update as one process 
 
 from __future__ import annotations
 
-import datetime
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process sits: ``rank`` of ``world_size``, and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def init_distributed(
-    device: str | None = None,
-    backend: str | None = None,
-    init_method: str | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-) -> DistInfo:
-    """Join the process group if launched on several processes; pick this process's device.
-
-    Under ``torchrun`` the rank and world size come from the environment. ``backend``
-    defaults to ``nccl`` on GPU and ``gloo`` on CPU. ``device`` defaults to
-    ``cuda:<local rank>`` when CUDA is available, else ``cpu``.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    wanted = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    if wanted > 1 and not is_distributed():
-        explicit = {"rank": rank, "world_size": world_size, "init_method": init_method}
-        dist.init_process_group(
-            backend=backend or ("nccl" if dev.type == "cuda" else "gloo"),
-            timeout=datetime.timedelta(minutes=30),
-            **{k: v for k, v in explicit.items() if v is not None},  # else: torchrun's env
-        )
-    if is_distributed():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
-    return DistInfo(device=dev)
-
-
-def cleanup_distributed() -> None:
-    if is_distributed():
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-@torch.no_grad()
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """``(n, ...)`` on every process → ``(W·n, ...)`` concatenated in rank order, no gradient."""
-    if not is_distributed():
-        return x.detach()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+from hbird.distributed import (  # noqa: F401 - the process layer, re-exported for pretraining
+    DistInfo,
+    barrier,
+    cleanup_distributed,
+    gather,
+    init_distributed,
+    is_distributed,
+    rank,
+    world_size,
+)
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from hbird import distributed
 from hbird.data.fewshot import fewshot_indices, parse_fraction
 from hbird.encoders import Encoder
 from hbird.errors import InputError
@@ -97,32 +99,42 @@ class SweepRecord:
     def keep(self, point: AdaptationPoint) -> None:
         """Add ``point`` and save the list."""
         self.points.append(point)
-        if self.path is not None:
+        if self.path is not None and distributed.is_main():
             points = [asdict(p) for p in self.points]
             write_json(self.path, {"config": self.settings, "points": points})
 
 
 def run_sweep(shared: Adaptation, sweep: AdaptationSweep, record: SweepRecord) -> None:
-    """Measure every point of ``sweep`` that ``record`` does not hold yet, in order."""
+    """Measure every point of ``sweep`` that ``record`` does not hold yet, in order (under
+    ``torchrun`` the points to measure are spread over the ranks, each timed on its own)."""
     subsets = sweep.subsets(len(shared.prompt))
-    for fraction, indices in subsets.items():
-        point = record.get(point_key("retrieval", fraction, None))
-        record.keep(point or retrieval_point(shared, fraction, indices))
+    jobs = [
+        (point_key("retrieval", f, None), partial(retrieval_point, shared, f, indices))
+        for f, indices in subsets.items()
+    ]
     probe = sweep.probe(shared.cfg.seed)
-    if probe is None:
-        return
-    table = None  # the prompt's patches, extracted once, only if some point needs them
-    for fraction, epochs in sweep.linear_runs(list(subsets)):
-        point = record.get(point_key("linear", fraction, epochs))
-        if point is None:
-            if table is None:
-                spec, cfg = shared.prompt.label_spec, shared.cfg
-                table = extract_patch_table(
+    tables = []  # the prompt's patches, extracted once, only if some point needs them
+
+    def linear(fraction: str, epochs: int) -> AdaptationPoint:
+        if not tables:
+            spec, cfg = shared.prompt.label_spec, shared.cfg
+            tables.append(
+                extract_patch_table(
                     shared.model, shared.prompt, spec, cfg, probe.cache_dtype, shared.progress
                 )
-            indices = subsets.get(fraction, list(range(len(shared.prompt))))
-            point = linear_point(shared, table, fraction, indices, replace(probe, epochs=epochs))
-        record.keep(point)
+            )
+        indices = subsets.get(fraction, list(range(len(shared.prompt))))
+        return linear_point(shared, tables[0], fraction, indices, replace(probe, epochs=epochs))
+
+    if probe is not None:
+        jobs += [
+            (point_key("linear", f, e), partial(linear, f, e))
+            for f, e in sweep.linear_runs(list(subsets))
+        ]
+    todo = [job for key, job in jobs if record.get(key) is None]
+    measured = distributed.spread(todo)
+    for key, _ in jobs:
+        record.keep(record.get(key) or next(measured))
 
 
 def fast_adaptation(
@@ -177,6 +189,6 @@ def fast_adaptation(
     spec = prompt.label_spec
     metric = "miou" if spec.is_classification else "rmse"
     report = FastAdaptationReport(spec.task, description, metric, settings, record.points, notes)
-    if out is not None:
+    if out is not None and distributed.is_main():
         report.write(out)
     return report
