@@ -142,9 +142,10 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     """``(n, ...)`` on every process → ``(W·n, ...)`` concatenated in rank order, no gradient."""
     if not is_distributed():
         return x.detach()
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    y = x.detach().to(_backend_device()).contiguous()  # NCCL gathers CUDA tensors only
+    parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, y)
+    return torch.cat(parts).to(x.device)
 
 
 def broadcast_object(obj: Any = None, src: int = 0) -> Any:
