@@ -52,7 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--objective", choices=OBJECTIVES.names(), default=s, help="default hummingbird"
     )
     _key_value_flag(run, "--option", "-O", help="objective setting (e.g. -O pooling=mean)")
-    run.add_argument("--arch", default=s, help="timm ViT name (default vit_small_patch16_224)")
+    run.add_argument(
+        "--arch",
+        default=s,
+        help="timm ViT name (default vit_small_patch16_224) or a registered encoder "
+        "(test_vit, test_elastic, elastic_resnext50, ...; ibot needs a ViT)",
+    )
     _key_value_flag(run, "--model-option", help="timm.create_model option (drop_path_rate=0.1)")
     run.add_argument("--init-weights", default=s, help="weights file to start from")
     run.add_argument(
@@ -106,6 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     """Merge ``--config`` (YAML), ``--tiny`` and the flags given into a PretrainConfig."""
     from hbird.pretrain import PretrainConfig
+    from hbird.pretrain.backbone import is_registered_arch
     from hbird.pretrain.presets import TINY_ARCH, TINY_VIT_KWARGS, tiny_options
 
     fields: dict[str, Any] = {}
@@ -134,7 +140,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if getattr(args, "tiny", False):
         objective = fields.get("objective", "hummingbird")
         fields.setdefault("arch", TINY_ARCH)
-        fields["model_kwargs"] = {**TINY_VIT_KWARGS, **fields.get("model_kwargs", {})}
+        if not is_registered_arch(fields["arch"]):  # registered test_* models are tiny already
+            fields["model_kwargs"] = {**TINY_VIT_KWARGS, **fields.get("model_kwargs", {})}
         fields["objective_options"] = tiny_options(objective, **fields.get("objective_options", {}))
         fields.setdefault("crop_size", 64)
         fields.setdefault("eval_image_size", 64)

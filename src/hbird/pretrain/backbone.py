@@ -1,12 +1,26 @@
-"""The network being pretrained: a timm ViT whose state dict is saved as-is.
+"""The network being pretrained, behind one Backbone protocol.
 
-Keeping the timm module untouched (no renamed keys, no wrapper parameters) is what makes
-a pretraining checkpoint load through ``hbird.encoders.create_encoder(arch, weights=...)``.
-Training-only parameters (iBOT's mask token, heads) live in the objectives.
+A backbone maps normalised images ``(B, 3, H, W)`` to a :class:`BackboneOutput`: a global
+embedding ``(B, D)`` and patches ``(B, h, w, D)``. Two kinds exist:
+
+* :class:`ViTBackbone`: a timm ViT (its class token is the global embedding); it alone
+  can replace masked patch embeddings by a mask token (``supports_masking``, iBOT);
+* :class:`FeatureMapBackbone`: any registered non-ViT encoder (ELASTIC, Axial-ResNet, ...)
+  trained through its ``forward_patches`` at its output stride; the global embedding is
+  the patch mean. Its batch norms become :class:`GlobalBatchNorm2d` (same state dict), so
+  a DDP run normalises over the global batch as one process would.
+
+Every backbone has ``model`` (the module whose untouched state dict a checkpoint exports,
+so it loads through ``hbird.encoders.create_encoder(arch, weights=...)``), ``arch``,
+``model_kwargs``, ``patch_size``, ``embed_dim``, ``size_multiple`` (crop sides must be a
+multiple of it), ``normalize``, ``metadata()`` and ``frozen_encoder()`` (a frozen copy for
+the online retrieval probe). Training-only parameters (iBOT's mask token, heads) live in
+the objectives.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +30,7 @@ from torch import nn
 
 from hbird.encoders.timm_backend import build_timm_model, timm_mean_std
 from hbird.io.checkpoints import architecture_metadata
+from hbird.pretrain.distributed import GlobalBatchNorm2d
 
 
 @dataclass
@@ -46,6 +61,9 @@ class ViTBackbone(nn.Module):
         model_kwargs: the non-default ``timm.create_model`` options it was built with
             (recorded in checkpoints so the same architecture can be rebuilt).
     """
+
+    supports_masking = True
+    size_multiple = 1  # timm crops a partial patch away
 
     def __init__(self, model: nn.Module, arch: str, model_kwargs: dict[str, Any] | None = None):
         super().__init__()
@@ -108,19 +126,101 @@ class ViTBackbone(nn.Module):
         """String metadata that lets anyone rebuild this architecture (safetensors header)."""
         return architecture_metadata(self.arch, self.model_kwargs, self.mean, self.std)
 
+    def frozen_encoder(self):
+        """A frozen float32 copy as a :class:`~hbird.encoders.timm_backend.TimmEncoder`."""
+        from hbird.encoders.timm_backend import TimmEncoder
+
+        model = copy.deepcopy(self.model).float().eval().requires_grad_(False)
+        return TimmEncoder(model, self.arch)
+
+
+class FeatureMapBackbone(nn.Module):
+    """A registered feature-map encoder (``forward_patches`` at its output stride), trainable.
+
+    Args:
+        encoder: an :class:`~hbird.encoders.Encoder` from ``create_encoder(arch, ...)``;
+            its parameters are unfrozen and its ``BatchNorm2d`` layers swapped for
+            :class:`GlobalBatchNorm2d` in place.
+        arch: its registry name (``test_elastic``); model_kwargs: the factory options.
+    """
+
+    supports_masking = False
+
+    def __init__(self, encoder: nn.Module, arch: str, model_kwargs: dict[str, Any] | None = None):
+        super().__init__()
+        self.encoder = GlobalBatchNorm2d.convert(encoder).requires_grad_(True)
+        self.arch = arch
+        self.model_kwargs = dict(model_kwargs or {})
+        self.patch_size = int(encoder.patch_size)
+        self.size_multiple = self.patch_size
+        self.embed_dim = int(encoder.feature_dim())
+        self.mean, self.std = tuple(encoder.mean), tuple(encoder.std)
+
+    @property
+    def model(self) -> nn.Module:
+        """What ``create_encoder(arch, weights=...)`` loads: the encoder's ``model``."""
+        return getattr(self.encoder, "model", self.encoder)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.normalize(images)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+    ) -> BackboneOutput:
+        """Normalised ``(B, 3, H, W)`` → patches ``(B, H/s, W/s, D)`` and their mean ``(B, D)``."""
+        if mask is not None:
+            raise ValueError(
+                f"{self.arch} is a feature-map backbone: it has no patch tokens to mask"
+            )
+        patches = self.encoder.forward_patches(images)
+        return BackboneOutput(cls=patches.mean(dim=(1, 2)), patches=patches)
+
+    def metadata(self) -> dict[str, str]:
+        return architecture_metadata(self.arch, self.model_kwargs, self.mean, self.std)
+
+    def frozen_encoder(self):
+        """A frozen float32 copy of the encoder (batch norms in eval mode)."""
+        return copy.deepcopy(self.encoder).float().eval().requires_grad_(False)
+
+
+Backbone = ViTBackbone | FeatureMapBackbone
+"""What the objectives train (see the module docstring for the shared protocol)."""
+
+
+def is_registered_arch(arch: str) -> bool:
+    """Whether ``arch`` is a registered encoder name (``test_vit``, ``test_elastic``, ...)
+    rather than a timm name; those are built through the encoder registry."""
+    from hbird.encoders.registry import ENCODERS
+
+    return arch in ENCODERS
+
+
+def backbone_for(encoder: nn.Module, arch: str, model_kwargs: dict[str, Any]) -> Backbone:
+    """The trainable backbone around a registered encoder: its timm ViT, or its feature maps."""
+    from hbird.encoders.timm_backend import TimmEncoder
+
+    if isinstance(encoder, TimmEncoder):
+        return ViTBackbone(encoder.model.requires_grad_(True), arch, model_kwargs)
+    return FeatureMapBackbone(encoder, arch, model_kwargs)
+
 
 def build_backbone(
     arch: str,
     model_kwargs: dict[str, Any] | None = None,
     init_weights: str | Path | None = None,
     seed: int | None = None,
-) -> ViTBackbone:
-    """Build ``arch`` from timm with random weights (or ``init_weights``) for pretraining.
+) -> Backbone:
+    """Build ``arch`` with random weights (or ``init_weights``) for pretraining.
 
     Args:
-        arch: a timm ViT name (``vit_small_patch16_224``).
+        arch: a timm ViT name (``vit_small_patch16_224``) or a registered feature-map
+            encoder (``test_elastic``, ``elastic_resnext50``, ``test_axial``, ...).
         model_kwargs: ``timm.create_model`` options, e.g. ``{"img_size": 64,
-            "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}``.
+            "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}``, or a
+            registered encoder's factory options.
         init_weights: a local weights file to start from (any layout the encoder
             registry reads).
         seed: fixes the random initialisation without touching the global RNG.
@@ -131,6 +231,11 @@ def build_backbone(
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
+        if is_registered_arch(arch):
+            from hbird.encoders import create_encoder
+
+            encoder = create_encoder(arch, weights=init_weights, **kwargs)
+            return backbone_for(encoder, arch, kwargs)
         model = build_timm_model(arch, **kwargs)
     if init_weights is not None:
         load_weights(model, init_weights, arch=arch)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbird.pretrain.augment import MultiView, mocov2_views
-from hbird.pretrain.backbone import ViTBackbone
+from hbird.pretrain.backbone import Backbone
 from hbird.pretrain.distributed import full_precision
 from hbird.pretrain.ema import ema_update, make_target
 from hbird.pretrain.heads import mlp
@@ -83,7 +83,7 @@ class CO2Config:
 class QueryNet(nn.Module):
     """Backbone → class token → MLP head → unit vector."""
 
-    def __init__(self, backbone: ViTBackbone, config: CO2Config) -> None:
+    def __init__(self, backbone: Backbone, config: CO2Config) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = mlp([backbone.embed_dim, config.proj_hidden, config.proj_dim])
@@ -99,14 +99,14 @@ class CO2(Objective):
     name = "co2"
     Config = CO2Config
 
-    def __init__(self, backbone: ViTBackbone, config: CO2Config) -> None:
+    def __init__(self, backbone: Backbone, config: CO2Config) -> None:
         super().__init__(config)
         self.online = QueryNet(backbone, config)
         self.momentum = make_target(self.online)
         self.queue = FeatureQueue(config.queue_size, config.proj_dim, seed=config.seed)
 
     @property
-    def backbone(self) -> ViTBackbone:
+    def backbone(self) -> Backbone:
         return self.online.backbone
 
     def views(self, crop_size: int, min_scale: float | None = None) -> MultiView:

@@ -7,7 +7,6 @@ score is the mIoU over the query set.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from hbird.data.datasets import DenseDataset, create_dataset
 from hbird.data.imagesets import SyntheticDataset
 from hbird.errors import InputError
-from hbird.pretrain.backbone import ViTBackbone
+from hbird.pretrain.backbone import Backbone
 
 
 @dataclass
@@ -86,15 +85,13 @@ class RetrievalProbe:
         self.memory_size, self.batch_size = memory_size, batch_size
 
     @torch.no_grad()
-    def __call__(self, backbone: ViTBackbone, device: str | torch.device = "cpu") -> dict[str, Any]:
+    def __call__(self, backbone: Backbone, device: str | torch.device = "cpu") -> dict[str, Any]:
         """``{"miou": float, "pixel_accuracy": float}`` for a frozen copy of ``backbone``."""
-        from hbird.encoders.timm_backend import TimmEncoder
         from hbird.eval.scoring import in_memory, score_queries
         from hbird.metrics import ConfusionMatrix
         from hbird.predictor import InContextPredictor
 
-        model = copy.deepcopy(backbone.model).float().eval().requires_grad_(False)
-        encoder = TimmEncoder(model, backbone.arch)
+        encoder = backbone.frozen_encoder()
         predictor = InContextPredictor(
             encoder=encoder,
             image_size=self.image_size,

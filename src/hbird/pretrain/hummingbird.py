@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbird.pretrain.augment import MultiView, byol_views
-from hbird.pretrain.backbone import BackboneOutput, ViTBackbone
+from hbird.pretrain.backbone import Backbone, BackboneOutput
 from hbird.pretrain.distributed import full_precision, gather, rank
 from hbird.pretrain.ema import ema_update, make_target
 from hbird.pretrain.heads import AttentionPooling, apply_to_tokens, mlp
@@ -144,7 +144,7 @@ class HummingbirdConfig:
 class Branch(nn.Module):
     """Backbone → ψ → pooling → projector: the part shared by online and target."""
 
-    def __init__(self, backbone: ViTBackbone, config: HummingbirdConfig) -> None:
+    def __init__(self, backbone: Backbone, config: HummingbirdConfig) -> None:
         super().__init__()
         d = backbone.embed_dim
         self.backbone = backbone
@@ -176,7 +176,7 @@ class Hummingbird(Objective):
     name = "hummingbird"
     Config = HummingbirdConfig
 
-    def __init__(self, backbone: ViTBackbone, config: HummingbirdConfig) -> None:
+    def __init__(self, backbone: Backbone, config: HummingbirdConfig) -> None:
         super().__init__(config)
         config.validate()
         d = backbone.embed_dim
@@ -193,7 +193,7 @@ class Hummingbird(Objective):
         )
 
     @property
-    def backbone(self) -> ViTBackbone:
+    def backbone(self) -> Backbone:
         return self.online.backbone
 
     @property

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hbird.pretrain.backbone import ViTBackbone
+from hbird.pretrain.backbone import Backbone
 from hbird.pretrain.distributed import mean_over_processes
 from hbird.pretrain.hummingbird import Hummingbird, HummingbirdConfig, LabelledMemory
 from hbird.pretrain.objective import OBJECTIVES, Batch
@@ -75,7 +75,7 @@ class HummingbirdPlusPlus(Hummingbird):
     needs_labels = True
 
     def __init__(
-        self, backbone: ViTBackbone, config: HummingbirdPlusPlusConfig, num_classes: int
+        self, backbone: Backbone, config: HummingbirdPlusPlusConfig, num_classes: int
     ) -> None:
         if num_classes < 2:
             raise ValueError(

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hbird.errors import InputError
 from hbird.pretrain.augment import MultiView, multicrop_views
-from hbird.pretrain.backbone import ViTBackbone
+from hbird.pretrain.backbone import Backbone
 from hbird.pretrain.distributed import full_precision, mean_over_processes
 from hbird.pretrain.ema import cosine_decay, ema_update, make_target
 from hbird.pretrain.heads import DINOHead
@@ -181,7 +182,7 @@ class IBOTConfig:
 class StudentTeacherNet(nn.Module):
     """Backbone + shared head."""
 
-    def __init__(self, backbone: ViTBackbone, head: DINOHead) -> None:
+    def __init__(self, backbone: Backbone, head: DINOHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -194,7 +195,13 @@ class IBOT(Objective):
     name = "ibot"
     Config = IBOTConfig
 
-    def __init__(self, backbone: ViTBackbone, config: IBOTConfig) -> None:
+    def __init__(self, backbone: Backbone, config: IBOTConfig) -> None:
+        if not backbone.supports_masking:
+            raise InputError(
+                f"the ibot objective replaces masked patch tokens by a mask token, which only "
+                f"a ViT has; {backbone.arch} is a feature-map backbone. Pretrain it with "
+                "hummingbird, hummingbird++, local_global or co2, or give a ViT --arch"
+            )
         super().__init__(config)
         head = DINOHead(
             backbone.embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim
@@ -207,10 +214,10 @@ class IBOT(Objective):
         self.register_buffer("center_patch", torch.zeros(config.out_dim))
 
     @property
-    def backbone(self) -> ViTBackbone:
+    def backbone(self) -> Backbone:
         return self.student.backbone
 
-    def export_backbone(self) -> ViTBackbone:
+    def export_backbone(self) -> Backbone:
         return self.teacher.backbone
 
     def views(self, crop_size: int, min_scale: float | None = None) -> MultiView:

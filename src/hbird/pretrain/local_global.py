@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hbird.pretrain.augment import MultiView, byol_views
-from hbird.pretrain.backbone import ViTBackbone
+from hbird.pretrain.backbone import Backbone
 from hbird.pretrain.distributed import full_precision, gather_with_grad, rank
 from hbird.pretrain.heads import apply_to_tokens, mlp
 from hbird.pretrain.objective import OBJECTIVES, Batch, Objective
@@ -75,14 +75,14 @@ class LocalGlobal(Objective):
     name = "local_global"
     Config = LocalGlobalConfig
 
-    def __init__(self, backbone: ViTBackbone, config: LocalGlobalConfig) -> None:
+    def __init__(self, backbone: Backbone, config: LocalGlobalConfig) -> None:
         super().__init__(config)
         self.net = backbone
         d = backbone.embed_dim
         self.head = mlp([d, config.head_hidden, config.head_hidden, config.head_dim], "gelu")
 
     @property
-    def backbone(self) -> ViTBackbone:
+    def backbone(self) -> Backbone:
         return self.net
 
     def views(self, crop_size: int, min_scale: float | None = None) -> MultiView:

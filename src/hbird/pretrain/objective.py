@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hbird.pretrain.augment import ViewSampler
-from hbird.pretrain.backbone import ViTBackbone
+from hbird.pretrain.backbone import Backbone
 from hbird.pretrain.options import config_from_options
 from hbird.registry import Registry
 
@@ -77,8 +77,8 @@ class Objective(nn.Module):
         self.config = config
 
     @property
-    def backbone(self) -> ViTBackbone:
-        """The online :class:`ViTBackbone` (what is trained)."""
+    def backbone(self) -> Backbone:
+        """The online :class:`Backbone` (what is trained)."""
         raise NotImplementedError
 
     def views(self, crop_size: int, min_scale: float | None = None) -> ViewSampler:
@@ -92,7 +92,7 @@ class Objective(nn.Module):
     def after_step(self, progress: float) -> None:
         """Called after every optimizer step (EMA updates); default: nothing."""
 
-    def export_backbone(self) -> ViTBackbone:
+    def export_backbone(self) -> Backbone:
         """The network a checkpoint exports as the encoder (default: the online backbone)."""
         return self.backbone
 
@@ -115,7 +115,7 @@ class Objective(nn.Module):
 
 
 def create_objective(
-    name: str, backbone: ViTBackbone, options: Mapping[str, Any] | None = None, **extra: Any
+    name: str, backbone: Backbone, options: Mapping[str, Any] | None = None, **extra: Any
 ) -> Objective:
     """Build a registered objective around ``backbone`` with ``options`` for its config.
 

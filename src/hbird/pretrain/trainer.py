@@ -48,7 +48,8 @@ class PretrainConfig:
     Attributes:
         objective: ``hummingbird``, ``hummingbird++``, ``local_global``, ``ibot``, ``co2``.
         objective_options: the objective's own settings (see its ``Config``).
-        arch, model_kwargs: the timm architecture and its non-default options.
+        arch, model_kwargs: the timm ViT or registered encoder (``test_elastic``,
+            ``elastic_resnext50``, ``test_axial``, ...) and its non-default options.
         init_weights: optional weights file to start from.
         data: pretraining data spec (see :mod:`hbird.pretrain.data`).
         out: run folder.
@@ -228,6 +229,12 @@ class Trainer:
             self.objective: Objective = create_objective(
                 config.objective, backbone, config.objective_options, **extra
             ).to(self.device)
+        if config.crop_size % backbone.size_multiple:
+            raise InputError(
+                f"--crop-size {config.crop_size} is not a multiple of {config.arch}'s output "
+                f"stride {backbone.size_multiple}; use e.g. --crop-size "
+                f"{max(1, round(config.crop_size / backbone.size_multiple)) * backbone.size_multiple}"
+            )
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.objective, config.weight_decay), lr=config.lr
         )
