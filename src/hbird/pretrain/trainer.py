@@ -229,11 +229,11 @@ class Trainer:
             self.objective: Objective = create_objective(
                 config.objective, backbone, config.objective_options, **extra
             ).to(self.device)
-        if config.crop_size % backbone.size_multiple:
+        step = backbone.size_multiple
+        if config.crop_size % step:
             raise InputError(
                 f"--crop-size {config.crop_size} is not a multiple of {config.arch}'s output "
-                f"stride {backbone.size_multiple}; use e.g. --crop-size "
-                f"{max(1, round(config.crop_size / backbone.size_multiple)) * backbone.size_multiple}"
+                f"stride {step}; use e.g. --crop-size {-(-config.crop_size // step) * step}"
             )
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.objective, config.weight_decay), lr=config.lr

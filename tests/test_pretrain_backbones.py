@@ -1,0 +1,171 @@
+"""Pretraining feature-map backbones (issue 12 part 5): Hummingbird, Hummingbird++,
+local-to-global and CO2 train ELASTIC and Axial-ResNet through the Backbone protocol (a
+global embedding plus ``(B, h, w, D)`` patches), and their checkpoints load through
+``create_encoder(<arch>, weights=...)``; iBOT refuses them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from hbird.cli import main
+from hbird.encoders import create_encoder
+from hbird.encoders.registry import ENCODERS
+from hbird.errors import InputError
+from hbird.pretrain import PretrainConfig, Trainer, build_backbone, create_objective
+from hbird.pretrain.backbone import FeatureMapBackbone
+from hbird.pretrain.checkpoint import EXPORT_NAME, encoder_from_checkpoint
+from hbird.pretrain.data import SyntheticImages
+from hbird.pretrain.distributed import GlobalBatchNorm2d
+from hbird.pretrain.presets import tiny_options
+
+ARCHS = [a for a in ("test_elastic", "test_axial") if a in ENCODERS]
+OBJECTIVES = ["hummingbird", "hummingbird++", "local_global", "co2"]
+
+
+def short_config(out: Path, arch: str, objective: str, **changes) -> PretrainConfig:
+    settings = dict(
+        objective=objective,
+        objective_options=tiny_options(objective),
+        arch=arch,
+        steps=2,
+        batch_size=8,
+        crop_size=32,
+        num_workers=0,
+        log_every=1,
+        out=str(out),
+    )
+    return PretrainConfig(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def images():
+    return SyntheticImages(n=16, seed=5, size=48)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_objective_trains_the_backbone_and_its_checkpoint_loads(tmp_path, images, arch, objective):
+    trainer = Trainer(short_config(tmp_path / "run", arch, objective), images=images, log=print)
+    backbone = trainer.objective.backbone
+    assert isinstance(backbone, FeatureMapBackbone) and not backbone.supports_masking
+    start = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    trainer.fit()
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")[:-1]]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+    path = tmp_path / "run" / EXPORT_NAME
+    saved = load_file(str(path))
+    exported = trainer.objective.export_backbone().model.state_dict()
+    assert saved.keys() == exported.keys() == start.keys()  # the encoder's own keys
+    moved = [k for k in saved if saved[k].is_floating_point() and not torch.equal(saved[k], start[k])]
+    assert moved, "training changed no weight"
+
+    loaded = create_encoder(arch, weights=path)
+    x = loaded.normalize(torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        want = trainer.objective.export_backbone().frozen_encoder().forward_patches(x)
+        torch.testing.assert_close(loaded.forward_patches(x), want)
+    assert encoder_from_checkpoint(path).identity() == loaded.identity()
+
+
+def test_ibot_refuses_a_feature_map_backbone(tmp_path):
+    backbone = build_backbone(ARCHS[0], seed=0)
+    with pytest.raises(InputError, match=rf"ibot.*ViT.*{ARCHS[0]}.*hummingbird"):
+        create_objective("ibot", backbone, tiny_options("ibot"))
+
+
+def test_ibot_refusal_is_one_line_from_the_cli(tmp_path, capsys):
+    argv = f"pretrain --objective ibot --arch {ARCHS[0]} --tiny --steps 1 --batch-size 4"
+    argv += f" --data synthetic:n=4:size=32 --crop-size 32 --out {tmp_path / 'run'}"
+    assert main(argv.split()) == 2
+    err = capsys.readouterr().err
+    assert "ibot" in err and "feature-map backbone" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_crop_size_must_be_a_multiple_of_the_output_stride(tmp_path, images):
+    config = short_config(tmp_path / "run", ARCHS[0], "hummingbird", crop_size=40)
+    with pytest.raises(InputError, match=r"--crop-size 40 .* stride 16.*--crop-size 48"):
+        Trainer(config, images=images, log=lambda _: None)
+
+
+def test_batch_norms_become_global_with_the_same_state():
+    """GlobalBatchNorm2d keeps BatchNorm2d's state dict; in one process it is BatchNorm2d."""
+    encoder = create_encoder(ARCHS[0])
+    keys = encoder.state_dict().keys()
+    backbone = FeatureMapBackbone(encoder, ARCHS[0])
+    norms = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(type(m) is GlobalBatchNorm2d for m in norms)
+    assert backbone.encoder.state_dict().keys() == keys
+    bn, plain = norms[0], torch.nn.BatchNorm2d(norms[0].num_features)
+    plain.load_state_dict(bn.state_dict())
+    x = torch.randn(4, bn.num_features, 5, 3)
+    torch.testing.assert_close(bn.train()(x), plain.train()(x))
+
+
+def test_global_batch_norm_2d_matches_batch_norm_2d_on_the_whole_batch():
+    """The all-reduce path (forced here in one process) gives BatchNorm2d's output and
+    running statistics: mean and biased variance over (N, H, W) per channel."""
+    from hbird.pretrain.distributed import global_batch_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64) * 3 + 1
+    plain = torch.nn.BatchNorm2d(3).double()
+    ours = GlobalBatchNorm2d(3).double()
+    with torch.no_grad():
+        for bn in (plain, ours):
+            bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    torch.testing.assert_close(global_batch_norm(ours, x), plain(x))
+    torch.testing.assert_close(ours.running_mean, plain.running_mean)
+    torch.testing.assert_close(ours.running_var, plain.running_var)
+
+
+# -- DDP: two processes with half the batch each ≡ one process --------------------------------
+
+
+def run_hummingbird(root: Path, arch: str, dist=None) -> None:
+    torch.set_default_dtype(torch.float64)  # as in test_pretrain_ddp: updates agree to many digits
+    try:
+        config = short_config(
+            root / "hummingbird",
+            arch,
+            "hummingbird",
+            objective_options=tiny_options("hummingbird", memory_size=12),
+            steps=3,
+            warmup_steps=1,
+        )
+        images = SyntheticImages(n=16, seed=5, size=48)
+        Trainer(config, dist=dist, images=images, log=lambda _: None).fit()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _worker(rank: int, world_size: int, init_file: str, root: str, arch: str) -> None:
+    from hbird.pretrain.distributed import cleanup_distributed, init_distributed
+
+    torch.set_num_threads(1)
+    info = init_distributed("cpu", "gloo", f"file://{init_file}", rank, world_size)
+    try:
+        run_hummingbird(Path(root), arch, dist=info)
+    finally:
+        cleanup_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_two_processes_match_one_process(tmp_path, arch):
+    from test_pretrain_ddp import check_same_run
+
+    run_hummingbird(tmp_path / "single", arch)
+    mp.spawn(
+        _worker, args=(2, str(tmp_path / "init"), str(tmp_path / "double"), arch), nprocs=2
+    )
+    check_same_run(tmp_path, "hummingbird")
