@@ -155,15 +155,19 @@ def test_model_multiply_adds_match_the_thesis():
 @pytest.mark.parametrize("output_stride", [16, 32])
 def test_model_strides_and_odd_inputs(output_stride):
     model = build_elastic("test_elastic", seed=0, output_stride=output_stride).eval()
-    strides = [s.stride for s in model.stages()]
-    assert strides == ([4, 8, 16, 16] if output_stride == 16 else [4, 8, 16, 32])
-    assert [s.channels for s in model.stages()] == [16, 32, 64, 128]
+    assert model.stage_strides == ((4, 8, 16, 16) if output_stride == 16 else (4, 8, 16, 32))
+    assert model.stage_channels == (16, 32, 64, 128)
     plain = build_elastic("test_elastic", seed=0, output_stride=output_stride, elastic_stages=0)
     with torch.no_grad():
         for size in [(64, 64), (67, 45)]:
             x = torch.randn(1, 3, *size)
             assert model(x).shape == plain.eval()(x).shape
-    assert model(torch.randn(1, 3, 64, 64)).shape[-1] == 64 // output_stride
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        first, last = model.forward_stages(x, [0, -1])
+        torch.testing.assert_close(last, model(x))
+        grid = (-(-64 // output_stride), -(-48 // output_stride))
+        assert first.shape == (2, 16, 16, 12) and last.shape == (2, 128, *grid)
 
 
 def test_seed_fixes_the_weights_without_touching_the_global_rng():
@@ -193,8 +197,8 @@ def test_scale_policy_score_is_eq_2_5():
     want, seen = [], 0
     with torch.no_grad():
         x = model.stem(images)
-        for stage in model.stages():
-            for block in stage.module:
+        for stage in model.stage_modules():
+            for block in stage:
                 if block.elastic:
                     high = after_3x3(block.high, x).mean(dim=(1, 2, 3))
                     low = after_3x3(block.low, downsample(x)).mean(dim=(1, 2, 3))
@@ -271,6 +275,9 @@ def test_allenai_checkpoint_converts_to_the_same_function():
     assert any(k.endswith("conv1_d.weight") for k in theirs)
     converted = convert_allenai_state_dict(theirs, model)
     assert converted.keys() == model.state_dict().keys()
+    assert model.convert_state_dict(theirs).keys() == converted.keys()
+    own = model.state_dict()
+    assert all(a is b for a, b in zip(model.convert_state_dict(own).values(), own.values()))
     fresh = build_elastic("test_elastic", seed=9).eval()
     fresh.load_state_dict(converted)
     x = torch.randn(2, 3, 48, 40)

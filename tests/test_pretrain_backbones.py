@@ -56,7 +56,9 @@ def test_objective_trains_the_backbone_and_its_checkpoint_loads(tmp_path, images
     assert isinstance(backbone, FeatureMapBackbone) and not backbone.supports_masking
     start = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     trainer.fit()
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")[:-1]]
+    records = [
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")[:-1]
+    ]
     assert [r["step"] for r in records] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
@@ -64,7 +66,9 @@ def test_objective_trains_the_backbone_and_its_checkpoint_loads(tmp_path, images
     saved = load_file(str(path))
     exported = trainer.objective.export_backbone().model.state_dict()
     assert saved.keys() == exported.keys() == start.keys()  # the encoder's own keys
-    moved = [k for k in saved if saved[k].is_floating_point() and not torch.equal(saved[k], start[k])]
+    moved = [
+        k for k in saved if saved[k].is_floating_point() and not torch.equal(saved[k], start[k])
+    ]
     assert moved, "training changed no weight"
 
     loaded = create_encoder(arch, weights=path)
@@ -165,7 +169,5 @@ def test_two_processes_match_one_process(tmp_path, arch):
     from test_pretrain_ddp import check_same_run
 
     run_hummingbird(tmp_path / "single", arch)
-    mp.spawn(
-        _worker, args=(2, str(tmp_path / "init"), str(tmp_path / "double"), arch), nprocs=2
-    )
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "double"), arch), nprocs=2)
     check_same_run(tmp_path, "hummingbird")

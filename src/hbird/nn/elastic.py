@@ -205,20 +205,13 @@ MODELS: dict[str, ElasticConfig] = {
 """The registered architectures (Table A.3 for the ResNeXt-50 ones)."""
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One stage as the encoder adapter sees it: its module, stride from the input, width."""
-
-    module: nn.Module
-    stride: int
-    channels: int
-
-
 class ElasticResNet(nn.Module):
     """ResNe(X)t with Elastic bottlenecks: ``conv1/bn1`` stem, ``layer1..layer4`` stages.
 
-    ``forward(x)`` maps ``(B, 3, H, W)`` to the last stage's ``(B, 4·planes[-1], H/os, W/os)``;
-    :meth:`stages` lists the stages with their strides and channels. No classifier head.
+    ``forward(x)`` maps ``(B, 3, H, W)`` to the last stage's ``(B, 4·planes[-1], H/os, W/os)``.
+    No classifier head. The staged-backbone protocol of
+    :mod:`hbird.encoders.conv_backbone`: ``stage_channels``, ``stage_strides``,
+    :meth:`forward_stages`, and :meth:`convert_state_dict` for allenai/elastic's files.
     """
 
     def __init__(self, config: ElasticConfig) -> None:
@@ -230,7 +223,7 @@ class ElasticResNet(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         inplanes, stride_so_far, dilation = config.stem_width, 4, 1
-        self._stages: list[tuple[str, int, int]] = []
+        strides, channels = [], []
         for i, (blocks, planes) in enumerate(zip(config.layers, config.planes)):
             stride = 1 if i == 0 else 2
             previous_dilation = dilation
@@ -261,11 +254,12 @@ class ElasticResNet(nn.Module):
                     )
                 )
                 inplanes = planes * EXPANSION
-            name = f"layer{i + 1}"
-            self.add_module(name, nn.Sequential(*layer))
-            self._stages.append((name, stride_so_far, inplanes))
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
+            strides.append(stride_so_far)
+            channels.append(inplanes)
+        self.stage_strides: tuple[int, ...] = tuple(strides)
+        self.stage_channels: tuple[int, ...] = tuple(channels)
         self.embed_dim = inplanes
-        self.output_stride = stride_so_far
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -277,33 +271,47 @@ class ElasticResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def stages(self) -> list[Stage]:
-        """The stages in order, each with its stride from the input and output channels."""
-        return [Stage(getattr(self, n), s, c) for n, s, c in self._stages]
+    def stage_modules(self) -> list[nn.Sequential]:
+        """``layer1``, ``layer2``, ... in order."""
+        return [getattr(self, f"layer{i + 1}") for i in range(len(self.stage_strides))]
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` → ``(B, stem_width, H/4, W/4)``."""
         return self.maxpool(self.act(self.bn1(self.conv1(x))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_stages(self, x: torch.Tensor, stages: Sequence[int]) -> list[torch.Tensor]:
+        """``(B, 3, H, W)`` → the ``(B, C_i, H/s_i, W/s_i)`` outputs of ``stages`` (in that
+        order), stopping after the deepest one asked for."""
+        wanted = [i % len(self.stage_strides) for i in stages]
+        outputs = {}
         x = self.stem(x)
-        for stage in self.stages():
-            x = stage.module(x)
-        return x
+        for i, stage in enumerate(self.stage_modules()[: max(wanted) + 1]):
+            x = stage(x)
+            outputs[i] = x
+        return [outputs[i] for i in wanted]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x, [-1])[0]
+
+    def convert_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> dict:
+        """allenai/elastic's layout → this model's keys; its own layout passes unchanged."""
+        if is_allenai_layout(state_dict):
+            return convert_allenai_state_dict(state_dict, self)
+        return dict(state_dict)
 
     def elastic_blocks(self) -> list[Bottleneck]:
         """The Elastic blocks in forward order (the rows of a scale-policy picture)."""
         return [m for m in self.modules() if isinstance(m, Bottleneck) and m.elastic]
 
 
-def build_elastic(name: str, seed: int | None = None, **overrides) -> ElasticResNet:
-    """The architecture ``name`` of :data:`MODELS` (fields overridden by ``overrides``).
+def build_elastic(arch: str, seed: int | None = None, **overrides) -> ElasticResNet:
+    """The architecture ``arch`` of :data:`MODELS` (fields overridden by ``overrides``).
 
     ``seed`` fixes the random initialisation without reading or advancing the global RNG.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown ELASTIC model {name!r}; choose one of {', '.join(MODELS)}")
-    base = MODELS[name]
+    if arch not in MODELS:
+        raise ValueError(f"unknown ELASTIC model {arch!r}; choose one of {', '.join(MODELS)}")
+    base = MODELS[arch]
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     config = ElasticConfig(**{**base.__dict__, **fields})
     if seed is None:
