@@ -296,3 +296,19 @@ def test_allenai_checkpoint_missing_half_is_named():
     del theirs["layer2.0.conv2_d.weight"]
     with pytest.raises(ValueError, match=r"layer2\.0\.conv2_d\.weight"):
         convert_allenai_state_dict(theirs, model)
+
+
+def test_scale_policy_picture(tmp_path):
+    from PIL import Image
+
+    from hbird.viz.scale_policy import plot_scale_policy
+
+    scores = torch.linspace(-1, 1, 5 * 4).view(5, 4)
+    path = plot_scale_policy(tmp_path / "sp.png", scores, stage_of_block=[1, 1, 2, 3], dpi=50)
+    assert Image.open(path).size == (9 * 50, int(3.6 * 50))
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left behind
+    with pytest.raises(ValueError, match="stage_of_block has 2 entries for 4 blocks"):
+        plot_scale_policy(tmp_path / "bad.png", scores, stage_of_block=[1, 2])
+    with pytest.raises(ValueError, match=r"\(images, blocks\)"):
+        plot_scale_policy(tmp_path / "bad.png", scores[0])
+    assert not (tmp_path / "bad.png").exists()

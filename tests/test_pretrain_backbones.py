@@ -171,3 +171,40 @@ def test_two_processes_match_one_process(tmp_path, arch):
     run_hummingbird(tmp_path / "single", arch)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "double"), arch), nprocs=2)
     check_same_run(tmp_path, "hummingbird")
+
+
+# -- a few hundred CPU steps of Hummingbird improve held-out retrieval ------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hummingbird_pretraining_improves_retrieval_miou(tmp_path, arch):
+    """As tests/test_pretrain_synthetic.py does for the tiny ViT: fresh seeded scenes of 8
+    colour-jittered classes, eq.-1 retrieval on 32 + 32 held-out scenes at 64 pixels
+    (a 4 × 4 patch grid at output stride 16). The numbers against test_vit:
+    ``python benchmarks/pretrain_backbones.py``."""
+    from hbird.pretrain.evaluation import RetrievalProbe, synthetic_set
+
+    scenes = {"classes": 8, "colour_jitter": 0.4}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probe = RetrievalProbe(
+            synthetic_set(32, 100, 64, **scenes),
+            synthetic_set(32, 200, 64, **scenes),
+            image_size=64,
+            k=30,
+            temperature=0.02,
+        )
+        config = short_config(
+            tmp_path / "run", arch, "hummingbird", steps=200, batch_size=32, lr=1e-3,
+            crop_size=64, num_workers=1, log_every=100,
+        )  # fmt: skip
+        images = SyntheticImages(n=50_000, seed=0, size=64, **scenes)
+        Trainer(config, images=images, probe=probe, log=lambda _: None).fit()
+    finally:
+        torch.set_num_threads(threads)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    scores = [json.loads(x)["eval/miou"] for x in lines if "eval/miou" in x]
+    assert len(scores) == 2
+    assert scores[-1] > scores[0] + 0.01, scores
