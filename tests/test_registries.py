@@ -97,6 +97,11 @@ ENCODER_CASES = {  # case: (registry entry it exercises, name, kwargs; a folder 
     "test_vit_p16": ("test_vit_p16", "test_vit_p16", {}),
     "timm": (None, "vit_tiny_patch16_224", TINY_TIMM),
     "test_axial": ("test_axial", "test_axial", {}),
+    "test_elastic": ("test_elastic", "test_elastic", {}),
+    **{  # the ELASTIC models at a cheap width and depth (their layout: tests/test_elastic.py)
+        name: (name, name, {"layers": (2, 2, 2, 1), "planes": (16, 32, 64, 128), "stem_width": 16})
+        for name in ("elastic_resnext50", "selastic_resnext50", "elastic_resnet50")
+    },
     **{  # the registered names at a cheap depth and width (their layout: tests/test_axial.py)
         name: (name, name, {"depths": (1, 1, 1, 1), "width": 1 / 8, "pretrained": False})
         for name in (

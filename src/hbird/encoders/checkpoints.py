@@ -28,7 +28,7 @@ from torch import nn
 from hbird.errors import InputError
 from hbird.io.checkpoints import architecture_options, is_hbird_checkpoint, read_metadata
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")  # .pth.tar: torch.save by convention
 SAFETENSORS_SUFFIXES = (".safetensors",)
 
 # Training checkpoints hold the weights under one of these keys; earlier keys win

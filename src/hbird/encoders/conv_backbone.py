@@ -201,3 +201,11 @@ for _size in ("s", "m", "l", "xl"):
     register_staged(f"axial_resnet_{_size}", "hbird.nn.axial_resnet:axial_resnet", size=_size)
     register_staged(f"axial_deeplab_{_size}", "hbird.nn.axial_resnet:axial_deeplab", size=_size)
 register_staged("test_axial", "hbird.nn.axial_resnet:test_axial", seeded_only=True)
+
+# -- the ELASTIC models (hbird.nn.elastic) ----------------------------------------------
+
+for _arch in ("elastic_resnext50", "selastic_resnext50", "elastic_resnet50"):
+    register_staged(_arch, "hbird.nn.elastic:build_elastic", arch=_arch)
+register_staged(
+    "test_elastic", "hbird.nn.elastic:build_elastic", seeded_only=True, arch="test_elastic"
+)

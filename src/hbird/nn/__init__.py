@@ -3,7 +3,9 @@
 * :mod:`hbird.nn.axial`: position-sensitive axial attention (eq. 3.3-3.4) and the axial
   bottleneck block;
 * :mod:`hbird.nn.axial_resnet`: Axial-ResNet S/M/L/XL, its output-stride-16
-  Axial-DeepLab backbone and the tiny seeded ``test_axial``.
+  Axial-DeepLab backbone and the tiny seeded ``test_axial``;
+* :mod:`hbird.nn.elastic`: ELASTIC scale policies (eq. 2.3) in ResNe(X)t bottlenecks,
+  ELASTIC-ResNeXt-50, sELASTIC, ELASTIC-ResNet-50 and the tiny seeded ``test_elastic``.
 
 Models here know nothing of hbird's encoders; ``hbird.encoders.conv_backbone`` puts any
 backbone exposing stages behind the encoder contract. Nothing is imported eagerly.

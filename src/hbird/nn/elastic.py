@@ -263,13 +263,18 @@ class ElasticResNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """He-normal convolutions (fan-out), unit BN scales, zero last BN in each block."""
+        """He-normal convolutions (the thesis' "normal He initialization"), unit BN scales
+        except each block's last BN, which starts at zero so every residual block starts as
+        the identity (as allenai/elastic's ResNeXt does)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
 
     def stage_modules(self) -> list[nn.Sequential]:
         """``layer1``, ``layer2``, ... in order."""
