@@ -312,3 +312,18 @@ def test_scale_policy_picture(tmp_path):
     with pytest.raises(ValueError, match=r"\(images, blocks\)"):
         plot_scale_policy(tmp_path / "bad.png", scores[0])
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_allenai_pth_tar_loads_through_the_encoder_registry(tmp_path):
+    """Their file: ``torch.save({"state_dict": {"module.…": …}, "epoch": …})`` as .pth.tar."""
+    from hbird.encoders import create_encoder
+
+    model = perturbed_tiny()
+    theirs = {f"module.{k}": v for k, v in to_allenai_layout(model).items()}
+    path = tmp_path / "test_elastic.pth.tar"
+    torch.save({"epoch": 120, "arch": "resnext50_elastic", "state_dict": theirs}, path)
+    encoder = create_encoder("test_elastic", weights=path)
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        want = model(x).permute(0, 2, 3, 1)
+        torch.testing.assert_close(encoder.forward_patches(x), want)

@@ -208,3 +208,11 @@ def test_hummingbird_pretraining_improves_retrieval_miou(tmp_path, arch):
     scores = [json.loads(x)["eval/miou"] for x in lines if "eval/miou" in x]
     assert len(scores) == 2
     assert scores[-1] > scores[0] + 0.01, scores
+
+
+def test_a_registered_vit_is_pretrained_as_a_vit():
+    backbone = build_backbone("test_vit")
+    assert not isinstance(backbone, FeatureMapBackbone) and backbone.supports_masking
+    out = backbone(backbone.normalize(torch.rand(2, 3, 32, 48)))
+    assert out.patches.shape == (2, 4, 6, 32) and out.cls.shape == (2, 32)
+    assert all(p.requires_grad for p in backbone.parameters())
