@@ -164,17 +164,11 @@ class FeatureMapBackbone(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder.normalize(images)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        mask_token: torch.Tensor | None = None,
-    ) -> BackboneOutput:
-        """Normalised ``(B, 3, H, W)`` → patches ``(B, H/s, W/s, D)`` and their mean ``(B, D)``."""
-        if mask is not None:
-            raise ValueError(
-                f"{self.arch} is a feature-map backbone: it has no patch tokens to mask"
-            )
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        """Normalised ``(B, 3, H, W)`` → patches ``(B, H/s, W/s, D)`` and their mean ``(B, D)``.
+
+        There is no ``mask`` argument: a feature map has no patch tokens to replace.
+        """
         patches = self.encoder.forward_patches(images)
         return BackboneOutput(cls=patches.mean(dim=(1, 2)), patches=patches)
 
