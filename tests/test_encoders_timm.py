@@ -215,6 +215,7 @@ def test_list_encoders() -> None:
     assert "vit_base_patch14_reg4_dinov2.lvd142m" in dinov2 and all("dinov2" in n for n in dinov2)
     assert list_encoders("test_*", include_timm=False) == [
         "test_axial",
+        "test_elastic",
         "test_vit",
         "test_vit_p16",
         "test_vit_reg",
