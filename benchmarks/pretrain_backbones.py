@@ -2,13 +2,15 @@
 and after, for the ViT (``test_vit``) and the feature-map backbones (``test_elastic``,
 ``test_axial``), and the scale-policy picture of the trained ``test_elastic``.
 
-    python benchmarks/pretrain_backbones.py                       # all three, 300 steps
+    python benchmarks/pretrain_backbones.py                       # all three, 200 steps
     python benchmarks/pretrain_backbones.py --archs test_elastic --steps 100
 
-The setting is the one ``tests/test_pretrain_synthetic.py`` uses for the tiny ViT (seeded
-synthetic scenes of 8 classes with ±40% colour jitter, 64-pixel crops, batch 64, the
+The data and probe are those ``tests/test_pretrain_synthetic.py`` uses for the tiny ViT
+(seeded synthetic scenes of 8 classes with ±40% colour jitter, 64-pixel crops, the
 Hummingbird objective with its tiny heads; eq.-1 retrieval with k = 30, β = 0.02 on 32
-prompt and 32 query scenes of other seeds). Each backbone keeps its own patch grid at the
+prompt and 32 query scenes of other seeds); the run is shorter (200 steps of batch 32 at
+lr 1e-3, the setting of the slow test in ``tests/test_pretrain_backbones.py``) because the
+feature-map backbones are slow on CPU. Each backbone keeps its own patch grid at the
 probe size (ViT: 8-pixel patches; ELASTIC and Axial-ResNet: output stride 16), so
 ``--eval-size 128`` gives the stride-16 models the ViT's 8 × 8 grid at 64.
 
@@ -91,9 +93,9 @@ def write_scale_policy(backbone, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=["test_vit", "test_elastic", "test_axial"])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
