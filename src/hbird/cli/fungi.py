@@ -36,15 +36,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--dataset",
         required=True,
-        help="folder:root=<dir with <split>/<class>/images> or synthetic:train=N:val=M[:classes=C:size=S:seed=S]",
+        help="folder:root=<dir with <split>/<class>/images> or synthetic:train=N:val=M[:classes=C:size=S:seed=S]; "
+        "with --modality audio: folder:root=<dir with <split>/<class>/*.wav>, esc50:root=<ESC-50>[:fold=5] "
+        "(splits train, test), speechcommands:root=<dir> (splits train, val, test) or "
+        "synthetic:train=N:val=M[:classes=C:rate=HZ:seconds=S:seed=S]",
+    )
+    data.add_argument(
+        "--modality",
+        choices=["image", "audio"],
+        default="image",
+        help="image (an hbird encoder) or audio (an Audio Spectrogram Transformer, FUNGI A.2)",
     )
     data.add_argument("--train-split", default="train", help="split the kNN memory comes from")
     data.add_argument("--test-split", default="val", help="split that is classified")
     model = knn.add_argument_group("model")
     model.add_argument(
-        "--encoder", default=DEFAULT_ENCODER, help=f"encoder name (default {DEFAULT_ENCODER})"
+        "--encoder",
+        help=f"encoder name (default {DEFAULT_ENCODER}; audio: ast, which needs --weights, or "
+        "test_ast, a tiny random AST)",
     )
-    model.add_argument("--weights", help="local checkpoint for the encoder")
+    model.add_argument(
+        "--weights",
+        help="local checkpoint for the encoder (audio: a folder saved by ASTModel.save_pretrained)",
+    )
     model.add_argument(
         "--pretrained",
         action=argparse.BooleanOptionalAction,
@@ -139,18 +153,22 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         check_output(args.out, "--out", kind="file")
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
-    train = load_classification(args.dataset, args.train_split)
-    test = load_classification(args.dataset, args.test_split)
+    train = load_classification(args.dataset, args.train_split, args.modality)
+    test = load_classification(args.dataset, args.test_split, args.modality)
     for line in class_warnings(train.labels, train.class_names, args.shots):
         print(f"hbird fungi knn: warning: {line}", file=sys.stderr)
-    encoder = create_encoder(
-        args.encoder,
-        weights=args.weights,
-        pretrained=args.pretrained
-        and args.weights is None
-        and not args.encoder.startswith("test_"),
-        device=args.device,
-    )
+    if args.modality == "audio":
+        from hbird.fungi.audio import create_audio_backbone
+
+        encoder = create_audio_backbone(args.encoder or "ast", args.weights, args.device)
+    else:
+        name = args.encoder or DEFAULT_ENCODER
+        encoder = create_encoder(
+            name,
+            weights=args.weights,
+            pretrained=args.pretrained and args.weights is None and not name.startswith("test_"),
+            device=args.device,
+        )
     extractor = FungiExtractor(
         encoder,
         losses=losses,
@@ -164,9 +182,9 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     start = time.perf_counter()
-    extractor.fit(train.images)
-    train_parts = extractor.extract_parts(train.images)
-    test_parts = extractor.extract_parts(test.images)
+    extractor.fit(train.inputs)
+    train_parts = extractor.extract_parts(train.inputs)
+    test_parts = extractor.extract_parts(test.inputs)
     seconds = time.perf_counter() - start
     rows = knn_table(
         train_parts,
@@ -182,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     print(
-        f"{encoder.name} on {args.dataset}: {len(train)} train / {len(test)} test images, "
+        f"{encoder.name} on {args.dataset}: {len(train)} train / {len(test)} test "
+        f"{'clips' if args.modality == 'audio' else 'images'}, "
         f"{len(train.class_names)} classes, gradients of {extractor.layer_name_}, k={args.k}"
     )
     print(format_table(rows))

@@ -7,12 +7,14 @@
 Defaults are FUNGI's Table 17 and the authors' code (``preset="paper"``); ``preset="fast"``
 keeps hbird's older, cheaper views (``presets``; docs/fungi.md).
 
-Rooms: ``losses/`` (KL, DINO, SimCLR), ``views`` (crops, patches, word deletion),
+Rooms: ``losses/`` (KL, DINO, SimCLR), ``views`` (crops, patches, word deletion, audio
+noise and shift), ``audio`` (the Audio Spectrogram Transformer backbone),
 ``gradients`` (batched per-sample gradients of one linear layer), ``projection`` (seeded
 ±1 random projection, or a given matrix), ``presets`` (paper, fast), ``pca``, ``extractor`` (image/text level), ``dense`` (per-patch
 features for in-context prediction), ``knn`` (kNN classification and retrieval metrics).
 """
 
+from hbird.fungi.audio import AudioBackbone, create_audio_backbone
 from hbird.fungi.backbones import FungiBackbone, ImageBackbone, TextBackbone, as_backbone
 from hbird.fungi.dense import DenseFungi
 from hbird.fungi.extractor import EMBEDDING, FungiExtractor, combine_parts
@@ -26,6 +28,7 @@ from hbird.fungi.views import CropBox
 
 __all__ = [
     "EMBEDDING",
+    "AudioBackbone",
     "LOSSES",
     "PCA",
     "PRESETS",
@@ -45,6 +48,7 @@ __all__ = [
     "as_backbone",
     "batched_gradients",
     "combine_parts",
+    "create_audio_backbone",
     "create_loss",
     "gradient_dim",
     "knn_evaluate",

@@ -2,7 +2,7 @@
 
 :class:`ImageBackbone` wraps an :class:`hbird.encoders.Encoder` (timm, Hugging Face or
 any other backend); :class:`TextBackbone` wraps a Hugging Face text model and its
-tokenizer. Both map a group of views to pooled embeddings ``(N, D)``; gradient layers are
+tokenizer; :class:`hbird.fungi.audio.AudioBackbone` an Audio Spectrogram Transformer. Both map a group of views to pooled embeddings ``(N, D)``; gradient layers are
 named by their module path under :attr:`FungiBackbone.root` (``"blocks.11.attn.proj"``).
 """
 
@@ -27,7 +27,7 @@ class FungiBackbone(abc.ABC):
     """A frozen model seen by FUNGI.
 
     Attributes:
-        modality: ``"image"`` or ``"text"`` (losses pick their views by it).
+        modality: ``"image"``, ``"text"`` or ``"audio"`` (losses pick their views by it).
         name: the model's name, for reports and saved extractors.
         embed_dim: width ``D`` of :meth:`embed`'s output.
         root: the module gradient layers are named under.
@@ -102,7 +102,7 @@ def _timm_default_layer(model: nn.Module) -> str:
     return f"blocks.{len(model.blocks) - 1}.attn.proj"
 
 
-HF_BLOCK_LISTS = ("encoder.layer", "encoder.layers", "vision_model.encoder.layers")
+HF_BLOCK_LISTS = ("encoder.layer", "encoder.layers", "vision_model.encoder.layers", "layers")
 HF_ATTENTION_OUTPUTS = (
     "attention.output.dense",  # BERT, ViT
     "attention.o_proj",  # DINOv2 (transformers 5)
@@ -272,20 +272,25 @@ class TextBackbone(FungiBackbone):
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
 
     def identity(self) -> dict[str, str]:
-        state = self.root.state_dict()
-        shapes = {k: list(v.shape) for k, v in state.items()}
-        config_hash = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()
-        digest = hashlib.sha256()
-        for key, value in sorted(state.items()):
-            flat = value.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float64).cpu().numpy()
-            digest.update(key.encode())
-            digest.update(sample.tobytes())
-        return {
-            "name": self.name,
-            "config_hash": config_hash[:16],
-            "weights_hash": digest.hexdigest()[:16],
-        }
+        return module_identity(self.root, self.name)
+
+
+def module_identity(model: nn.Module, name: str) -> dict[str, str]:
+    """``name``, a hash of the parameter shapes and one of (a sample of) the weights."""
+    state = model.state_dict()
+    shapes = {k: list(v.shape) for k, v in state.items()}
+    config_hash = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256()
+    for key, value in sorted(state.items()):
+        flat = value.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.float64).cpu().numpy()
+        digest.update(key.encode())
+        digest.update(sample.tobytes())
+    return {
+        "name": name,
+        "config_hash": config_hash[:16],
+        "weights_hash": digest.hexdigest()[:16],
+    }
 
 
 def as_backbone(
@@ -298,5 +303,6 @@ def as_backbone(
         return ImageBackbone(model, image_size=image_size, resize=resize)
     raise TypeError(
         f"FUNGI needs an hbird Encoder (hbird.encoders.create_encoder) or a FungiBackbone "
-        f"(e.g. TextBackbone(model, tokenizer)), got {type(model).__name__}"
+        f"(e.g. TextBackbone(model, tokenizer), hbird.fungi.audio.AudioBackbone), got "
+        f"{type(model).__name__}"
     )

@@ -1,4 +1,5 @@
-"""Labelled image sets for kNN classification (``hbird fungi knn --dataset ...``).
+"""Labelled image sets for kNN classification (``hbird fungi knn --dataset ...``); audio
+sets are in :mod:`hbird.data.audio` (``--modality audio``).
 
 Specs (fields separated by ``:``, as for dense datasets):
 
@@ -77,6 +78,11 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def inputs(self) -> Sequence[torch.Tensor]:
+        """What a FUNGI image backbone takes: the images."""
+        return self.images
+
     @classmethod
     def of(cls, dataset: DenseDataset) -> LabelledImages:
         """The images of a dataset with image-level classes, read lazily."""
@@ -146,8 +152,16 @@ def _class_folders(root: Path, split: str) -> LabelledImages:
     return LabelledImages.of(create_dataset(name="imagefolder", root=root / split, classes=classes))
 
 
-def load_classification(spec: str, split: str) -> LabelledImages:
-    """The ``split`` of the labelled image set named by ``spec`` (see the module docs)."""
+def load_classification(spec: str, split: str, modality: str = "image") -> Any:
+    """The ``split`` of the labelled set named by ``spec``: images (see the module docs), or
+    with ``modality="audio"`` clips (:mod:`hbird.data.audio`); ``.inputs`` are what the
+    FUNGI backbone takes, ``.labels`` their classes."""
+    if modality == "audio":
+        from hbird.data.audio import load_audio_classification
+
+        return load_audio_classification(spec, split)
+    if modality != "image":
+        raise InputError(f"unknown modality {modality!r}; the kNN datasets are image or audio")
     name, kwargs = parse_spec(spec)
     if name == "synthetic":
         if split not in kwargs:

@@ -398,3 +398,46 @@ class WordDeletion:
     def __call__(self, texts: Sequence[str]) -> list[ViewGroup]:
         """``B`` texts → one group of ``B·num_views`` strings, sample-major."""
         return [ViewGroup([v for text in texts for v in self.edit(text)], self.num_views)]
+
+
+# -- audio --------------------------------------------------------------------------------
+
+
+class NoiseShift:
+    """``num_views`` noisy, time-shifted copies of each filter bank (FUNGI appendix A.2).
+
+    For a filter bank ``c`` of ``T`` frames × ``F`` mel bins (the model's normalised
+    input), each view is eq. 7, ``ĉ = c + x₁ · x₂ · noise`` with ``x₁ ~ U(0, 1)^{T×F}``,
+    ``x₂ ~ U(0, 1)`` and ``noise = 1/10``, then shifted in time by ``s`` frames drawn
+    from the discrete uniform ``U(−max_shift, max_shift)`` (A.2: ``U(−10, 10)``, both
+    ends included). The shift is circular (``torch.roll`` along time, as in Gong et al.
+    (2022)'s data loader, which A.2 follows): frame ``t`` of the view is frame
+    ``(t − s) mod T`` of the noisy bank. Draws are seeded by the extractor seed and the
+    filter bank itself, so a clip's views do not depend on its batch.
+    """
+
+    def __init__(
+        self, num_views: int = 16, noise: float = 0.1, max_shift: int = 10, seed: int = 0
+    ) -> None:
+        if num_views < 1:
+            raise ValueError(f"noise-and-shift needs at least 1 view per clip, got {num_views}")
+        if noise < 0 or max_shift < 0:
+            raise ValueError(f"noise and max_shift must be >= 0, got {noise} and {max_shift}")
+        self.num_views, self.noise, self.max_shift, self.seed = num_views, noise, max_shift, seed
+
+    def augment(self, fbank: torch.Tensor) -> torch.Tensor:
+        """One filter bank ``(T, F)`` → its views ``(num_views, T, F)``."""
+        gen = make_generator(self.seed, "views", "noise-shift", self.num_views, image_key(fbank))
+        views = []
+        for _ in range(self.num_views):
+            x1 = torch.rand(fbank.shape, generator=gen, dtype=torch.float64)
+            x2 = torch.rand((), generator=gen, dtype=torch.float64)
+            shift = int(torch.randint(-self.max_shift, self.max_shift + 1, (), generator=gen))
+            noisy = fbank + (x1 * x2 * self.noise).to(fbank)
+            views.append(torch.roll(noisy, shift, dims=0))
+        return torch.stack(views)
+
+    def __call__(self, batch: torch.Tensor) -> list[ViewGroup]:
+        """``(B, T, F)`` → one group ``(B·num_views, T, F)``, sample-major."""
+        views = torch.cat([self.augment(fbank) for fbank in batch])
+        return [ViewGroup(views, self.num_views)]

@@ -35,7 +35,7 @@ class GradientLoss(nn.Module, abc.ABC):
     """
 
     name: ClassVar[str]
-    modalities: ClassVar[tuple[str, ...]] = ("image", "text")
+    modalities: ClassVar[tuple[str, ...]] = ("image", "text", "audio")
     input_group: ClassVar[int | None] = None
     """Index of a view group that is the prepared batch itself (one view per sample), if
     any: its embeddings are the inputs' embeddings, which the extractor then reuses."""

@@ -4,10 +4,12 @@ Positives are views of the same input. For an image (FUNGI appendix B.1 and its 
 the image resized to 224 × 224 (bicubic), 49 overlapping 112-pixel patches (stride
 ``int(112 / 6) = 18``), each resized to 224 × 224 (bicubic) for the encoder; Table 17:
 49 positive views. The ``fast`` preset feeds the patches at 112 pixels, offsets spread
-over 0–112. For a text, copies with each word deleted with p = 0.1 (Table 19).
+over 0–112. For a text, copies with each word deleted with p = 0.1 (Table 19). For an
+audio clip (appendix A.2, Table 12), 16 copies of its filter bank with uniform noise
+added and shifted in time by up to 10 frames (:class:`~hbird.fungi.views.NoiseShift`).
 Negatives are the views of a fixed batch of training inputs, embedded once at ``fit``
-(Table 17: 256 × 49; ``fast``: 64 × 49); or given.
-Embeddings are *not* normalised before the random head (output 96); head outputs are
+(Table 17: 256 × 49; ``fast``: 64 × 49; audio: 2 views each, Table 12); or given.
+Embeddings are *not* normalised before the random head (output 96; audio 768); head outputs are
 compared by cosine similarity, every similarity divided by the temperature 0.07.
 
 For the ``V`` positives ``a`` of one sample, with ``s(x, y) = cos(x, y) / τ``:
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from hbird.fungi.heads import RandomHead
 from hbird.fungi.losses.base import LOSSES, GradientLoss
 from hbird.fungi.views import (
+    NoiseShift,
     PatchGrid,
     ViewGroup,
     Views,
@@ -61,13 +64,20 @@ def info_nce(anchors: torch.Tensor, negatives: torch.Tensor, temperature: float)
     return (torch.logsumexp(logits, dim=-1) - attract).mean(dim=-1)
 
 
+HEAD_DIM = 96
+"""SimCLR head width for images and texts (Table 17)."""
+AUDIO_HEAD_DIM = 768
+"""SimCLR head width for audio (Table 12: projection dim 768)."""
+
+
 @LOSSES.register("simclr")
 class SimCLRLoss(GradientLoss):
     """InfoNCE between the views of a sample, against a fixed set of negatives.
 
     Args:
         backbone: the frozen model. seed: the extractor seed.
-        head_dim: width of the random head (Table 17: 96).
+        head_dim: width of the random head (Table 17: 96; audio, Table 12: 768; ``None``:
+            the modality's).
         temperature: τ (Table 17: 0.07).
         num_negative_inputs: training inputs whose views form the negative batch
             (Table 17: 256, i.e. 256 × 49 negative views).
@@ -80,6 +90,11 @@ class SimCLRLoss(GradientLoss):
             the patches.
         text_views: positive views per text.
         word_deletion: probability of deleting each word of a text view (Table 19: 0.1).
+        audio_views: positive views per clip (Table 12: 16), noise-and-shift views of its
+            filter bank (:class:`~hbird.fungi.views.NoiseShift`, appendix A.2).
+        audio_negative_views: views of each negative clip (Table 12: 2).
+        audio_noise, audio_max_shift: eq. 7's noise scale (1/10) and the largest time
+            shift in frames (A.2: 10).
         negatives: the negative batch given instead of a seeded choice of training
             inputs: ``(N, D)`` embeddings of negative views, or a sequence of inputs
             whose views are embedded at ``fit``.
@@ -91,7 +106,7 @@ class SimCLRLoss(GradientLoss):
         self,
         backbone: Any,
         seed: int,
-        head_dim: int = 96,
+        head_dim: int | None = None,
         temperature: float = 0.07,
         num_negative_inputs: int = 256,
         patch_fraction: float = 0.5,
@@ -101,6 +116,10 @@ class SimCLRLoss(GradientLoss):
         interpolation: str = "bicubic",
         text_views: int = 8,
         word_deletion: float = 0.1,
+        audio_views: int = 16,
+        audio_negative_views: int = 2,
+        audio_noise: float = 0.1,
+        audio_max_shift: int = 10,
         negatives: torch.Tensor | Sequence[Any] | None = None,
     ) -> None:
         super().__init__(backbone, seed)
@@ -110,6 +129,7 @@ class SimCLRLoss(GradientLoss):
             raise ValueError(f"simclr: num_negative_inputs must be >= 1, got {num_negative_inputs}")
         self.temperature = temperature
         self.num_negative_inputs = num_negative_inputs
+        self.negative_views: NoiseShift | None = None  # None: the positives' views
         if backbone.modality == "image":
             side = backbone.image_size
             patch = snap_to_patch(side * patch_fraction, backbone.patch_size)
@@ -121,8 +141,15 @@ class SimCLRLoss(GradientLoss):
                 )
             self.image_size = side
             self.views = PatchGrid(side, patch, stride_fraction, grid, view_size, interpolation)
+        elif backbone.modality == "audio":
+            self.views = NoiseShift(audio_views, audio_noise, audio_max_shift, seed)
+            self.negative_views = NoiseShift(
+                audio_negative_views, audio_noise, audio_max_shift, seed
+            )
         else:
             self.views = WordDeletion(text_views, word_deletion, seed)
+        if head_dim is None:
+            head_dim = AUDIO_HEAD_DIM if backbone.modality == "audio" else HEAD_DIM
         self.head = RandomHead(self.embed_dim, head_dim, seed, "simclr")
         self.register_buffer("negatives", torch.empty(0, self.embed_dim))
         self.given_negatives = negatives
@@ -147,13 +174,24 @@ class SimCLRLoss(GradientLoss):
             "interpolation": interpolation,
             "text_views": text_views,
             "word_deletion": word_deletion,
+            "audio_views": audio_views,
+            "audio_negative_views": audio_negative_views,
+            "audio_noise": audio_noise,
+            "audio_max_shift": audio_max_shift,
         }
 
     def make_views(self, batch: Views) -> list[ViewGroup]:
-        """Images: canvases ``(B, 3, C, C)`` resized to the input side, then patched."""
-        if isinstance(batch, torch.Tensor):
+        """Images: canvases ``(B, 3, C, C)`` resized to the input side, then patched;
+        audio: filter banks ``(B, T, F)``, noised and shifted; texts: word deletions."""
+        if isinstance(self.views, PatchGrid):
             batch = resize_views(batch, self.image_size, self.interpolation)
         return self.views(batch)
+
+    def make_negative_views(self, batch: Views) -> list[ViewGroup]:
+        """The views of negative inputs: their positives' kind, fewer for audio (Table 12)."""
+        if self.negative_views is not None:
+            return self.negative_views(batch)
+        return self.make_views(batch)
 
     def fit(self, backbone: Any, inputs: Sequence[Any], batch_size: int) -> None:
         """Embed the views of the negatives: the given ones, or a seeded choice of
@@ -174,7 +212,7 @@ class SimCLRLoss(GradientLoss):
         with torch.no_grad():
             for start in range(0, len(chosen), batch_size):
                 batch = backbone.prepare(chosen[start : start + batch_size])
-                for group in self.make_views(batch):
+                for group in self.make_negative_views(batch):
                     parts.append(backbone.embed(group.views))
         self.negatives = torch.cat(parts).to(device=backbone.device)  # (N·V, D)
 
