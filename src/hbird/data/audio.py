@@ -39,6 +39,7 @@ from hbird.io.options import parse_spec
 from hbird.io.seeds import derive_seed
 
 AUDIO_SPECS = "folder:root=..., esc50:root=...[:fold=5], speechcommands:root=... or synthetic:..."
+"""The audio dataset specs, for messages."""
 
 
 @dataclass(frozen=True)
@@ -218,18 +219,9 @@ def synthetic_tones(
 
 
 def load_audio_classification(spec: str, split: str) -> LabelledClips:
-    """The ``split`` of the labelled clip set named by ``spec`` (see the module docs)."""
+    """The ``split`` of the clips on disk named by ``spec`` (see the module docs;
+    ``synthetic:`` specs are read by :func:`hbird.fungi.data.load_classification`)."""
     name, kwargs = parse_spec(spec)
-    if name == "synthetic":
-        if split not in kwargs:
-            raise InputError(f"{spec!r} gives no size for split {split!r}; add :{split}=<count>")
-        return synthetic_tones(
-            int(kwargs[split]),
-            seed=derive_seed(int(kwargs.get("seed", 0)), "split", split) % 2**32,
-            num_classes=int(kwargs.get("classes", 4)),
-            rate=int(kwargs.get("rate", 8000)),
-            seconds=float(kwargs.get("seconds", 0.5)),
-        )
     if name not in ("folder", "esc50", "speechcommands"):
         raise InputError(f"unknown audio dataset {name!r} in {spec!r}; use {AUDIO_SPECS}")
     if "root" not in kwargs:

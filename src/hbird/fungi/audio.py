@@ -58,6 +58,7 @@ class AudioBackbone(FungiBackbone):
         self,
         model: nn.Module,
         feature_extractor: Any,
+        *,
         pooling: str = "pooler",
         resample: bool = True,
         name: str | None = None,

@@ -156,22 +156,24 @@ def load_classification(spec: str, split: str, modality: str = "image") -> Any:
     """The ``split`` of the labelled set named by ``spec``: images (see the module docs), or
     with ``modality="audio"`` clips (:mod:`hbird.data.audio`); ``.inputs`` are what the
     FUNGI backbone takes, ``.labels`` their classes."""
-    if modality == "audio":
-        from hbird.data.audio import load_audio_classification
-
-        return load_audio_classification(spec, split)
-    if modality != "image":
+    if modality not in ("image", "audio"):
         raise InputError(f"unknown modality {modality!r}; the kNN datasets are image or audio")
     name, kwargs = parse_spec(spec)
     if name == "synthetic":
         if split not in kwargs:
             raise InputError(f"{spec!r} gives no size for split {split!r}; add :{split}=<count>")
-        return synthetic_classification(
-            int(kwargs[split]),
-            seed=derive_seed(int(kwargs.get("seed", 0)), "split", split) % 2**32,
-            num_classes=int(kwargs.get("classes", 4)),
-            size=int(kwargs.get("size", 64)),
-        )
+        n, seed = int(kwargs[split]), derive_seed(int(kwargs.get("seed", 0)), "split", split)
+        num_classes = int(kwargs.get("classes", 4))
+        if modality == "audio":
+            from hbird.data.audio import synthetic_tones
+
+            rate, seconds = int(kwargs.get("rate", 8000)), float(kwargs.get("seconds", 0.5))
+            return synthetic_tones(n, seed % 2**32, num_classes, rate, seconds)
+        return synthetic_classification(n, seed % 2**32, num_classes, int(kwargs.get("size", 64)))
+    if modality == "audio":
+        from hbird.data.audio import load_audio_classification
+
+        return load_audio_classification(spec, split)
     if name == "folder":
         if "root" not in kwargs:
             raise InputError(f"{spec!r} needs root=<folder>, e.g. folder:root=/data/pets")
