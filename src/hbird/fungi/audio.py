@@ -41,12 +41,12 @@ class AudioBackbone(FungiBackbone):
         model: an ``ASTModel``; frozen (``eval``, ``requires_grad=False``) in place.
         feature_extractor: its ``ASTFeatureExtractor`` (``num_mel_bins`` and
             ``max_length`` must be the model's).
+        name: how the model is named in reports.
         pooling: the clip embedding: ``"pooler"`` (the model's own ``pooler_output``,
             the mean of its CLS and distillation tokens after the final norm), ``"mean"``
             (mean of the patch tokens, SSAST's ``ft_avgtok``) or ``"cls"``.
         resample: resample clips at another rate to the front end's
             (:func:`hbird.io.audio.resample`); ``False`` refuses them.
-        name: how the model is named in reports.
 
     Inputs are ``.wav`` paths, ``(waveform (T,), sample_rate)`` pairs, or waveforms
     ``(T,)`` at the front end's rate.
@@ -59,9 +59,9 @@ class AudioBackbone(FungiBackbone):
         model: nn.Module,
         feature_extractor: Any,
         *,
+        name: str | None = None,
         pooling: str = "pooler",
         resample: bool = True,
-        name: str | None = None,
     ) -> None:
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
