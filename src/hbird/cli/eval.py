@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--protocol",
-        choices=["retrieval", "linear", "fast-adaptation", "reco"],
+        choices=["retrieval", "linear", "fast-adaptation", "reco", "panoptic-retrieval"],
         default="retrieval",
-        help="retrieval (default), linear probe baseline, fast-adaptation curves, or reco "
-        "(zero-shot, with --refs)",
+        help="retrieval (default), linear probe baseline, fast-adaptation curves, reco "
+        "(zero-shot, with --refs), or panoptic retrieval (PQ on a panoptic dataset)",
     )
     parser.add_argument(
         "--refs", type=Path, help="reco protocol: saved ReCo references (hbird zeroshot build)"
     )
     parser.add_argument(
-        "--fractions", help="data-efficiency sweep, e.g. 1/128,1/64,1/32 (retrieval protocol)"
+        "--grouping",
+        choices=["offsets", "components"],
+        default="offsets",
+        help="panoptic-retrieval: thing instances from retrieved centre offsets (default) or "
+        "connected components of the predicted thing classes",
+    )
+    parser.add_argument(
+        "--fractions",
+        help="data-efficiency sweep, e.g. 1/128,1/64,1/32 (retrieval and panoptic-retrieval)",
     )
     parser.add_argument(
         "--seeds",
@@ -141,17 +150,27 @@ def run(args: argparse.Namespace) -> int:
         )
         print(result.summary())
         return 0
+    protocol: dict[str, Any] = {}
+    if args.protocol == "panoptic-retrieval":
+        from hbird.eval.panoptic import evaluate_panoptic
+
+        protocol["protocol"] = functools.partial(evaluate_panoptic, grouping=args.grouping)
     if args.fractions:
         from hbird.eval.fractions import evaluate_fractions
 
         result = evaluate_fractions(
-            encoder, args.dataset, fractions=args.fractions.split(","), seeds=args.seeds, **common
+            encoder,
+            args.dataset,
+            fractions=args.fractions.split(","),
+            seeds=args.seeds,
+            **protocol,
+            **common,
         )
         print(result.summary())
         return 0
     from hbird.eval import evaluate
 
-    report = evaluate(encoder, args.dataset, **common)
+    report = protocol.get("protocol", evaluate)(encoder, args.dataset, **common)
     print(report.summary())
     if args.out is not None:
         print(f"run folder: {args.out}")

@@ -10,8 +10,8 @@ merge them, and only an instance-aware method splits them again.
 Instances are painted in order (a later one covers an earlier one) and numbered
 1, 2, ... within their class; an instance left with no pixel is dropped.
 
-Randomness: scene ``i`` of seed ``s`` draws everything from
-``numpy.random.default_rng(derive_seed(s, "panoptic-scene", i))``, a stream of its own
+Randomness: scene ``i`` of seed ``s`` and split ``p`` draws everything from
+``numpy.random.default_rng(derive_seed(s, "panoptic-scene", p, i))``, a stream of its own
 (:func:`hbird.io.seeds.derive_seed`): the scenes of :mod:`hbird.data.synthetic`, and so
 the semantic ``synthetic`` dataset and ``hbird demo``, are unchanged.
 """
@@ -158,14 +158,16 @@ def _renumber(semantic: torch.Tensor, instance: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def scene_rng(seed: int, index: int) -> np.random.Generator:
-    """The generator of scene ``index`` of ``seed`` (see the module docstring)."""
-    return np.random.default_rng(derive_seed(seed, "panoptic-scene", index))
+def scene_rng(seed: int, index: int, split: str = "train") -> np.random.Generator:
+    """The generator of scene ``index`` of ``seed`` and ``split`` (module docstring)."""
+    return np.random.default_rng(derive_seed(seed, "panoptic-scene", split, index))
 
 
-def make_panoptic_scenes(n: int, seed: int, **options: Any) -> list[PanopticScene]:
-    """Scenes ``0 .. n-1`` of ``seed``; scene ``i`` does not depend on ``n``."""
-    return [make_panoptic_scene(scene_rng(seed, i), **options) for i in range(n)]
+def make_panoptic_scenes(
+    n: int, seed: int, split: str = "train", **options: Any
+) -> list[PanopticScene]:
+    """Scenes ``0 .. n-1`` of ``seed`` and ``split``; scene ``i`` does not depend on ``n``."""
+    return [make_panoptic_scene(scene_rng(seed, i, split), **options) for i in range(n)]
 
 
 def write_panoptic_folder(
@@ -195,7 +197,9 @@ class SyntheticPanopticDataset(DenseDataset):
     """``synthetic_panoptic:n=64:seed=0:size=64:things=3:touching=0.5``, drawn on access.
 
     Args:
-        n, seed: how many scenes, and the seed of the set. size: image side in pixels.
+        n, seed: how many scenes, and the seed of the set. split: each split (``train``,
+            ``val``...) is its own stream of scenes, so the protocols' prompt and query
+            splits differ. size: image side in pixels.
         things: thing classes (class 0 is the ground, stuff). touching: probability
             of a touching same-class pair per scene.
         **options: further :func:`make_panoptic_scene` options (``noise``,
@@ -206,6 +210,7 @@ class SyntheticPanopticDataset(DenseDataset):
         self,
         n: int = 64,
         seed: int = 0,
+        split: str = "train",
         size: int = 64,
         things: int = 3,
         touching: float = 0.5,
@@ -216,11 +221,11 @@ class SyntheticPanopticDataset(DenseDataset):
         if unknown:
             raise InputError(
                 f"synthetic_panoptic does not take {', '.join(unknown)}; it takes n, seed, "
-                f"size, things, touching, {', '.join(sorted(allowed))}"
+                f"split, size, things, touching, {', '.join(sorted(allowed))}"
             )
         if int(n) < 1 or int(things) < 1 or not 0.0 <= float(touching) <= 1.0:
             raise InputError("synthetic_panoptic needs n >= 1, things >= 1 and 0 <= touching <= 1")
-        self.seed = int(seed)
+        self.seed, self.split = int(seed), str(split)
         self.options = {
             "size": (int(size), int(size)),
             "num_things": int(things),
@@ -231,14 +236,16 @@ class SyntheticPanopticDataset(DenseDataset):
         spec = LabelSpec(
             "segmentation", num_classes=len(names), ignore_index=255, class_names=names
         )
-        super().__init__(range(int(n)), spec, f"synthetic_panoptic(n={n}, seed={seed})")
+        super().__init__(
+            range(int(n)), spec, f"synthetic_panoptic(n={n}, seed={seed}, split={split})"
+        )
         self.thing_classes = tuple(range(1, int(things) + 1))
 
     def _name(self, item: int) -> str:
         return f"panoptic_{item:05d}"
 
     def scene(self, index: int) -> PanopticScene:
-        return make_panoptic_scene(scene_rng(self.seed, index), **self.options)
+        return make_panoptic_scene(scene_rng(self.seed, index, self.split), **self.options)
 
     def _load(self, item: int) -> PanopticSample:
         scene = self.scene(item)

@@ -1,4 +1,5 @@
-"""Evaluation protocols: retrieval, data-efficiency fractions, fast adaptation, linear probe."""
+"""Evaluation protocols: retrieval, data-efficiency fractions, fast adaptation, linear probe,
+panoptic retrieval."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ if TYPE_CHECKING:
     from hbird.eval.fast_adaptation import FastAdaptationReport, fast_adaptation
     from hbird.eval.fractions import FractionsReport, evaluate_fractions
     from hbird.eval.linear_probe import LinearProbeReport, linear_probe
+    from hbird.eval.panoptic import PanopticReport, evaluate_panoptic
     from hbird.eval.report import Report, compare_reports
     from hbird.eval.retrieval import evaluate
 
@@ -25,6 +27,8 @@ _LAZY = {
     "evaluate_fractions": "fractions",
     "LinearProbeReport": "linear_probe",
     "linear_probe": "linear_probe",
+    "PanopticReport": "panoptic",
+    "evaluate_panoptic": "panoptic",
     "Report": "report",
     "compare_reports": "report",
     "evaluate": "retrieval",
@@ -35,10 +39,12 @@ __all__ = [
     "FastAdaptationReport",
     "FractionsReport",
     "LinearProbeReport",
+    "PanopticReport",
     "Report",
     "compare_reports",
     "evaluate",
     "evaluate_fractions",
+    "evaluate_panoptic",
     "fast_adaptation",
     "linear_probe",
     "load_preset",

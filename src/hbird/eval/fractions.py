@@ -21,7 +21,7 @@ import csv
 import io
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from hbird.data.fewshot import fewshot_indices, parse_fraction, read_subset, wri
 from hbird.encoders import Encoder
 from hbird.errors import InputError
 from hbird.eval.inputs import load_encoder, prepare
-from hbird.eval.report import fmt, layers_text
+from hbird.eval.report import Report, fmt, layers_text
 from hbird.eval.retrieval import evaluate
 from hbird.io.files import write_json, write_text
 
@@ -243,6 +243,7 @@ def evaluate_fractions(
     preset: str | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    protocol: Callable[..., Report] = evaluate,
     **config: Any,
 ) -> FractionsReport:
     """Run the retrieval protocol on every (fraction, seed) subset of the prompt.
@@ -254,6 +255,8 @@ def evaluate_fractions(
         seeds: subset seeds (the protocol's own ``seed`` setting is kept for every run).
         out: sweep folder; each (fraction, seed) run is resumable, finished ones are reused.
         preset, overrides, **config: :class:`EvalConfig` fields, as for :func:`hbird.evaluate`.
+        protocol: the run per subset, called like :func:`hbird.evaluate` (e.g. a
+            ``functools.partial`` of :func:`hbird.eval.panoptic.evaluate_panoptic`).
     """
     if not fractions or not seeds:
         raise InputError(
@@ -280,7 +283,7 @@ def evaluate_fractions(
 
     def subset_run(indices: tuple[int, ...], run: str):
         def run_it() -> tuple[dict[str, float], str, str, str]:
-            report = evaluate(
+            report = protocol(
                 model,
                 (prompt.subset(list(indices)), queries),
                 out=out / run if out is not None else None,
@@ -305,10 +308,13 @@ def evaluate_fractions(
     rows = list(rows.values())
     shared = sum(len(set(r.runs.values())) < len(r.runs) for r in rows)
     notes = [
-        "Class ids are predicted directly and scored as they are: no Hungarian matching; classes absent "
-        "from both ground truth and predictions are left out of each run's mean (see the runs' summaries)."
-        if task == "segmentation"
-        else "Depth metrics over valid pixels (see the runs' summaries).",
+        {
+            "segmentation": "Class ids are predicted directly and scored as they are: no Hungarian "
+            "matching; classes absent from both ground truth and predictions are left out of each "
+            "run's mean (see the runs' summaries).",
+            "panoptic": "Panoptic quality over the classes with TP + FP + FN > 0 (see the runs' "
+            "summaries).",
+        }.get(task, "Depth metrics over valid pixels (see the runs' summaries)."),
         f"Runs: fractions/<fraction>/seed_<seed>/ (subset in {SUBSET_FILE}, report in summary.md).",
     ]
     if shared:

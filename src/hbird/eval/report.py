@@ -56,10 +56,24 @@ def search_text(setting: Any, search: dict[str, Any]) -> str:
 
 
 def save_picture(out: Path, sample: Any, pred: Any, spec: LabelSpec) -> str:
-    """Draw ``out/pictures/<name>.png`` (image | ground truth | prediction | confidence)."""
+    """Draw ``out/pictures/<name>.png``: image | ground truth | prediction | confidence, or
+    for a panoptic prediction (``labels`` a ``(semantic, instance)`` pair) image | ground
+    truth | prediction with segment outlines."""
     from hbird.viz import save_prediction_panel
 
     path = out / "pictures" / f"{sample.name}.png"
+    if isinstance(pred.labels, tuple):
+        from hbird.viz.panoptic import save_panoptic_panel
+
+        save_panoptic_panel(
+            path,
+            sample.image,
+            pred.labels,
+            sample.label,
+            ignore_index=spec.ignore_index,
+            class_names=spec.class_names,
+        )
+        return path.relative_to(out).as_posix()
     save_prediction_panel(
         path,
         sample.image,

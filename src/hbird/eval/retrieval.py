@@ -22,7 +22,7 @@ from hbird.errors import InputError
 from hbird.eval.config import EvalConfig
 from hbird.eval.inputs import prepare
 from hbird.eval.report import Report, save_picture
-from hbird.eval.scoring import new_metric, score_queries, scores_from_metric
+from hbird.eval.scoring import Scored, new_metric, score_queries, scores_from_metric
 from hbird.io.files import write_json
 from hbird.predictor import InContextPredictor
 from hbird.specs import RUNTIME_SEARCH
@@ -31,7 +31,7 @@ from hbird.specs import RUNTIME_SEARCH
 RESUMABLE_CHANGES = {"overlays", "max_queries", *RUNTIME_SEARCH}
 
 
-def _check_run_folder(out: Path, cfg: EvalConfig, dataset: str) -> dict[str, Any]:
+def check_run_folder(out: Path, cfg: EvalConfig, dataset: str) -> dict[str, Any]:
     """Refuse a run folder holding a run with other settings; return this run's record
     (written as ``config.json`` once the run has a result: a failed start writes none)."""
     record = {"config": cfg.to_dict(), "dataset": dataset}
@@ -51,16 +51,23 @@ def _check_run_folder(out: Path, cfg: EvalConfig, dataset: str) -> dict[str, Any
     return record
 
 
-def _predictor(
-    cfg: EvalConfig, encoder: str | Encoder | None, prompt: Any, out: Path | None, progress: bool
-):
+def fitted_predictor(
+    cfg: EvalConfig,
+    encoder: str | Encoder | None,
+    prompt: Any,
+    out: Path | None,
+    progress: bool,
+    bank_folder: str = "bank",
+) -> InContextPredictor:
+    """A predictor fitted on ``prompt``; with a run folder its bank is ``out/bank_folder``,
+    built once (resumably) and loaded when the run is resumed."""
     kwargs = cfg.predictor_kwargs()
     if encoder is not None:
         kwargs["encoder"] = encoder
     predictor = InContextPredictor(**kwargs, progress=progress and distributed.is_main())
     if out is None:
         return predictor.fit_dataset(prompt)
-    bank = out / "bank"
+    bank = out / bank_folder
     if not (bank / "manifest.json").is_file():
         predictor.build_bank(DatasetPairs(prompt), prompt.label_spec, bank)
         kwargs["encoder"] = predictor.encoder_  # built once
@@ -80,6 +87,44 @@ def _predictor(
         distributed.barrier()
     loaded.timings = predictor.timings
     return loaded
+
+
+def score_run(
+    predict: Any,
+    queries: Any,
+    metric: Any,
+    cfg: EvalConfig,
+    timings: Any,
+    out: Path | None,
+    draw: Any,
+    build_seconds: float,
+    progress: bool,
+) -> Scored:
+    """:func:`score_queries` as a protocol runs it: ``cfg``'s batch size, query limit and
+    picture count; with a run folder, its ``progress.json`` and ``draw(query, prediction)``
+    pictures; the memory's build seconds kept for a resumed run."""
+    return score_queries(
+        predict,
+        queries,
+        metric,
+        batch_size=cfg.batch_size,
+        limit=cfg.max_queries,
+        timings=timings,
+        overlay=None if out is None else draw,
+        overlays=cfg.overlays,
+        progress_file=None if out is None else out / "progress.json",
+        extra={"build_memory": build_seconds},
+        progress=progress,
+    )
+
+
+def run_timings(scored: Scored) -> dict[str, float]:
+    """The memory's build seconds (the first run's when resumed, not this run's bank
+    loading) and the seconds per query of every stage."""
+    return {
+        "build_memory": scored.extra["build_memory"],
+        **{f"per_query_{k}": v / max(scored.done, 1) for k, v in scored.seconds.items()},
+    }
 
 
 def evaluate(
@@ -107,9 +152,9 @@ def evaluate(
     )
     out = Path(out) if out is not None else None
     if out is not None:
-        record = _check_run_folder(out, cfg, description)
+        record = check_run_folder(out, cfg, description)
     start = time.perf_counter()
-    predictor = _predictor(
+    predictor = fitted_predictor(
         cfg, encoder if isinstance(encoder, Encoder) else None, prompt, out, progress
     )
     if out is not None and distributed.is_main():  # the bank is the run's first result
@@ -118,18 +163,16 @@ def evaluate(
     predictor.timings.reset()
     predictor.progress = False
     spec = predictor.label_spec_
-    scored = score_queries(
+    scored = score_run(
         predictor.predict_dense,
         queries,
         new_metric(spec),
-        batch_size=cfg.batch_size,
-        limit=cfg.max_queries,
-        timings=predictor.timings,
-        overlay=None if out is None else lambda q, p: save_picture(out, q, p, spec),
-        overlays=cfg.overlays,
-        progress_file=None if out is None else out / "progress.json",
-        extra={"build_memory": build_seconds},
-        progress=progress,
+        cfg,
+        predictor.timings,
+        out,
+        lambda q, p: save_picture(out, q, p, spec),
+        build_seconds,
+        progress,
     )
     metrics, per_class, notes = scores_from_metric(scored.metric)
     report = Report(
@@ -143,11 +186,7 @@ def evaluate(
             "memory_entries": predictor.index_.ntotal if cfg.shard_bank else len(predictor.bank_),
             "queries": scored.done,
         },
-        timings={
-            # the first run's build when resumed, not this run's bank loading
-            "build_memory": scored.extra["build_memory"],
-            **{f"per_query_{k}": v / max(scored.done, 1) for k, v in scored.seconds.items()},
-        },
+        timings=run_timings(scored),
         notes=notes,
         pictures=scored.overlays,
         search=predictor.index_.describe(),
