@@ -7,5 +7,7 @@
   or Panoptic-DeepLab's grouping (centres, NMS by max-pooling, each thing pixel to the
   nearest centre through its offset, majority-vote classes, area limits);
 * :mod:`~hbird.panoptic.retrieval`: in-context panoptic prediction (eq. 1 for the
-  semantic map and for the offsets, then grouping).
+  semantic map and for the offsets, then grouping);
+* :mod:`~hbird.panoptic.losses`: MaX-DeepLab's PQ-style loss (Dice, Hungarian
+  matching, L_pos / L_neg) and its auxiliary losses, as pure functions.
 """
