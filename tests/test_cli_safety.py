@@ -215,6 +215,21 @@ def test_a_mask_stored_twice_is_refused_naming_both(folders, tmp_path):
     assert str(root / "masks" / "scene_0002.npy") in str(err.value)
 
 
+@pytest.mark.parametrize("kind", ["masks", "depth"])
+def test_a_label_stored_as_png_and_npy_stops_predict_naming_both(scenes, tmp_path, capsys, kind):
+    """Masks and depth maps alike (depth was resolved "the PNG wins", silently)."""
+    root = write_scene_folder(tmp_path / "p", scenes[0][:4])
+    shutil.rmtree(root / ("depth" if kind == "masks" else "masks"))
+    np.save(root / kind / "scene_0002.npy", np.ones((64, 80), dtype=np.float32))
+    query = write_scene_folder(tmp_path / "q", scenes[1][:1], prefix="query") / "images"
+    out = tmp_path / "out"
+    argv = ["predict", "--prompt", str(root), "--query", str(query), "--out", str(out), *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(root / kind / "scene_0002.png") in err and str(root / kind / "scene_0002.npy") in err
+    assert "keep one of them" in err and "Traceback" not in err and not out.exists()
+
+
 def test_fungi_class_warnings_count_what_is_really_used():
     names = ("cat", "dog", "eel")
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])  # cat 4, dog 2, eel 1
@@ -343,3 +358,81 @@ def test_hub_reachable_decides_with_one_quick_request(monkeypatch):
     assert hub.hub_reachable() is True  # an error status is still an answer
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub.hub_reachable() is False and len(seen) == 2  # offline: no request at all
+
+
+@pytest.fixture
+def no_hub_requests(no_network, monkeypatch):
+    """``no_network`` without ``HF_HUB_OFFLINE``: the first request fails quickly (no
+    route), and any connection any HTTP client would open is recorded and refused (at the
+    socket layer, so it holds whatever client the hub library uses)."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    pytest.importorskip("transformers")
+    sent = []
+
+    def no_route(request, timeout):
+        raise urllib.error.URLError("no route to host")
+
+    def lookup(host, *args, **kwargs):
+        sent.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def connect(self, address):
+        sent.append(address)
+        raise OSError("no route to host")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(urllib.request, "urlopen", no_route)
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return sent
+
+
+def predict_with_hf(folders, out, *flags):
+    """``hbird predict`` on the safety folders with a hub-hosted ``hf:`` encoder."""
+    query = folders / "query" / "images"
+    argv = ["predict", "--prompt", str(folders / "prompt"), "--query", str(query)]
+    return [*argv, "--out", str(out), "--encoder", "hf:facebook/dinov2-small", *flags]
+
+
+@pytest.mark.parametrize("offline_by", ["HF_HUB_OFFLINE", "a failed first request"])
+@pytest.mark.parametrize("weights", [[], ["--no-pretrained"]])
+def test_an_hf_encoder_offline_fails_in_seconds_naming_the_ways_out(
+    folders, tmp_path, no_hub_requests, monkeypatch, capsys, offline_by, weights
+):
+    import time
+
+    if offline_by == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    assert main(predict_with_hf(folders, out, "--quiet", *weights)) == 2
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert "hf:facebook/dinov2-small" in err and "offline" in err
+    assert "--weights" in err and "--no-pretrained" in err and "test_vit" in err
+    assert "--encoder hf:/path/to/folder" in err  # the way out that works for hf: models
+    assert "Traceback" not in err and not out.exists()
+    assert no_hub_requests == []  # was: five retried requests per file, ~25 s
+    assert seconds < 15  # no model is built; the prompt folder's check is most of it
+
+
+def test_a_local_hf_folder_is_read_offline_without_asking_the_hub(tmp_path, no_hub_requests):
+    from hbird.encoders import create_encoder
+    from hf_models import save_tiny
+
+    save_tiny(tmp_path / "tiny_vit", "vit")
+    encoder = create_encoder(f"hf:{tmp_path / 'tiny_vit'}", pretrained=True)
+    assert encoder.weights_source == f"hf:{tmp_path / 'tiny_vit'}"
+    assert no_hub_requests == []
+
+
+def test_weights_with_an_hf_encoder_is_refused_naming_the_flags(folders, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = tmp_path / "out"
+    assert main(predict_with_hf(folders, out, "--weights", "w.pt")) == 2
+    err = capsys.readouterr().err
+    assert "--weights w.pt" in err and "--encoder hf:/path/to/folder" in err
+    assert "weights=" not in err and "Traceback" not in err and not out.exists()

@@ -275,7 +275,6 @@ def test_nyuv2_folder_layout_16bit_mm(tmp_path):
         mm = np.round(_nyu_depth(1) * 1000).astype(np.uint16)
         (root / split / "depth").mkdir(parents=True)
         Image.fromarray(mm).save(root / split / "depth" / "00001.png")
-    np.save(root / "test" / "depth" / "00001.npy", np.ones((H, W), np.float32))  # .png wins
     ds = create_dataset(f"nyuv2:root={root}:split=test")
     assert ds.label_spec.task == "depth" and ds.label_spec.max_value == 10.0
     s = ds[0]

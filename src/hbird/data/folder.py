@@ -5,7 +5,7 @@ Layout::
     root/
       images/<stem>.{jpg,jpeg,png,bmp,tif,tiff,webp}
       masks/<stem>.png     class ids as pixel values (palette or grey PNG), or <stem>.npy (not both)
-      depth/<stem>.png     16-bit PNG in millimetres (depth_scale=1000), or <stem>.npy in metres (the PNG wins)
+      depth/<stem>.png     16-bit PNG in millimetres (depth_scale=1000), or <stem>.npy in metres (not both)
       panoptic/<stem>.png  16-bit grey PNG, pixel = class · 1000 + instance, 65535 = void
       classes.txt          optional: one class name per line (gives num_classes); a name may
                            end in " [thing]" or " [stuff]" (default) for panoptic labels
@@ -18,7 +18,9 @@ Splits (``split=``), either of:
 
 ``split=None`` uses ``root/images/`` as a whole. The task is inferred from which of
 ``masks/`` and ``depth/`` exists (pass ``task=`` if both do); a folder with only
-``panoptic/`` is panoptic. Label files are found by stem; every image must have one.
+``panoptic/`` is panoptic. Label files are found by stem; every image must have exactly
+one (a ``.png`` and a ``.npy`` of the same stem are refused, masks and depth maps alike:
+hbird does not guess which one is right).
 
 Panoptic labels (``task=panoptic``, :class:`hbird.data.panoptic.PanopticFolderDataset`):
 instance 0 of a stuff class is the class's one segment; instance 0 of a thing class is
@@ -154,7 +156,7 @@ def _pair_files(images: list[Path], label_dir: Path, what: str) -> list[Labelled
     for image in images:
         found = [label_dir / f"{image.stem}{s}" for s in LABEL_SUFFIXES]
         found = [p for p in found if p.is_file()]
-        if len(found) > 1 and what == "mask":  # depth maps: the PNG wins (NYUv2 exports)
+        if len(found) > 1:
             raise InputError(
                 f"image {image} has two {what}s, {' and '.join(map(str, found))}; "
                 "keep one of them (hbird will not guess which is right)"

@@ -11,6 +11,7 @@ As for timm names, ``pretrained=True`` loads the weights stored at the id or fol
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ from torch import nn
 
 from hbird._optional import require
 from hbird.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder
+from hbird.encoders.hub import HF_WAYS_OUT, published_weights
 from hbird.encoders.registry import ENCODERS
+from hbird.errors import InputError, spell
 
 PREFIX = "hf:"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -144,34 +147,38 @@ def create_hf_encoder(
     transformers = require("transformers", f"the Hugging Face encoder backend ({name})")
     model_id = name[len(PREFIX) :]
     if not model_id:
-        raise ValueError(
-            "hf: needs a model id or folder after the colon, e.g. hf:facebook/dinov2-small"
+        raise InputError(
+            f"{spell('encoder', 'hf:')} needs a model id or folder after the colon, e.g. "
+            f"{spell('encoder', 'hf:facebook/dinov2-small')}"
         )
     if weights is not None:
-        raise ValueError(
-            f"{name}: Hugging Face encoders take their weights from the model id or folder; "
-            f"use create_encoder('hf:<folder>', pretrained=True) instead of weights={weights}"
+        raise InputError(
+            f"{name}: Hugging Face encoders take their weights from the model id or folder, "
+            f"not {spell('weights', weights)}: save the model with save_pretrained and give "
+            f"{spell('encoder', 'hf:/path/to/folder')} with {spell('pretrained')}"
         )
-    config = transformers.AutoConfig.from_pretrained(model_id, **kwargs)
-    family = FAMILIES.get(config.model_type)
-    if family is None:
-        raise ValueError(
-            f"{name} is a {config.model_type!r} model; the hf: backend supports "
-            f"{', '.join(sorted(FAMILIES))}. timm may have it: see `hbird encoders`"
-        )
-    if pretrained:
-        model_class = (
-            transformers.CLIPVisionModel if family.vision_tower else transformers.AutoModel
-        )
-        model = model_class.from_pretrained(model_id, **kwargs)
-        source = f"hf:{model_id}"
-    elif family.vision_tower:
-        model = transformers.CLIPVisionModel(getattr(config, "vision_config", config))
-        source = "random"
-    else:
-        model = transformers.AutoModel.from_config(config)
-        source = "random"
-    mean_std = _processor_mean_std(transformers, model_id) or (family.mean, family.std)
+    local = Path(model_id).expanduser().is_dir()
+    with nullcontext() if local else published_weights(name, HF_WAYS_OUT):
+        config = transformers.AutoConfig.from_pretrained(model_id, **kwargs)
+        family = FAMILIES.get(config.model_type)
+        if family is None:
+            raise InputError(
+                f"{name} is a {config.model_type!r} model; the hf: backend supports "
+                f"{', '.join(sorted(FAMILIES))}. timm may have it: see `hbird encoders`"
+            )
+        if pretrained:
+            model_class = (
+                transformers.CLIPVisionModel if family.vision_tower else transformers.AutoModel
+            )
+            model = model_class.from_pretrained(model_id, **kwargs)
+            source = f"hf:{model_id}"
+        elif family.vision_tower:
+            model = transformers.CLIPVisionModel(getattr(config, "vision_config", config))
+            source = "random"
+        else:
+            model = transformers.AutoModel.from_config(config)
+            source = "random"
+        mean_std = _processor_mean_std(transformers, model_id) or (family.mean, family.std)
     return HFEncoder(model, name, family, *mean_std, weights_source=source)
 
 

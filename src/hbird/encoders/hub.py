@@ -48,24 +48,38 @@ def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
     return True
 
 
-def offline_help(name: str) -> str:
+TIMM_WAYS_OUT = (
+    "give a local checkpoint with --weights FILE (Python: weights=); use random weights with "
+    "--no-pretrained (pretrained=False); or try hbird offline with the tiny --encoder test_vit"
+)
+"""The ways out for a timm model's published weights."""
+
+HF_WAYS_OUT = (
+    "save the model once where there is network (save_pretrained) and give its folder, "
+    "--encoder hf:/path/to/folder; --no-pretrained (pretrained=False) builds random weights "
+    "but still needs the model's config.json, cached or in such a folder; --weights FILE "
+    "(weights=) loads a local checkpoint into a timm encoder (hf: encoders read theirs from "
+    "the folder); or try hbird offline with the tiny --encoder test_vit"
+)
+"""The ways out for a Hugging Face (``hf:``) model's files (config and weights)."""
+
+
+def offline_help(name: str, ways_out: str = TIMM_WAYS_OUT) -> str:
     from huggingface_hub import constants
 
     return (
         f"the published weights of {name} are not in the Hugging Face cache "
         f"({constants.HF_HUB_CACHE}) and cannot be downloaded: the hub is offline "
-        "(HF_HUB_OFFLINE is set or the network does not answer). Ways out: give a local "
-        "checkpoint with --weights FILE (Python: weights=); use random weights with "
-        "--no-pretrained (pretrained=False); or try hbird offline with the tiny "
-        "--encoder test_vit. With network access, run the command once to download the weights"
+        f"(HF_HUB_OFFLINE is set or the network does not answer). Ways out: {ways_out}. "
+        "With network access, run the command once to download the weights"
     )
 
 
 @contextmanager
-def published_weights(name: str) -> Iterator[None]:
+def published_weights(name: str, ways_out: str = TIMM_WAYS_OUT) -> Iterator[None]:
     """Around the download of ``name``'s published weights (``timm.create_model(...,
     pretrained=True)``, ``from_pretrained``): offline, only the cache is read, and a miss
-    raises :class:`WeightsUnavailableError` within seconds."""
+    raises :class:`WeightsUnavailableError` within seconds, naming ``ways_out``."""
     from huggingface_hub import constants
 
     offline, saved = not hub_reachable(), constants.HF_HUB_OFFLINE
@@ -75,6 +89,6 @@ def published_weights(name: str) -> Iterator[None]:
     except OSError as err:  # the hub's cache misses and connection errors are OSErrors
         if not offline:
             raise
-        raise WeightsUnavailableError(offline_help(name)) from err
+        raise WeightsUnavailableError(offline_help(name, ways_out)) from err
     finally:
         constants.HF_HUB_OFFLINE = saved
