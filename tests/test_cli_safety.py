@@ -16,6 +16,7 @@ from hbird.cli.fungi import class_warnings
 from hbird.data.folder import FolderDataset
 from hbird.data.synthetic import write_scene_folder
 from hbird.errors import InputError
+from hbird.fungi.knn import kshot_indices
 from hbird.io.images import load_mask
 from hbird.pretrain import PretrainConfig, Trainer
 from hbird.pretrain.data import SyntheticImages
@@ -237,6 +238,7 @@ def test_fungi_class_warnings_count_what_is_really_used():
         "--shots 3: 2 class(es) have fewer training images (dog 2, eel 1); "
         "the 3-shot rows use all of those, 6 images in all"  # 3 + 2 + 1
     ]
+    assert len(kshot_indices(labels, 3)) == 6  # what the 3-shot rows really use
     assert class_warnings(labels, names, shots=1) == []
     (one,) = class_warnings(torch.tensor([1, 1, 1]), names, shots=0)
     assert "one class (dog)" in one
@@ -291,6 +293,89 @@ def test_a_failed_eval_start_leaves_no_config_so_the_corrected_rerun_runs(
     assert saved["config"]["encoder"] == "test_vit"
     assert main([*argv, "--encoder", "test_vit", "--k", "3"]) == 2  # a real run is still guarded
     assert "holds a run with other settings (k differ)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def bad_eval_dataset(scenes, tmp_path):
+    """A folder dataset (8 prompt, 4 query images) with a truncated prompt image, a query
+    mask of the wrong size and, as the last query, a text file named .png."""
+    root = tmp_path / "data"
+    write_scene_folder(root / "train", scenes[0][:8], with_depth=False)
+    write_scene_folder(root / "val", scenes[1][:3], prefix="val", with_depth=False)
+    truncated_copy(
+        root / "train" / "images" / "scene_0003.png", root / "train" / "images" / "scene_0003.png"
+    )
+    np.save(root / "val" / "masks" / "val_0001.npy", np.zeros((8, 8), dtype=np.int64))
+    (root / "val" / "masks" / "val_0001.png").unlink()
+    (root / "val" / "images" / "val_0009.png").write_text("not an image")
+    shutil.copy(root / "val" / "masks" / "val_0000.png", root / "val" / "masks" / "val_0009.png")
+    return root
+
+
+EVAL_FAST = (
+    "--encoder test_vit --layers 0 --image-size 64 --memory-size 2000 --aug-epochs 1 "
+    "--overlays 0 --quiet"
+).split()
+
+
+def test_eval_checks_every_prompt_and_query_file_before_the_memory(
+    bad_eval_dataset, tmp_path, monkeypatch, capsys
+):
+    from hbird.eval import retrieval
+
+    built = []
+    monkeypatch.setattr(retrieval, "_predictor", lambda *a: built.append(a) or 1 / 0)
+    out = tmp_path / "run"
+    argv = ["eval", "--dataset", f"folder:root={bad_eval_dataset}", "--out", str(out), *EVAL_FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "1 prompt file(s)" in err and "scene_0003.png" in err and "--skip-bad" in err
+    assert "Traceback" not in err and not out.exists() and built == []  # before any work
+    (bad_eval_dataset / "train" / "images" / "scene_0003.png").unlink()  # the prompt is fixed
+    (bad_eval_dataset / "train" / "masks" / "scene_0003.png").unlink()
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # the queries' problems, all of them at once
+    assert "2 query file(s)" in err and "val_0001.npy" in err and "8x8" in err
+    assert "val_0009.png" in err and not out.exists() and built == []
+
+
+def test_eval_skip_bad_skips_lists_and_records_bad_files(bad_eval_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["eval", "--dataset", f"folder:root={bad_eval_dataset}", "--out", str(out), *EVAL_FAST]
+    assert main([*argv, "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping 1 prompt file(s) (--skip-bad)" in err and "scene_0003.png" in err
+    assert "skipping 2 query file(s) (--skip-bad)" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["counts"]["prompt_images"] == 7 and metrics["counts"]["queries"] == 2
+    summary = (out / "summary.md").read_text()
+    assert "Skipped 3 unusable file(s)" in summary and "val_0009.png" in summary
+    for stem, split in (("scene_0003", "train"), ("val_0001", "val"), ("val_0009", "val")):
+        for path in (bad_eval_dataset / split).glob(f"*/{stem}.*"):
+            path.unlink()  # the oracle: the same dataset with the bad entries removed
+    clean = tmp_path / "clean"
+    argv = ["eval", "--dataset", f"folder:root={bad_eval_dataset}", "--out", str(clean), *EVAL_FAST]
+    assert main(argv) == 0
+    assert json.loads((clean / "metrics.json").read_text())["metrics"] == metrics["metrics"]
+
+
+def test_checked_dataset_checks_only_what_a_run_uses(bad_eval_dataset):
+    from hbird.data.checks import checked_dataset
+    from hbird.data.imagesets import ImageFolderDataset
+
+    queries = FolderDataset(bad_eval_dataset, split="val")  # val_0000 good, 0001 bad, ...
+    assert len(checked_dataset(queries, "query", limit=1)) == 4  # max_queries=1: one checked
+    with pytest.raises(InputError, match="2 query file"):
+        checked_dataset(queries, "query")
+    kept = checked_dataset(queries, "query", skip_bad=True)
+    assert kept.names == ["val_0000", "val_0002"] and len(kept.skipped_files) == 2
+    assert kept.files_checked and kept.subset([1]).files_checked  # subsets: checked already
+    images = ImageFolderDataset(bad_eval_dataset / "val" / "images")  # imagefolder: images
+    assert [name for name in checked_dataset(images, "query", skip_bad=True).names] == [
+        "val_0000",
+        "val_0001",
+        "val_0002",
+    ]
 
 
 @pytest.fixture

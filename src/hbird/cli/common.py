@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hbird.errors import UNSET, InputError
+from hbird.data.checks import checked_dataset
+from hbird.errors import UNSET
 from hbird.io.options import parse_pairs
 from hbird.specs import BankSpec, SearchConfig, check_value, choices_of
 
@@ -287,11 +287,7 @@ def prompt_dataset(args: argparse.Namespace, root: str | Path) -> Any:
         num_classes=args.num_classes,
         ignore_index=255 if args.ignore_index is None else args.ignore_index,
     )
-    bad = dict(dataset.bad_files())
-    skip_bad_files(list(bad.values()), "prompt", args.skip_bad)
-    if len(bad) == len(dataset):
-        raise InputError(f"no usable prompt image is left in {root}")
-    return dataset.subset([i for i in range(len(dataset)) if i not in bad])
+    return checked_dataset(dataset, "prompt", args.skip_bad)
 
 
 def add_skip_bad_argument(parser: argparse.ArgumentParser) -> None:
@@ -300,19 +296,3 @@ def add_skip_bad_argument(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip unreadable images and labels (each is listed) instead of stopping",
     )
-
-
-def skip_bad_files(problems: list[str], what: str, skip_bad: bool, most: int = 5) -> None:
-    """Stop with every problem listed (the first ``most``), or with ``skip_bad`` list them
-    on stderr and go on without those files."""
-    if not problems:
-        return
-    shown = "\n  ".join(problems[:most])
-    if len(problems) > most:
-        shown += f"\n  ... and {len(problems) - most} more"
-    if not skip_bad:
-        raise InputError(
-            f"{len(problems)} {what} file(s) cannot be used:\n  {shown}\n"
-            "fix or remove them, or pass --skip-bad to go on without them"
-        )
-    print(f"skipping {len(problems)} {what} file(s) (--skip-bad):\n  {shown}", file=sys.stderr)

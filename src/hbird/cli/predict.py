@@ -18,8 +18,8 @@ from hbird.cli.common import (
     given_settings,
     predictor_from_args,
     prompt_dataset,
-    skip_bad_files,
 )
+from hbird.data.checks import skip_bad_files
 from hbird.errors import InputError
 from hbird.io.files import atomic_file, check_output, write_json
 from hbird.io.images import IMAGE_SUFFIXES, file_size, list_images, load_image

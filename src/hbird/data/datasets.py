@@ -104,6 +104,12 @@ class DenseDataset:
     def _image_label(self, item: Any) -> int:
         return -1
 
+    def bad_files(self, limit: int | None = None) -> list[tuple[int, str]]:
+        """``(index, problem)`` for every entry among the first ``limit`` (default all) whose
+        files cannot be used, found cheaply before any work (:mod:`hbird.data.checks`).
+        Datasets whose samples are generated or come from one file have none to check."""
+        return []
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -243,13 +249,13 @@ class FilePairDataset(DenseDataset):
         check_class_ids(label, self.label_spec, item.label_path, self.label_hint)
         return label
 
-    def bad_files(self) -> list[tuple[int, str]]:
-        """``(index, problem)`` for every entry whose image or label cannot be read, or whose
-        sizes differ; a cheap check to run before any work (image headers, no decoding;
-        ``.npy`` labels are read and their values checked)."""
+    def bad_files(self, limit: int | None = None) -> list[tuple[int, str]]:
+        """``(index, problem)`` for every entry (the first ``limit``) whose image or label
+        cannot be read, or whose sizes differ; a cheap check to run before any work (image
+        headers, no decoding; ``.npy`` labels are read and their values checked)."""
         what = "mask" if self.label_spec.task == "segmentation" else "depth map"
         bad = []
-        for i, item in enumerate(self._items):
+        for i, item in enumerate(self._items[:limit]):
             try:
                 image = file_size(item.image_path, "image")
                 label = file_size(item.label_path, what)

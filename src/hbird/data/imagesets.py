@@ -21,7 +21,7 @@ import torch
 
 from hbird.data.datasets import DATASETS, DenseDataset, Sample
 from hbird.errors import InputError
-from hbird.io.images import IMAGE_SUFFIXES, load_image
+from hbird.io.images import IMAGE_SUFFIXES, file_size, load_image
 from hbird.labelspec import LabelSpec
 
 
@@ -148,6 +148,17 @@ class ImageFolderDataset(DenseDataset):
 
     def _image_label(self, item: tuple[Path, int]) -> int:
         return item[1]
+
+    def bad_files(self, limit: int | None = None) -> list[tuple[int, str]]:
+        """``(index, problem)`` for every image (the first ``limit``) that does not open and
+        verify (headers only, no decoding)."""
+        bad = []
+        for i, (path, _) in enumerate(self._items[:limit]):
+            try:
+                file_size(path, "image")
+            except InputError as err:
+                bad.append((i, str(err)))
+        return bad
 
     def _load(self, item: tuple[Path, int]) -> Sample:
         path, label = item

@@ -45,6 +45,11 @@ class EvalConfig(BankSpec, SearchConfig):
     overlays: int = setting(
         6, "how many image | ground truth | prediction pictures to write", kind=int, valid=Range(0)
     )
+    skip_bad: bool = setting(
+        False,
+        "skip unreadable prompt and query files (each is listed) instead of stopping",
+        kind=bool,
+    )
 
     def predictor_kwargs(self) -> dict[str, Any]:
         """Arguments for :class:`~hbird.predictor.InContextPredictor`."""

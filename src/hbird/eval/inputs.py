@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from hbird.data.checks import checked_dataset
 from hbird.data.datasets import create_dataset
 from hbird.encoders import Encoder, create_encoder
 from hbird.encoders.normalization import with_normalize
@@ -40,7 +41,9 @@ def prepare(
     config: dict[str, Any],
     prompt_indices: Sequence[int] | None = None,
 ) -> Inputs:
-    """Settings resolved with the encoder's name, datasets opened (prompt subset if given).
+    """Settings resolved with the encoder's name, datasets opened (prompt subset if given)
+    and every file they will use checked (:func:`hbird.data.checks.checked_dataset`; bad
+    ones stop here, before the expensive work, or are skipped with ``skip_bad``).
 
     Args:
         encoder: a registry name or an :class:`Encoder` (None: ``config['encoder']``).
@@ -54,6 +57,8 @@ def prepare(
     prompt, queries, description = open_datasets(dataset, cfg)
     if prompt_indices is not None:
         prompt = prompt.subset(prompt_indices)
+    prompt = checked_dataset(prompt, "prompt", cfg.skip_bad)
+    queries = checked_dataset(queries, "query", cfg.skip_bad, limit=cfg.max_queries)
     return Inputs(cfg, prompt, queries, str(description))
 
 

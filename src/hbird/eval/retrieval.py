@@ -175,6 +175,9 @@ def evaluate(
         progress,
     )
     metrics, per_class, notes = scores_from_metric(scored.metric)
+    skipped = [*getattr(prompt, "skipped_files", []), *getattr(queries, "skipped_files", [])]
+    if skipped:
+        notes.append(f"Skipped {len(skipped)} unusable file(s) (skip_bad): {'; '.join(skipped)}")
     report = Report(
         task=spec.task,
         dataset=description,
