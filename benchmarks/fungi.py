@@ -33,9 +33,15 @@ negatives (the noise floor of the paper setting itself), all on the same images.
 ``--negatives`` sets the number of training images whose views form SimCLR's negative
 batch (default: each preset's, 256 and 64; the fit is not timed).
 
+With ``--text-cosines`` it reports the same cosines for texts (FUNGI Table 19 against
+``fast``; KL and SimCLR): a BERT with random weights (``--text-width``, ``--text-blocks``)
+over seeded random sentences of made-up words, one setting at a time set back to
+``fast``'s, and the paper preset with other negative texts as the noise floor.
+
     python benchmarks/fungi.py --threads 1                 # test_vit at 224 and 64
     python benchmarks/fungi.py --image-sizes 64 --images 4 --repeats 1 --cosines
     python benchmarks/fungi.py --encoder vit_small_patch16_224 --image-sizes 224 --images 8
+    python benchmarks/fungi.py --no-timing --image-sizes --text-cosines --threads 1
 
 Writes JSON to ``benchmarks/results/fungi.json`` unless ``--out`` says otherwise.
 """
@@ -60,6 +66,7 @@ from hbird.encoders import create_encoder
 from hbird.fungi import PRESETS, FungiExtractor
 from hbird.fungi.data import synthetic_classification
 from hbird.fungi.gradients import PASS_ELEMENTS, flatten_linear_grads
+from hbird.fungi.heads import RandomHead
 from hbird.fungi.presets import FAST_NEGATIVE_INPUTS, preset_loss_options
 from hbird.fungi.views import snap_to_patch
 
@@ -71,7 +78,7 @@ PAPER_NEGATIVE_INPUTS = 256
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--encoder", default="test_vit", help="encoder name (random weights)")
-    parser.add_argument("--image-sizes", type=int, nargs="+", default=[224, 64])
+    parser.add_argument("--image-sizes", type=int, nargs="*", default=[224, 64])
     parser.add_argument("--images", type=int, default=32, help="images timed per run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
@@ -82,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cosines", action="store_true", help="also compare the presets' features (see above)"
     )
     parser.add_argument("--no-timing", action="store_true", help="only the --cosines part")
+    parser.add_argument(
+        "--text-cosines", action="store_true", help="compare the presets' text features too"
+    )
+    parser.add_argument("--texts", type=int, default=16, help="texts compared (--text-cosines)")
+    parser.add_argument("--text-width", type=int, default=256, help="random BERT hidden size")
+    parser.add_argument("--text-blocks", type=int, default=4, help="random BERT layers")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -297,6 +310,82 @@ def preset_cosines(
     return out
 
 
+def random_text_backbone(width: int, blocks: int, seed: int, words: int = 400) -> Any:
+    """A BERT with seeded random weights over a vocabulary of made-up words ``w0 w1 ...``."""
+    import tempfile
+
+    import transformers
+
+    from hbird.fungi import TextBackbone
+
+    with tempfile.TemporaryDirectory() as folder:
+        vocab = Path(folder) / "vocab.txt"
+        special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        vocab.write_text("\n".join([*special, *(f"w{i}" for i in range(words))]) + "\n")
+        tokenizer = transformers.BertTokenizer(str(vocab))
+    config = transformers.BertConfig(
+        vocab_size=5 + words,
+        hidden_size=width,
+        num_hidden_layers=blocks,
+        num_attention_heads=max(1, width // 64),
+        intermediate_size=4 * width,
+    )
+    torch.manual_seed(seed)
+    return TextBackbone(transformers.BertModel(config), tokenizer, name="random-bert")
+
+
+def synthetic_texts(n: int, seed: int, words: int = 400) -> list[str]:
+    """``n`` seeded sentences of 6 to 20 made-up words (Zipf-like word frequencies)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, words + 1, dtype=torch.float64)
+    lengths = torch.randint(6, 21, (n,), generator=gen)
+    return [
+        " ".join(f"w{int(i)}" for i in torch.multinomial(weights, int(m), True, generator=gen))
+        for m in lengths
+    ]
+
+
+def text_preset_cosines(args: Any) -> dict[str, Any]:
+    """Cosines to the paper preset's text features (Table 19) of ``fast`` and of one
+    SimCLR setting at a time set back to ``fast``'s, with the noise floor of other
+    negative texts; every variant's negatives are the first training texts."""
+    backbone = random_text_backbone(args.text_width, args.text_blocks, args.seed)
+    negatives = args.negatives or PAPER_NEGATIVE_INPUTS
+    fast_negatives = args.negatives or FAST_NEGATIVE_INPUTS
+    train = synthetic_texts(2 * negatives, args.seed)
+    texts = synthetic_texts(args.texts, args.seed + 1)
+    base = dict(losses=("kl", "simclr"), seed=args.seed, batch_size=args.batch_size)
+    reference = (
+        FungiExtractor(backbone, negatives=train[:negatives], **base)
+        .fit(train)
+        .extract_parts(texts)
+    )
+    fast = preset_loss_options("fast", backbone)["simclr"]
+    other_head = RandomHead(backbone.embed_dim, 256, args.seed + 1, "simclr")  # Table 19: 256
+    variants: dict[str, dict[str, Any]] = {
+        "fast": dict(preset="fast", negatives=train[:fast_negatives]),
+        **{
+            f"paper, SimCLR {key} {fast[key]}": dict(loss_options={"simclr": {key: fast[key]}})
+            for key in ("text_views", "text_negative_views", "head_dim")
+        },
+        f"paper, {fast_negatives} negative texts": dict(negatives=train[:fast_negatives]),
+        "paper, other negative texts (noise floor)": dict(negatives=train[negatives:]),
+        "paper, another SimCLR head draw (noise floor)": dict(
+            heads={"simclr": (other_head.weight, other_head.bias)}
+        ),
+    }
+    out = {}
+    for name, options in variants.items():
+        if name.endswith(" negative texts") and fast_negatives == negatives:
+            continue
+        options.setdefault("negatives", train[:negatives])
+        fx = FungiExtractor(backbone, **base, **options).fit(train)
+        out[name] = cosines(fx.extract_parts(texts), reference)
+        row = "  ".join(f"{k} {v['mean']:.4f}" for k, v in out[name].items())
+        print(f"text cosine to paper | {name:<46} {row}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     rss_is_exact = return_freed_memory_to_the_os()
@@ -358,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             by_size["cosine_to_paper"] = preset_cosines(
                 encoder, list(data.images), images, size, args
             )
+    if args.text_cosines:
+        results["text"] = {"cosine_to_paper": text_preset_cosines(args)}
     report = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "encoder": encoder.identity(),

@@ -6,8 +6,9 @@ import torch
 from hbird.data.synthetic import make_scenes
 from hbird.encoders import create_encoder
 from hbird.errors import InputError
-from hbird.fungi import EMBEDDING, FungiExtractor, TextBackbone, batched_gradients, naive_gradients
+from hbird.fungi import EMBEDDING, FungiExtractor, batched_gradients, naive_gradients
 from hf_models import save_tiny
+from text_models import TEXTS, tiny_text_backbone
 
 OPTIONS = {"dino": {"num_local": 4, "local_size": 16}, "simclr": {"num_negative_inputs": 4}}
 
@@ -118,35 +119,11 @@ def test_bf16_autocast_runs_and_stays_close(encoder, images):
 
 # -- texts --------------------------------------------------------------------------------
 
-WORDS = "red green blue cat dog bird runs sleeps quickly slowly the a small big".split()
-
 
 @pytest.fixture(scope="module")
 def text_backbone(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    vocab = tmp_path_factory.mktemp("bert") / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = transformers.BertTokenizer(str(vocab))
-    config = transformers.BertConfig(
-        vocab_size=5 + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(config).double()
-    return TextBackbone(model, tokenizer, name="tiny-bert")
-
-
-TEXTS = [
-    "the red cat sleeps",
-    "a small green bird runs quickly",
-    "the big dog",
-    "blue bird sleeps slowly the small cat runs",
-    "a dog runs",
-    "the green cat sleeps quickly",
-]
+    pytest.importorskip("transformers")
+    return tiny_text_backbone(tmp_path_factory.mktemp("bert"))
 
 
 def test_text_gradients_match_per_sample_autograd(text_backbone):

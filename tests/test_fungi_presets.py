@@ -282,3 +282,54 @@ def test_format_1_extractors_load_with_the_fast_settings(encoder, images, tmp_pa
     (path / "fungi.json").write_text(json.dumps(config))
     loaded = FungiExtractor.load(path, encoder)
     assert torch.equal(loaded.transform(images[3:]), fx.transform(images[3:]))
+
+
+# -- texts: FUNGI Table 19 -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_backbone(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from text_models import tiny_text_backbone
+
+    return tiny_text_backbone(tmp_path_factory.mktemp("bert"), weight_seed=0)
+
+
+def test_default_text_losses_are_table_19(text_backbone):
+    """Table 19 (appendix B.3): KL temperature 15, projection 768; SimCLR 12 positive
+    views, 2 negative views, projection 256, negatives batch 256 × 2, temperature 0.07,
+    word deletion p 0.1."""
+    kl = create_loss("kl", text_backbone, seed=0)
+    assert kl.settings == {"temperature": 15.0, "head_dim": 768}
+    simclr = create_loss("simclr", text_backbone, seed=0)
+    assert simclr.views.num_views == 12 and simclr.negative_views.num_views == 2
+    assert simclr.views.p == simclr.negative_views.p == 0.1
+    assert simclr.head.weight.shape == (256, 32) and simclr.temperature == 0.07
+    texts = [" ".join(["the red cat"] * (1 + i % 3)) for i in range(260)]
+    simclr.fit(text_backbone, texts, batch_size=130)
+    assert simclr.negatives.shape == (256 * 2, 32)  # 256 texts × 2 views each
+
+
+def test_fast_text_preset_gives_the_features_of_hbird_before_table_19(text_backbone):
+    """Golden values computed with hbird at commit dd383f4 (text defaults before Table 19:
+    8 views, head 96, negatives' views as the positives') under ``preset="fast"``: each
+    part's dot product with a seeded probe vector."""
+    from text_models import TEXTS
+
+    fx = FungiExtractor(text_backbone, losses=("kl", "simclr"), seed=0, batch_size=4, preset="fast")
+    parts = fx.fit(TEXTS[:4]).extract_parts(TEXTS[4:])
+    simclr = fx.losses_["simclr"].settings
+    assert (simclr["text_views"], simclr["text_negative_views"], simclr["head_dim"]) == (8, 8, 96)
+    assert simclr["num_negative_inputs"] == 64
+    probe = torch.randn(32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    before = {
+        "kl": [-0.285695, -0.295181],
+        "simclr": [-1.779121, 1.523702],
+        "embedding": [0.501241, 0.495599],
+    }
+    for name, values in before.items():
+        assert (parts[name].double() @ probe).tolist() == pytest.approx(values, abs=2e-6), name
+    paper = FungiExtractor(text_backbone, losses=("kl", "simclr"), seed=0, batch_size=4)
+    paper_parts = paper.fit(TEXTS[:4]).extract_parts(TEXTS[4:])
+    assert torch.equal(paper_parts["kl"], parts["kl"])  # KL is Table 19's in both
+    assert not torch.allclose(paper_parts["simclr"], parts["simclr"], atol=1e-3)

@@ -16,9 +16,21 @@ SimCLR patches             S/2, stride int(S/12), each resized to   S/2 at their
 SimCLR negatives           256 inputs (Table 17: 256 × 49)          64 inputs (64 × 49)
 =========================  =======================================  ===========================
 
+For texts, ``paper`` is FUNGI's Table 19 (appendix B.3):
+
+=========================  =======================================  ===========================
+setting                    ``paper``                                ``fast``
+=========================  =======================================  ===========================
+SimCLR positive views      12 word deletions (p = 0.1)              8
+SimCLR negative views      2 per negative text                      8 per negative text
+SimCLR head                256                                      96
+SimCLR negatives           256 inputs (256 × 2)                     64 inputs (64 × 8)
+=========================  =======================================  ===========================
+
 ``fast`` is what hbird did before the paper settings became the default, so numbers
 computed under it are those of earlier hbird versions. Everything else (heads,
-temperatures, crop counts and scales, 49 patches) is Table 17's in both.
+temperatures, crop counts and scales, 49 patches; for texts KL's head 768 and
+temperature 15, SimCLR's temperature 0.07 and p = 0.1) is the paper's in both.
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ FAST_LOCAL_FRACTION = 96 / 224
 """``fast``: DINO's local crop side relative to the input side (DINO's 96 for 224)."""
 FAST_NEGATIVE_INPUTS = 64
 """``fast``: training inputs whose views form the SimCLR negative batch."""
+FAST_TEXT_SIMCLR = {"text_views": 8, "text_negative_views": 8, "head_dim": 96}
+"""``fast``: SimCLR's text views and head before Table 19's became the default."""
 
 
 def check_preset(preset: str) -> None:
@@ -61,4 +75,6 @@ def preset_loss_options(preset: str, backbone: FungiBackbone) -> dict[str, dict[
             "interpolation": "bilinear",
         }
         options["simclr"].update(grid="spread", view_size=snap_to_patch(side * 0.5, patch))
+    elif backbone.modality == "text":
+        options["simclr"].update(FAST_TEXT_SIMCLR)
     return options

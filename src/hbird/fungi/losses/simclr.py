@@ -4,13 +4,15 @@ Positives are views of the same input. For an image (FUNGI appendix B.1 and its 
 the image resized to 224 × 224 (bicubic), 49 overlapping 112-pixel patches (stride
 ``int(112 / 6) = 18``), each resized to 224 × 224 (bicubic) for the encoder; Table 17:
 49 positive views. The ``fast`` preset feeds the patches at 112 pixels, offsets spread
-over 0–112. For a text, copies with each word deleted with p = 0.1 (Table 19). For an
-audio clip (appendix A.2, Table 12), 16 copies of its filter bank with uniform noise
-added and shifted in time by up to 10 frames (:class:`~hbird.fungi.views.NoiseShift`).
-Negatives are the views of a fixed batch of training inputs, embedded once at ``fit``
-(Table 17: 256 × 49; ``fast``: 64 × 49; audio: 2 views each, Table 12); or given.
-Embeddings are *not* normalised before the random head (output 96; audio 768); head outputs are
-compared by cosine similarity, every similarity divided by the temperature 0.07.
+over 0–112. For a text (Table 19, appendix B.3): 12 copies with each word deleted with
+p = 0.1. For an audio clip (appendix A.2, Table 12), 16 copies of its filter bank with
+uniform noise added and shifted in time by up to 10 frames
+(:class:`~hbird.fungi.views.NoiseShift`). Negatives are the views of a fixed batch of
+training inputs, embedded once at ``fit`` (Table 17: 256 × 49 for images; Table 19:
+256 × 2 for texts; Table 12: 2 views each for audio; ``fast``: 64 inputs); or given.
+Embeddings are *not* normalised before the random head (output 96 for images, Table 17;
+256 for texts, Table 19; 768 for audio, Table 12); head outputs are compared by cosine
+similarity, every similarity divided by the temperature 0.07.
 
 For the ``V`` positives ``a`` of one sample, with ``s(x, y) = cos(x, y) / τ``:
 
@@ -64,10 +66,8 @@ def info_nce(anchors: torch.Tensor, negatives: torch.Tensor, temperature: float)
     return (torch.logsumexp(logits, dim=-1) - attract).mean(dim=-1)
 
 
-HEAD_DIM = 96
-"""SimCLR head width for images and texts (Table 17)."""
-AUDIO_HEAD_DIM = 768
-"""SimCLR head width for audio (Table 12: projection dim 768)."""
+HEAD_DIMS = {"image": 96, "text": 256, "audio": 768}
+"""SimCLR head width per modality: Table 17 (images), Table 19 (texts), Table 12 (audio)."""
 
 
 @LOSSES.register("simclr")
@@ -76,11 +76,11 @@ class SimCLRLoss(GradientLoss):
 
     Args:
         backbone: the frozen model. seed: the extractor seed.
-        head_dim: width of the random head (Table 17: 96; audio, Table 12: 768; ``None``:
-            the modality's).
+        head_dim: width of the random head (``None``: the modality's, Table 17's 96 for
+            images, Table 19's 256 for texts, Table 12's 768 for audio).
         temperature: τ (Table 17: 0.07).
         num_negative_inputs: training inputs whose views form the negative batch
-            (Table 17: 256, i.e. 256 × 49 negative views).
+            (Tables 17 and 19: 256, i.e. 256 × 49 image or 256 × 2 text negative views).
         patch_fraction: image patch side as a fraction of the input side (B.1: 112/224).
         stride_fraction: patch stride as a fraction of the patch side (B.1: 1/6).
         grid: ``"unfold"`` (FUNGI's code) or ``"spread"`` (:class:`~hbird.fungi.views.PatchGrid`).
@@ -88,7 +88,8 @@ class SimCLRLoss(GradientLoss):
             side, as FUNGI's code).
         interpolation: ``"bicubic"`` (FUNGI's code) or ``"bilinear"``, for the image and
             the patches.
-        text_views: positive views per text.
+        text_views: positive views per text (Table 19: 12).
+        text_negative_views: views per negative text (Table 19: 2).
         word_deletion: probability of deleting each word of a text view (Table 19: 0.1).
         audio_views: positive views per clip (Table 12: 16), noise-and-shift views of its
             filter bank (:class:`~hbird.fungi.views.NoiseShift`, appendix A.2).
@@ -114,7 +115,8 @@ class SimCLRLoss(GradientLoss):
         grid: str = "unfold",
         view_size: int | None = None,
         interpolation: str = "bicubic",
-        text_views: int = 8,
+        text_views: int = 12,
+        text_negative_views: int = 2,
         word_deletion: float = 0.1,
         audio_views: int = 16,
         audio_negative_views: int = 2,
@@ -129,7 +131,7 @@ class SimCLRLoss(GradientLoss):
             raise ValueError(f"simclr: num_negative_inputs must be >= 1, got {num_negative_inputs}")
         self.temperature = temperature
         self.num_negative_inputs = num_negative_inputs
-        self.negative_views: NoiseShift | None = None  # None: the positives' views
+        self.negative_views: NoiseShift | WordDeletion | None = None  # None: the positives'
         if backbone.modality == "image":
             side = backbone.image_size
             patch = snap_to_patch(side * patch_fraction, backbone.patch_size)
@@ -148,8 +150,9 @@ class SimCLRLoss(GradientLoss):
             )
         else:
             self.views = WordDeletion(text_views, word_deletion, seed)
+            self.negative_views = WordDeletion(text_negative_views, word_deletion, seed)
         if head_dim is None:
-            head_dim = AUDIO_HEAD_DIM if backbone.modality == "audio" else HEAD_DIM
+            head_dim = HEAD_DIMS[backbone.modality]
         self.head = RandomHead(self.embed_dim, head_dim, seed, "simclr")
         self.register_buffer("negatives", torch.empty(0, self.embed_dim))
         self.given_negatives = negatives
@@ -173,6 +176,7 @@ class SimCLRLoss(GradientLoss):
             "view_size": view_size,
             "interpolation": interpolation,
             "text_views": text_views,
+            "text_negative_views": text_negative_views,
             "word_deletion": word_deletion,
             "audio_views": audio_views,
             "audio_negative_views": audio_negative_views,
@@ -185,7 +189,7 @@ class SimCLRLoss(GradientLoss):
         audio: filter banks ``(B, T, F)``, noised and shifted; texts: word deletions."""
         if isinstance(self.views, PatchGrid):
             batch = resize_views(batch, self.image_size, self.interpolation)
-        return self.views(batch)
+        return (self.negative_views if negatives else self.views)(batch)
 
     def make_negative_views(self, batch: Views) -> list[ViewGroup]:
         """The views of negative inputs: their positives' kind, fewer for audio (Table 12)."""
