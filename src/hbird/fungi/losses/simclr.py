@@ -189,10 +189,10 @@ class SimCLRLoss(GradientLoss):
         audio: filter banks ``(B, T, F)``, noised and shifted; texts: word deletions."""
         if isinstance(self.views, PatchGrid):
             batch = resize_views(batch, self.image_size, self.interpolation)
-        return (self.negative_views if negatives else self.views)(batch)
+        return self.views(batch)
 
     def make_negative_views(self, batch: Views) -> list[ViewGroup]:
-        """The views of negative inputs: their positives' kind, fewer for audio (Table 12)."""
+        """The views of negative inputs: the positives' kind, fewer for texts and audio (Tables 19, 12)."""
         if self.negative_views is not None:
             return self.negative_views(batch)
         return self.make_views(batch)
