@@ -181,3 +181,47 @@ def test_device_placement_gives_cpu_results_equal_to_brute_force(tmp_path, devic
     reloaded = load_index(index.save(tmp_path / "idx"))
     assert reloaded.device.type == "cpu" and "device" not in reloaded.params()
     assert_same_neighbours(*reloaded.search(q, 7), want_sims, want_ids)
+
+
+def test_a_batch_of_queries_gets_what_each_part_gets_alone_ties_included() -> None:
+    """The predictor searches several images' queries in one call: per query, the scores
+    and the order of the neighbours (ties among duplicated keys included) must be those
+    of searching its image alone."""
+    keys = _unit(3000, 32, 0, torch.float16)
+    keys[1::3] = keys[0::3]  # duplicated keys: exact ties
+    q = _unit(2100, 32, 1)
+    index = ExactIndex(32, chunk_size=512, query_chunk_size=1024)
+    index.add(keys)
+    sims, ids = index.search(q, 30)
+    parts = [index.search(part, 30) for part in q.split([784, 784, 532])]
+    assert torch.equal(sims, torch.cat([s for s, _ in parts]))
+    assert torch.equal(ids, torch.cat([i for _, i in parts]))
+    assert_same_neighbours(sims, ids, *_brute_force(keys, q, 30))
+
+
+def test_fill_checks_keys_for_nan_once_a_few_rows_at_a_time(monkeypatch) -> None:
+    """Issue 15: the NaN/inf check ran twice when fill trained first, each time with an
+    N × D mask; it runs once, in row chunks."""
+    from hbird.index import base
+
+    seen, check = [], base.all_finite
+    monkeypatch.setattr(base, "all_finite", lambda x: seen.append(x.shape[0]) or check(x))
+
+    class NeedsTraining(ExactIndex):
+        trained = False
+
+        @property
+        def is_trained(self) -> bool:
+            return self.trained
+
+        def _train(self, x: torch.Tensor) -> None:
+            self.trained = True
+
+    index = NeedsTraining(8)
+    index.fill(_unit(100, 8, 0))
+    assert index.trained and index.ntotal == 100 and seen == [100]  # was [100, 100]
+    x = _unit(10, 8, 0)
+    x[7, 3] = float("nan")  # in the third chunk of 3 rows
+    assert check(x[:7], rows=3) and not check(x, rows=3) and not check(x[7:], rows=3)
+    with pytest.raises(InputError, match="NaN or inf"):
+        ExactIndex(8).add(x)

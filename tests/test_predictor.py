@@ -317,3 +317,22 @@ def test_approximate_index_scores_fall_back_to_recomputed_cosines(scenes):
     oracle = eq1_weights(q, p.bank_.keys[ids], p.temperature)
     torch.testing.assert_close(weights.double(), oracle, rtol=1e-5, atol=1e-6)
     assert torch.equal(values, p.bank_.values[ids])
+
+
+def test_a_batch_is_searched_at_once_giving_the_predictions_of_each_image_alone(
+    fitted, scenes, monkeypatch
+):
+    """The queries of a whole batch go to the index in one search (issue 15); per image,
+    the neighbours, weights and predictions are those of searching that image alone."""
+    images = [s.image for s in scenes[1][:5]]
+    images[2] = torch.nn.functional.interpolate(images[2][None], size=(48, 96))[0]
+    assert fitted.search.batch_size >= len(images)  # one batch
+    calls, search = [], fitted.index_.search
+    monkeypatch.setattr(fitted.index_, "search", lambda q, k: calls.append(len(q)) or search(q, k))
+    together = fitted.predict_dense(images)
+    assert calls == [4 * 80 + 8 * 16]  # one search: four 8 x 10 grids, one 8 x 16 (48 x 96)
+    for image, got in zip(images, together):
+        (alone,) = fitted.predict_dense([image])
+        assert torch.equal(got.patch_labels, alone.patch_labels)
+        assert torch.equal(got.labels, alone.labels)
+        assert torch.equal(got.confidence, alone.confidence)

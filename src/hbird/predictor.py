@@ -503,24 +503,12 @@ class InContextPredictor:
     def _predict_patches(
         self, images: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Eq. 1 for every patch: ``(h, w, C)`` soft labels and ``(h, w)`` top weights."""
+        """Eq. 1 for every patch: ``(h, w, C)`` soft labels and ``(h, w)`` top weights.
+
+        Every image's patches ``(Σ h·w, D)`` go to one :meth:`attend`: per query the same
+        neighbours as one search per image, and one collective call for a sharded index."""
         with self.timings.measure("encode"):
             feats = self.extractor_.transform([self._view(x) for x in images]) if images else []
-        if isinstance(self.index_, ShardedIndex):  # one collective search for the batch
-            return self._predict_patches_together(feats)
-        soft, top = [], []
-        for feat in feats:
-            h, w, d = feat.shape
-            weights, values = self.attend(feat.reshape(h * w, d))
-            with self.timings.measure("decode"):
-                soft.append(aggregate(weights, values).reshape(h, w, -1))
-                top.append(weights.max(dim=-1).values.reshape(h, w))
-        return soft, top
-
-    def _predict_patches_together(
-        self, feats: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """:meth:`_predict_patches` with every image's patches in one :meth:`attend`."""
         d = self.extractor_.feature_dim
         flat = torch.cat([f.reshape(-1, d) for f in feats]) if feats else torch.empty(0, d)
         weights, values = self.attend(flat)
