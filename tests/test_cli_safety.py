@@ -324,7 +324,7 @@ def test_eval_checks_every_prompt_and_query_file_before_the_memory(
     from hbird.eval import retrieval
 
     built = []
-    monkeypatch.setattr(retrieval, "_predictor", lambda *a: built.append(a) or 1 / 0)
+    monkeypatch.setattr(retrieval, "fitted_predictor", lambda *a, **kw: built.append(a) or 1 / 0)
     out = tmp_path / "run"
     argv = ["eval", "--dataset", f"folder:root={bad_eval_dataset}", "--out", str(out), *EVAL_FAST]
     assert main(argv) == 2
