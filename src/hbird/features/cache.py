@@ -98,7 +98,7 @@ class FeatureCache:
         return features
 
     def put(self, key: str, features: torch.Tensor) -> None:
-        """Store ``features`` under ``key`` atomically, then trim the cache to its limit."""
+        """Store ``features`` under ``key`` atomically (:meth:`trim` keeps the size limit)."""
         save_tensors(self._path(key), {"features": features})
 
     def entries(self) -> list[Path]:

@@ -21,6 +21,7 @@ fresh build of the remaining prompt gives.
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import tempfile
@@ -92,8 +93,6 @@ class Workspace:
 
     # -- state ------------------------------------------------------------------------
     def _resume(self) -> None:
-        import json
-
         record = json.loads((self.state / STATE_FILE).read_text())
         if record.get("format_version") != FORMAT_VERSION:
             raise InputError(f"{self.state} holds a workspace of another hbird version")
