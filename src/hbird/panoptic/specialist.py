@@ -1,0 +1,104 @@
+"""The contract of a finetuned panoptic specialist, and the specialist registry.
+
+Axial-DeepLab (thesis §3.3, Panoptic-DeepLab's heads on an Axial-ResNet) and
+MaX-DeepLab (thesis §4.3, a mask transformer) are trained by one trainer and evaluated
+by one protocol. Each is a :class:`PanopticSpecialist`; the trainer calls, per step::
+
+    outputs = model(images)                     # dict of tensors (the heads' outputs)
+    losses = model.loss(outputs, targets)       # dict of scalars, "loss" is minimised
+
+and evaluation calls ``model.predict(outputs, size)`` for panoptic maps the metric
+(:class:`hbird.metrics.PanopticQuality`) scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from hbird.data.panoptic import PanopticMap
+from hbird.registry import Registry
+
+SPECIALISTS: Registry[Callable[..., PanopticSpecialist]] = Registry("panoptic specialist")
+"""Builders ``(num_classes, thing_classes, **options) -> PanopticSpecialist`` by name
+(``panoptic-deeplab``, ``max-deeplab``)."""
+
+
+@dataclass(frozen=True)
+class PanopticTarget:
+    """One training image's ground truth, at the network's input size.
+
+    Attributes:
+        semantic: ``(H, W)`` int64 class ids, ``ignore_index`` on void.
+        instance: ``(H, W)`` int64 instance ids within the class (0 for stuff, crowd
+            and void).
+    """
+
+    semantic: torch.Tensor
+    instance: torch.Tensor
+
+    @property
+    def panoptic(self) -> PanopticMap:
+        return PanopticMap(self.semantic, self.instance)
+
+
+class PanopticSpecialist(nn.Module):
+    """Base class of a trainable panoptic model.
+
+    Attributes:
+        name: the registry name.
+        num_classes: ``C`` semantic classes (stuff and things).
+        thing_classes: the class ids that have instances.
+        ignore_index: the void label of targets and predictions.
+        backbone: the pretrained part, trained at the backbone learning rate (×0.1).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self, num_classes: int, thing_classes: Sequence[int], ignore_index: int = 255
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.thing_classes = tuple(int(c) for c in thing_classes)
+        self.ignore_index = ignore_index
+
+    backbone: nn.Module
+
+    @property
+    def size_multiple(self) -> int:
+        """Input sides must be multiples of this (the backbone's output stride)."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``images`` ``(B, 3, H, W)`` normalised → the heads' outputs, batch first."""
+        raise NotImplementedError
+
+    def loss(
+        self, outputs: dict[str, torch.Tensor], targets: Sequence[PanopticTarget]
+    ) -> dict[str, torch.Tensor]:
+        """The training losses, one scalar per term plus their weighted sum ``"loss"``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(
+        self, outputs: dict[str, torch.Tensor], size: tuple[int, int] | None = None
+    ) -> list[PanopticMap]:
+        """One panoptic map per image, at ``size`` ``(H, W)`` (default: the input size),
+        void pixels labelled ``ignore_index``, by the paper's inference rules."""
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The builder options that rebuild this model (saved beside its checkpoint)."""
+        return {}
+
+
+def create_specialist(
+    name: str, num_classes: int, thing_classes: Sequence[int], **options: Any
+) -> PanopticSpecialist:
+    """Build the registered specialist ``name``."""
+    return SPECIALISTS.get(name)(num_classes, thing_classes, **options)
