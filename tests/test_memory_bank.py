@@ -148,3 +148,45 @@ def test_keys_left_on_disk_are_read_on_demand(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-8])
     with pytest.raises(BankError, match="read from .* on demand"):
         again.read_keys()
+
+
+def three_image_bank():
+    """Images 10, 11, 12 with 3, 0 and 4 entries (hand-made keys: row i is i·e_0 + e_1)."""
+    bank = MemoryBank(2, SPEC, ENC, key_dtype="float32")
+    rows = torch.stack([torch.arange(7.0) + 1, torch.ones(7)], dim=1)  # (7, 2)
+    values = torch.eye(3)[torch.arange(7) % 3]  # (7, 3)
+    bank.append(rows[:3], values[:3], num_images=1, image_ids=10)
+    bank.append(rows[:0], values[:0], num_images=1, image_ids=11)
+    bank.append(rows[3:], values[3:], num_images=1, image_ids=torch.full((4,), 12))
+    return bank, rows, values
+
+
+def test_remove_drops_one_images_entries_and_keeps_the_order():
+    bank, rows, values = three_image_bank()
+    assert bank.image_ids.tolist() == [10] * 3 + [12] * 4
+    assert bank.remove(10) == 3
+    kept = rows[3:] / rows[3:].norm(dim=1, keepdim=True)
+    assert torch.equal(bank.keys, kept) and torch.equal(bank.values, values[3:])
+    assert bank.image_ids.tolist() == [12] * 4 and bank.num_images == 2
+    with pytest.raises(
+        BankError, match=r"image id\(s\) \[10, 11\]; its entries come from images \[12\]"
+    ):
+        bank.remove([10, 11])
+    assert len(bank) == 4  # a refused removal changes nothing
+
+
+def test_image_ids_are_saved_and_loaded_with_the_bank(tmp_path):
+    bank, _, _ = three_image_bank()
+    path = bank.save(tmp_path / "bank", shard_size=2)
+    loaded = MemoryBank.load(path, encoder=ENC, keys=False)
+    assert loaded.image_ids.tolist() == [10] * 3 + [12] * 4
+    assert loaded.remove(12) == 4 and torch.allclose(loaded.keys, bank.keys[:3])
+    part = MemoryBank.load(path, encoder=ENC, rows=(2, 5))
+    assert part.image_ids.tolist() == [10, 12, 12]
+
+
+def test_entries_appended_without_an_image_id_cannot_be_removed():
+    bank = make_bank()
+    assert bool((bank.image_ids == -1).all())
+    with pytest.raises(BankError, match="does not record which prompt image"):
+        bank.remove(0)

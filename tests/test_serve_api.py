@@ -61,7 +61,9 @@ def test_workspace_add_remove_and_resume_match_fresh_builds(photos, scenes, tmp_
     both = fresh_prediction(photos, scenes, [0, 1])
     got = [ws.predict(f"img{i}.png").labels for i in range(6)]
     assert all(torch.equal(a, b) for a, b in zip(got, both))
+    live = ws.predictor()
     ws.remove_prompt("img0.png")
+    assert ws.predictor() is live and live.image_ids_ == [1]  # entries removed, no rebuild
     alone = fresh_prediction(photos, scenes, [1])
     got = [ws.predict(f"img{i}.png").labels for i in range(6)]
     assert all(torch.equal(a, b) for a, b in zip(got, alone))

@@ -5,6 +5,7 @@
     masks = p.predict(query_images)        # (B, H, W) at each query's own size
     p.save("voc_bank/"); p2 = InContextPredictor.load("voc_bank/")
     p.add(more_images, more_masks)         # grow the prompt without rebuilding
+    p.remove(1)                            # drop the second prompt image's entries
 
 It wires the rooms together: encoders → a feature extractor (``features``) → memory
 (labels, sampling, augmentation, bank) → index → decode. Constructor arguments are stored
@@ -46,7 +47,7 @@ from hbird.index.cache import cache_path, load_or_build
 from hbird.index.sharded import ShardedIndex, slice_bounds
 from hbird.labelspec import LabelSpec
 from hbird.memory.augment import image_generator
-from hbird.memory.bank import BankWriter, MemoryBank, content_id
+from hbird.memory.bank import UNKNOWN_IMAGE, BankWriter, MemoryBank, content_id
 from hbird.memory.prompt import encode_prompt
 from hbird.memory.sampling import default_sampler, per_image_budget, sample_patches
 from hbird.specs import RECORDED_SEARCH, BankSpec, SearchConfig, split_stored_config
@@ -135,6 +136,9 @@ class InContextPredictor:
     Attributes (after ``fit`` or ``load``):
         spec_: the :class:`~hbird.specs.BankSpec` of the memory; encoder_, extractor_
         (a :class:`~hbird.features.FeatureExtractor`), bank_, index_, label_spec_.
+        image_ids_: the ids of the prompt's images, in order: ``fit`` numbers them
+            ``0..n-1``, ``add`` continues, ``remove`` takes ids out (None for a bank
+            saved without image ids).
     """
 
     def __init__(
@@ -330,9 +334,10 @@ class InContextPredictor:
         self.label_spec_ = label_spec
         self.extractor_.fit(self._plain_views(pairs))
         self.bank_ = self._new_bank(label_spec, len(pairs))
-        for _, keys, values in self._memory_entries(pairs, self.bank_, start_index=0):
-            self.bank_.append(keys, values)
+        for item, keys, values in self._memory_entries(pairs, self.bank_, start_index=0):
+            self.bank_.append(keys, values, image_ids=item_image(item))
         self.bank_.num_images = len(pairs)
+        self.image_ids_ = list(range(len(pairs)))
         self._check_not_empty()
         self._build_index()
         return self
@@ -340,16 +345,54 @@ class InContextPredictor:
     def add(
         self, images: Sequence[Any] | torch.Tensor, labels: Sequence[Any] | torch.Tensor
     ) -> InContextPredictor:
-        """Grow the prompt: new entries are appended to the bank and the index."""
+        """Grow the prompt: new entries are appended to the bank and the index. The new
+        images get the next ids (:attr:`image_ids_`), which also seed their sampling."""
         self._check_fitted()
         pairs = PromptPairs(images, labels, self.label_spec_)
-        start = self.bank_.num_images
+        ids = self.image_ids_
+        start = max([self.bank_.num_images, *(i + 1 for i in ids or [])])  # never reused
         before = len(self.bank_)
-        for _, keys, values in self._memory_entries(pairs, self.bank_, start_index=start):
-            self.bank_.append(keys, values)
+        for item, keys, values in self._memory_entries(pairs, self.bank_, start_index=start):
+            self.bank_.append(keys, values, image_ids=item_image(item))
         self.bank_.num_images += len(pairs)
+        if ids is not None:
+            ids.extend(range(start, start + len(pairs)))
         self.index_.add(self.bank_.keys[before:])
         self.key_norms_ = None
+        return self
+
+    def remove(self, image_ids: int | Sequence[int]) -> InContextPredictor:
+        """Drop prompt images (ids of :attr:`image_ids_`) and their bank entries; the index
+        is rebuilt from the remaining keys (a retrain for IVF-PQ, a refill otherwise).
+
+        With the default settings (no memory budget, one pass) the predictions then
+        equal those of a predictor fitted on the remaining images. With a budget or
+        augmentation passes, the remaining entries are the ones the full fit sampled.
+        The FUNGI support set fixed at ``fit`` stays (as with :meth:`add`).
+        """
+        self._check_fitted()
+        wanted = [image_ids] if isinstance(image_ids, int) else list(image_ids)
+        if isinstance(self.index_, ShardedIndex):
+            raise InputError("a bank sharded across processes (shard_bank) cannot remove images")
+        if self.image_ids_ is None:
+            self.bank_.remove(wanted)  # raises: the bank does not record image ids
+        unknown = [i for i in wanted if i not in self.image_ids_]
+        if unknown:
+            raise InputError(
+                f"image id(s) {unknown} are not in this predictor's prompt; its image ids are "
+                f"{self.image_ids_} (fit numbers the prompt 0..n-1, add continues)"
+            )
+        entries = self.bank_.image_ids
+        gone = torch.isin(entries, torch.tensor(wanted, dtype=torch.int64))
+        if bool(gone.all()):
+            raise InputError(
+                f"removing image id(s) {wanted} would leave the memory empty; fit a new prompt"
+            )
+        with_entries = sorted(set(entries[gone].tolist()))
+        self.bank_.remove(with_entries)
+        self.bank_.num_images -= len(set(wanted)) - len(with_entries)  # images without entries
+        self.image_ids_ = [i for i in self.image_ids_ if i not in wanted]
+        self._build_index()
         return self
 
     def build_bank(
@@ -369,7 +412,8 @@ class InContextPredictor:
         writer = BankWriter.for_bank(path, bank, shard_size=shard_size, overwrite=overwrite)
         try:
             for item, keys, values in self._memory_entries(pairs, bank, 0, skip=writer.done):
-                writer.add(keys, values, item=item, images=int(item.startswith("0:")))
+                images = int(item.startswith("0:"))
+                writer.add(keys, values, item=item, images=images, image_ids=item_image(item))
         except BaseException:  # an error or Ctrl-C: keep finished shards, or nothing
             writer.discard_if_empty()
             raise
@@ -669,6 +713,14 @@ class InContextPredictor:
         except BankError as err:
             raise BankError(f"{source}: {err}") from None
         self.label_spec_ = bank.label_spec
+        ids = bank.image_ids
+        known = not bool((ids == UNKNOWN_IMAGE).any())
+        self.image_ids_ = ids.unique().tolist() if known else None
+
+
+def item_image(item: str) -> int:
+    """The prompt image of a ``"epoch:image"`` memory item (:attr:`PromptPatches.item`)."""
+    return int(item.rsplit(":", 1)[1])
 
 
 def _check_search_overrides(overrides: dict[str, Any], spec: BankSpec, source: Any) -> None:

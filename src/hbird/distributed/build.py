@@ -169,7 +169,8 @@ def _assemble(
     for block in sorted(blocks):
         for item, keys, values in _read_part(_part_file(parts, block)):
             if item not in writer.done:
-                writer.add(keys, values, item=item, images=int(item.startswith("0:")))
+                images, image = int(item.startswith("0:")), int(item.rsplit(":", 1)[1])
+                writer.add(keys, values, item=item, images=images, image_ids=image)
     writer.flush()  # from here the shards hold every item: the parts are not needed
     shutil.rmtree(parts)
     writer.bank.search, writer.bank.attachments = bank.search, bank.attachments

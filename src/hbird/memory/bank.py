@@ -4,8 +4,13 @@ On disk a bank is a folder::
 
     manifest.json            format version, encoder identity, feature dim and dtype,
                              label spec, sampling/prompt config, counts, shard checksums
-    shard_00000.safetensors  {"keys": (n, D) float16|float32, "values": (n, C) float32}
+    shard_00000.safetensors  {"keys": (n, D) float16|float32, "values": (n, C) float32,
+                              "image_ids": (n,) int64}
     shard_00001.safetensors  ...
+
+Each entry records the prompt image it came from (``image_ids``, ``-1`` when unknown:
+banks saved before hbird recorded them, which still load), so the entries of one image
+can be removed again (:meth:`MemoryBank.remove`).
 
 Shards let a bank larger than memory be built and read piece by piece. A build writes
 into ``<bank>.partial/`` and renames it into place only when complete; a killed build
@@ -41,6 +46,8 @@ MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 ATTACHMENTS = "attachments.safetensors"
 KEY_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+UNKNOWN_IMAGE = -1
+"""The image id of entries whose prompt image was not recorded (older banks)."""
 
 
 def _sha256(path: Path) -> str:
@@ -116,6 +123,7 @@ class MemoryBank:
         self.attachments: dict[str, torch.Tensor] = {}
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
+        self._image_ids: list[torch.Tensor] = []
         self._source: tuple[Path, dict[str, Any]] | None = None  # folder + manifest it came from
         self._keys_on_disk = False
 
@@ -148,6 +156,12 @@ class MemoryBank:
         """``(N, C)`` float32 patch labels."""
         self._consolidate()
         return self._values[0] if self._values else torch.empty(0, self.label_spec.value_dim)
+
+    @property
+    def image_ids(self) -> torch.Tensor:
+        """``(N,)`` int64: the prompt image each entry came from (``-1``: not recorded)."""
+        self._consolidate()
+        return self._image_ids[0] if self._image_ids else torch.empty(0, dtype=torch.int64)
 
     @property
     def keys_in_memory(self) -> bool:
@@ -187,9 +201,18 @@ class MemoryBank:
             self._keys = [torch.cat(self._keys)]
         if len(self._values) > 1:
             self._values = [torch.cat(self._values)]
+        if len(self._image_ids) > 1:
+            self._image_ids = [torch.cat(self._image_ids)]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, num_images: int = 0) -> None:
-        """Add ``keys (n, D)`` (normalised here) and ``values (n, C)``."""
+    def append(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        num_images: int = 0,
+        image_ids: int | torch.Tensor | None = None,
+    ) -> None:
+        """Add ``keys (n, D)`` (normalised here) and ``values (n, C)``; ``image_ids``: the
+        prompt image they came from (one int, or ``(n,)`` ints; None: not recorded)."""
         if keys.ndim != 2 or keys.shape[1] != self.feature_dim:
             raise BankError(
                 f"keys of shape {tuple(keys.shape)} do not fit this bank's feature dim {self.feature_dim}"
@@ -199,10 +222,44 @@ class MemoryBank:
                 f"values of shape {tuple(values.shape)} do not match {keys.shape[0]} keys with "
                 f"{self.label_spec.value_dim} label channels"
             )
+        ids = torch.as_tensor(UNKNOWN_IMAGE if image_ids is None else image_ids, dtype=torch.int64)
+        ids = ids.expand(keys.shape[0]) if ids.ndim == 0 else ids
+        if ids.shape != (keys.shape[0],):
+            raise BankError(f"{ids.shape[0]} image ids do not match {keys.shape[0]} keys")
         self._restore_keys()
         self._keys.append(normalize_keys(keys, KEY_DTYPES[self.key_dtype]))
         self._values.append(values.to(torch.float32).contiguous())
+        self._image_ids.append(ids.clone())
         self.num_images += num_images
+
+    def remove(self, image_ids: int | list[int]) -> int:
+        """Drop every entry of the given prompt images; returns how many entries went.
+
+        The rest keep their order, so the bank equals one built without those images
+        whenever an image's entries do not depend on the others (no memory budget, one
+        pass: the defaults); with a budget or augmentation passes the remaining entries
+        are those the full build sampled. ``num_images`` drops by one per image.
+        """
+        wanted = torch.as_tensor(image_ids, dtype=torch.int64).reshape(-1).unique()
+        ids = self.image_ids
+        if bool((ids == UNKNOWN_IMAGE).any()):
+            raise BankError(
+                "this bank does not record which prompt image each entry came from (it was "
+                "saved by an older hbird); rebuild it (hbird bank build, or fit) to remove images"
+            )
+        missing = wanted[~torch.isin(wanted, ids)]
+        if missing.numel():
+            held = ids.unique().tolist()
+            raise BankError(
+                f"no entry of this bank comes from image id(s) {missing.tolist()}; its entries "
+                f"come from images {held[:20]}{' ...' if len(held) > 20 else ''}"
+            )
+        keep = ~torch.isin(ids, wanted)
+        self._restore_keys()
+        self._keys, self._values = [self.keys[keep]], [self.values[keep]]
+        self._image_ids = [ids[keep]]
+        self.num_images = max(self.num_images - wanted.numel(), 0)
+        return int((~keep).sum())
 
     # -- identity ---------------------------------------------------------------------
     def manifest(self, shards: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -252,9 +309,10 @@ class MemoryBank:
         )
         writer.bank.attachments = dict(self.attachments)
         writer.bank.search = dict(self.search)
-        keys, values = self.read_keys(), self.values
+        keys, values, ids = self.read_keys(), self.values, self.image_ids
         for start in range(0, max(len(self), 1), shard_size):
-            writer.add(keys[start : start + shard_size], values[start : start + shard_size])
+            rows = slice(start, start + shard_size)
+            writer.add(keys[rows], values[rows], image_ids=ids[rows])
         writer.num_images = self.num_images
         return writer.finalize()
 
@@ -313,10 +371,13 @@ class MemoryBank:
             )
         if rows is not None:
             keys = True  # a slice is kept whole: its keys cannot be re-read on demand
-        for shard_keys, values in iter_shards(path, manifest, verify=verify, rows=rows):
+        for shard in _read_shards(path, manifest, verify=verify, rows=rows):
             if keys:
-                bank._keys.append(shard_keys)
-            bank._values.append(values)
+                bank._keys.append(shard["keys"])
+            bank._values.append(shard["values"])
+            ids = shard.get("image_ids")  # absent from banks of older hbirds
+            n = shard["values"].shape[0]
+            bank._image_ids.append(ids if ids is not None else torch.full((n,), UNKNOWN_IMAGE))
         bank.num_images = manifest["counts"]["images"]
         bank.search = manifest.get("search", {})
         bank.attachments = read_attachments(path, manifest, verify=verify)
@@ -357,6 +418,17 @@ def iter_shards(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(keys (n, D), values (n, C))`` shard by shard, checking each checksum
     (``rows=(start, stop)``: only the entries in that range, from the shards holding them)."""
+    for shard in _read_shards(path, manifest, verify, rows):
+        yield shard["keys"], shard["values"]
+
+
+def _read_shards(
+    path: str | Path,
+    manifest: dict[str, Any] | None = None,
+    verify: bool = True,
+    rows: tuple[int, int] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`iter_shards`, each shard as its dict of tensors (``image_ids`` if saved)."""
     path = Path(path)
     manifest = manifest or MemoryBank.read_manifest(path)
     stop = 0
@@ -378,12 +450,12 @@ def iter_shards(
             else:  # only the rows in range are read into memory
                 lo, hi = max(rows[0] - start, 0), min(rows[1], stop) - start
                 with safe_open(str(file), "pt") as f:
-                    tensors = {n: f.get_slice(n)[lo:hi] for n in ("keys", "values")}
+                    tensors = {n: f.get_slice(n)[lo:hi] for n in f.keys()}
         except (SafetensorError, OSError) as err:
             raise BankError(
                 f"bank shard {file} could not be read ({err}); rebuild the bank"
             ) from err
-        yield tensors["keys"], tensors["values"]
+        yield tensors
 
 
 class BankWriter:
@@ -483,10 +555,16 @@ class BankWriter:
                     folder.rmdir()
 
     def add(
-        self, keys: torch.Tensor, values: torch.Tensor, item: str | None = None, images: int = 0
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        item: str | None = None,
+        images: int = 0,
+        image_ids: int | torch.Tensor | None = None,
     ) -> None:
-        """Buffer entries; ``item`` marks a finished unit of work (recorded at the next flush)."""
-        self.bank.append(keys, values)
+        """Buffer entries; ``item`` marks a finished unit of work (recorded at the next
+        flush); ``image_ids``: the prompt image(s) the entries came from."""
+        self.bank.append(keys, values, image_ids=image_ids)
         if item is not None:
             self._pending_items.append(item)
         self._pending_images += images
@@ -499,12 +577,11 @@ class BankWriter:
             return
         if len(self.bank):
             name = f"shard_{len(self.shards):05d}.safetensors"
-            file = save_tensors(
-                self.staging / name, {"keys": self.bank.keys, "values": self.bank.values}
-            )
+            tensors = {"keys": self.bank.keys, "values": self.bank.values}
+            file = save_tensors(self.staging / name, {**tensors, "image_ids": self.bank.image_ids})
             self.shards.append({"file": name, "entries": len(self.bank), "sha256": _sha256(file)})
-            self.bank._keys.clear()
-            self.bank._values.clear()
+            for pieces in (self.bank._keys, self.bank._values, self.bank._image_ids):
+                pieces.clear()
         self.done.update(self._pending_items)
         self.num_images += self._pending_images
         self._pending_items.clear()

@@ -14,9 +14,13 @@ is the commit point, so a kill at any moment leaves the workspace as of the last
 confirmed change (a mask without a JSON entry is ignored and overwritten later).
 
 Predictions never re-encode an image already seen: the feature cache serves every view,
-so a prompt change re-runs only the bank build from cached features, search and decode.
-Removing a prompt image rebuilds the bank without it, which gives exactly the bank a
-fresh build of the remaining prompt gives.
+so a prompt change re-runs only search and decode. Adding a prompt image grows the bank
+(``InContextPredictor.add``); removing one drops its entries
+(``InContextPredictor.remove``), which with the default settings gives exactly the bank
+a fresh build of the remaining prompt gives. The predictor numbers the prompt's images
+in prompt order (``image_ids_``), so the workspace's prompt list maps names to its ids.
+Changes are confirmed on disk first; if the predictor then fails to follow, it is
+dropped and rebuilt from the confirmed state on next use.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 import torch
 
 from hbird.decode import DensePrediction
-from hbird.errors import InputError
+from hbird.errors import HbirdError, InputError
 from hbird.io.files import atomic_folder, has_file, write_json, write_text
 from hbird.io.images import list_images, load_image, load_mask, save_label_png
 from hbird.labelspec import LabelSpec
@@ -99,14 +103,16 @@ class Workspace:
         self.classes, self.settings = record["classes"], record["settings"]
         self.prompt = [n for n in record["prompt"] if n in self._paths]
 
-    def _save(self) -> None:
+    def _save(self, prompt: list[str] | None = None, classes: list[str] | None = None) -> None:
+        """Commit the workspace (with ``prompt``/``classes`` in place of the current ones:
+        the in-memory state changes only once this returned)."""
         write_json(
             self.state / STATE_FILE,
             {
                 "format_version": FORMAT_VERSION,
                 "images": str(self.images_dir.resolve()),
-                "classes": self.classes,
-                "prompt": self.prompt,
+                "classes": self.classes if classes is None else classes,
+                "prompt": self.prompt if prompt is None else prompt,
                 "settings": self.settings,
             },
         )
@@ -140,9 +146,9 @@ class Workspace:
                     f"the prompt's masks use ids up to {len(self.classes) - 1}; remove the "
                     "prompt images first, or keep the classes and rename them"
                 )
+            self._save(classes=names)
             self.classes = names
             self._forget()
-            self._save()
 
     def check_mask(self, name: str, data: bytes) -> torch.Tensor:
         """Decode an uploaded PNG mask with the CLI's own checks: ``(H, W)`` int64 ids."""
@@ -168,28 +174,43 @@ class Workspace:
 
     def add_prompt(self, name: str, mask_png: bytes) -> None:
         """Add (or replace) ``name``'s prompt mask; the bank grows with ``add()``."""
-        mask = self.check_mask(name, mask_png)
         with self.lock:
-            save_label_png(self.mask_path(name), mask)
+            mask = self.check_mask(name, mask_png)
             replaced = name in self.prompt
+            if replaced:  # its old entries are in the bank: rebuild on next use
+                self._forget()
+            save_label_png(self.mask_path(name), mask)  # a new name's mask: ignored until...
+            self._save(prompt=self.prompt if replaced else [*self.prompt, name])  # ...this
             if not replaced:
                 self.prompt.append(name)
-            self._save()
-            if replaced or self._predictor is None:
-                self._forget()
-            else:
-                self._predictor.add([self.image_path(name)], [mask])
-                self._predictions.clear()
+            self._follow(lambda p: p.add([self.image_path(name)], [mask]))
 
     def remove_prompt(self, name: str) -> None:
-        """Drop ``name`` from the prompt; the bank is rebuilt without it (cached features)."""
+        """Drop ``name`` from the prompt; its bank entries go with ``remove()``."""
         with self.lock:
             if name not in self.prompt:
                 raise InputError(f"{name} is not in the prompt; nothing to remove")
+            position = self.prompt.index(name)
+            self._save(prompt=[n for n in self.prompt if n != name])
             self.prompt.remove(name)
-            self._save()
             self.mask_path(name).unlink(missing_ok=True)
+            if not self.prompt:
+                self._forget()
+            self._follow(lambda p: p.remove(p.image_ids_[position]))
+
+    def _follow(self, change: Callable[[Any], Any]) -> None:
+        """Apply a confirmed prompt change to the live predictor, if there is one; if that
+        fails (e.g. the memory would be empty) it is rebuilt from disk on next use."""
+        self._predictions.clear()
+        if self._predictor is None:
+            return
+        try:
+            change(self._predictor)
+        except HbirdError:  # the rebuild from disk gives the same error, where it belongs
             self._forget()
+        except BaseException:
+            self._forget()
+            raise
 
     def _forget(self) -> None:
         self._predictor = None
