@@ -17,6 +17,11 @@ Table 3.1 where it lists the model. Rows:
 
     python benchmarks/backbones.py                  # a few minutes on 2 cores
     python benchmarks/backbones.py --sizes 224 --models axial_resnet_s resnet50
+    python benchmarks/backbones.py --accounting     # Axial-ResNet parameters vs Table B.3
+
+``--accounting`` splits the parameters of Axial-ResNet at the four widths of the thesis'
+Table B.3 into projections, classifier, batch norms and relative-embedding tables, and
+prints the gap to the table (docs/backbones.md explains it).
 
 Writes JSON to ``benchmarks/results/backbones.json`` unless ``--out`` says otherwise.
 """
@@ -39,6 +44,8 @@ TABLE_3_1 = {  # thesis Table 3.1 (ImageNet, 224 px): params (M), multiply-adds 
     "axial_resnet_s": {"row": "Conv-Stem + Axial-Attention", "params_m": 12.4, "macs_b": 2.8},
     "resnet50": {"row": "ResNet-50", "params_m": 25.6, "macs_b": 4.1},
 }
+TABLE_B_3 = {0.375: 7.4, 0.5: 12.4, 0.75: 26.4, 1.0: 45.6}
+"""Thesis Table B.3: Conv-Stem + Axial-Attention parameters (M) by width multiplier."""
 MODELS = (
     "axial_resnet_s",
     "axial_deeplab_s",
@@ -111,6 +118,46 @@ def measure_one(name: str, side: int, batch: int, repeats: int) -> dict[str, Any
     return row
 
 
+def parameter_groups(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of an AxialResNet by kind: stem, projections (1×1 convolutions and q/k/v),
+    fc, batch norms, relative-embedding tables."""
+    groups = dict.fromkeys(("stem", "projections", "fc", "batch_norms", "tables"), 0)
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    for key, p in model.named_parameters():
+        owner = key.rsplit(".", 1)[0]
+        if key.rsplit(".", 1)[-1] in ("rel_q", "rel_k", "rel_v"):
+            kind = "tables"
+        elif key.startswith(("conv1.", "bn1.")):
+            kind = "stem"
+        elif key.startswith("fc."):
+            kind = "fc"
+        elif issubclass(kinds[owner], torch.nn.modules.batchnorm._BatchNorm):
+            kind = "batch_norms"
+        else:
+            kind = "projections"
+        groups[kind] += p.numel()
+    return groups
+
+
+def accounting() -> list[dict[str, Any]]:
+    """Axial-ResNet (+ 1000-class fc) at Table B.3's widths, parameters by kind and the gap."""
+    from hbird.nn.axial_resnet import AxialResNet
+
+    rows = []
+    print("width   total     proj      fc     BN    tables   B.3    gap   gap/width")
+    for width, table in TABLE_B_3.items():
+        groups = parameter_groups(AxialResNet(width=width, num_classes=1000))
+        total = sum(groups.values()) / 1e6
+        gap = table - total
+        rows.append({"width": width, **groups, "total_m": total, "table_b_3_m": table})
+        print(
+            f"{width:5.3f} {total:8.3f} {groups['projections'] / 1e6:8.3f} "
+            f"{groups['fc'] / 1e6:6.3f} {groups['batch_norms'] / 1e6:6.3f} "
+            f"{groups['tables'] / 1e6:6.3f} {table:6.1f} {gap:6.3f} {gap / width:6.3f}"
+        )
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -119,6 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed passes; the best counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--accounting", action="store_true", help="parameters vs Table B.3")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SIDE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -126,6 +174,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
+    if args.accounting:
+        out = (
+            DEFAULT_OUT.with_name("backbones_accounting.json")
+            if args.out == DEFAULT_OUT
+            else args.out
+        )
+        write_report({"environment": environment(), "accounting": accounting()}, out)
+        return
     if args.one:  # the child process: one measurement, as JSON on stdout
         print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.batch, args.repeats)))
         return

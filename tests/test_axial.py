@@ -258,6 +258,29 @@ def test_axial_resnet_layout():
     assert 11e6 < count(axial_resnet.axial_resnet("s", num_classes=1000)) < 12.5e6
 
 
+TABLE_B3_PARAMS = {0.375: 7.4e6, 0.5: 12.4e6, 0.75: 26.4e6, 1.0: 45.6e6}
+"""Thesis Table B.3, Conv-Stem + Axial-Attention with its classifier, by width multiplier."""
+
+
+def test_the_gap_to_table_b3_is_linear_in_the_width(monkeypatch):
+    """Our parameter count differs from Table B.3 at every width by one constant times the
+    width (to the table's rounding, ±0.05M): what the layout decides (1×1 convolutions and
+    q/k/v projections) grows with width², so a wrong layout would open a quadratic gap
+    (docs/backbones.md, "What it costs"). Weights are not initialised: only shapes count."""
+    from torch import nn
+
+    for module in (nn.Linear, nn.Conv2d, AxialAttention):
+        monkeypatch.setattr(module, "reset_parameters", lambda self: None)
+    monkeypatch.setattr(axial_resnet.AxialResNet, "_init_weights", lambda self, zero: None)
+    low, high = [], []  # the per-unit-width gap each table entry allows
+    for width, table in TABLE_B3_PARAMS.items():
+        ours = count(axial_resnet.AxialResNet(width=width, num_classes=1000))
+        low.append((table - 0.05e6 - ours) / width)
+        high.append((table + 0.05e6 - ours) / width)
+    assert max(low) <= min(high), (low, high)  # one gap per unit width fits all four
+    assert 1.5e6 < max(low) and min(high) < 1.8e6  # about 1.63M · width
+
+
 def _their_layout(model: axial_resnet.AxialResNet) -> dict[str, torch.Tensor]:
     """Re-key a model into csrhddlam/axial-deeplab's layout, written from their module
     definitions: ``layer{i+1}``, ``hight_block``, ``qkv_transform`` (Conv1d), 1×1 Conv2d

@@ -132,6 +132,41 @@ def test_global_batch_norm_2d_matches_batch_norm_2d_on_the_whole_batch():
     torch.testing.assert_close(ours.running_var, plain.running_var)
 
 
+def test_axial_norms_become_global_and_match_the_local_ones(monkeypatch):
+    """The axial layers normalise channels-last maps and channel slices (bn_similarity's
+    three terms, bn_output's two) without calling their norms' forward; under DDP those go
+    through the global path too. Forced here in one process (the all-reduce is then the
+    identity), the global path must give the plain model's outputs and running statistics."""
+    import hbird.pretrain.backbone as backbone_module
+    from hbird.pretrain.backbone import (
+        GlobalChannelsLastBatchNorm,
+        GlobalSlicedBatchNorm2d,
+        globalize_axial_norms,
+    )
+
+    plain = create_encoder("test_axial").model.double().train()
+    ours = globalize_axial_norms(create_encoder("test_axial").model.double().train())
+    kinds = {type(m) for m in ours.modules()}
+    assert {GlobalChannelsLastBatchNorm, GlobalSlicedBatchNorm2d} <= kinds
+    assert ours.state_dict().keys() == plain.state_dict().keys()
+    monkeypatch.setattr(backbone_module, "is_distributed", lambda: True)
+    calls, original = [], backbone_module.global_batch_norm
+
+    def counted(norm, x):
+        calls.append(x.shape[1])
+        return original(norm, x)
+
+    monkeypatch.setattr(backbone_module, "global_batch_norm", counted)
+    x = torch.randn(3, 3, 48, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (want,), (got,) = plain.forward_stages(x, [3]), ours.forward_stages(x, [3])
+    torch.testing.assert_close(got, want)
+    # per axial layer: bn_qkv, 3 similarity terms, 2 output terms; per block bn1, bn2 (+ shortcut)
+    layers = sum(isinstance(m, backbone_module.AxialAttention) for m in ours.modules())
+    assert len(calls) >= layers * 6 + 4 * 2
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, msg=key)
+
+
 # -- DDP: two processes with half the batch each ≡ one process --------------------------------
 
 

@@ -48,7 +48,19 @@ class ChannelsLastBatchNorm(nn.BatchNorm1d):
 def batch_norm_slice(norm: nn.modules.batchnorm._BatchNorm, x, start: int, stop: int):
     """``norm`` applied to ``x`` (channels on axis 1) as channels ``start:stop`` of its input:
     the same result (and running-statistics update) as normalising the concatenation, without
-    building it."""
+    building it.
+
+    A norm with its own ``forward_slice(x, start, stop)`` computes the slice itself: the
+    global-batch norms DDP pretraining swaps in do (:mod:`hbird.pretrain.backbone`).
+    """
+    own = getattr(norm, "forward_slice", None)
+    if own is not None:
+        return own(x, start, stop)
+    return local_batch_norm_slice(norm, x, start, stop)
+
+
+def local_batch_norm_slice(norm: nn.modules.batchnorm._BatchNorm, x, start: int, stop: int):
+    """:func:`batch_norm_slice` with this process's batch statistics (``F.batch_norm``)."""
     part = slice(start, stop)
     stats = norm.running_mean is not None and not norm.training
     return F.batch_norm(

@@ -7,8 +7,9 @@ embedding ``(B, D)`` and patches ``(B, h, w, D)``. Two kinds exist:
   can replace masked patch embeddings by a mask token (``supports_masking``, iBOT);
 * :class:`FeatureMapBackbone`: any registered non-ViT encoder (ELASTIC, Axial-ResNet, ...)
   trained through its ``forward_patches`` at its output stride; the global embedding is
-  the patch mean. Its batch norms become :class:`GlobalBatchNorm2d` (same state dict), so
-  a DDP run normalises over the global batch as one process would.
+  the patch mean. Its batch norms become global-batch ones (:class:`GlobalBatchNorm2d`,
+  and :func:`globalize_axial_norms` for the axial layers' channels-last and sliced norms;
+  same state dicts), so a DDP run normalises over the global batch as one process would.
 
 Every backbone has ``model`` (the module whose untouched state dict a checkpoint exports,
 so it loads through ``hbird.encoders.create_encoder(arch, weights=...)``), ``arch``,
@@ -23,6 +24,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,7 +32,8 @@ from torch import nn
 
 from hbird.encoders.timm_backend import build_timm_model, timm_mean_std
 from hbird.io.checkpoints import architecture_metadata
-from hbird.pretrain.distributed import GlobalBatchNorm2d
+from hbird.nn.axial import AxialAttention, ChannelsLastBatchNorm, local_batch_norm_slice
+from hbird.pretrain.distributed import GlobalBatchNorm2d, global_batch_norm, is_distributed
 
 
 @dataclass
@@ -134,13 +137,73 @@ class ViTBackbone(nn.Module):
         return TimmEncoder(model, self.arch)
 
 
+def _global_slice(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, start: int, stop: int):
+    """Channels ``start:stop`` of ``norm`` on ``x`` ``(N, stop - start, ...)``, with training
+    statistics over the global batch under DDP (:func:`hbird.nn.axial.batch_norm_slice`).
+
+    The running statistics of the slice are updated in place; ``num_batches_tracked`` is
+    not, as in the single-process path (``F.batch_norm``)."""
+    if not norm.training or not is_distributed():
+        return local_batch_norm_slice(norm, x, start, stop)
+    part = slice(start, stop)
+    tracked = norm.track_running_stats and norm.running_mean is not None
+    view = SimpleNamespace(
+        running_mean=norm.running_mean[part] if tracked else None,
+        running_var=norm.running_var[part] if tracked else None,
+        num_batches_tracked=torch.zeros((), dtype=torch.long),
+        weight=norm.weight[part] if norm.affine else None,
+        bias=norm.bias[part] if norm.affine else None,
+        affine=norm.affine,
+        track_running_stats=tracked,
+        momentum=norm.momentum,
+        eps=norm.eps,
+    )
+    return global_batch_norm(view, x)
+
+
+class GlobalChannelsLastBatchNorm(ChannelsLastBatchNorm):
+    """:class:`~hbird.nn.axial.ChannelsLastBatchNorm` ``(..., C)`` with global-batch training
+    statistics under DDP (itself in one process); also normalises channel slices."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not is_distributed():
+            return super().forward(x)
+        return global_batch_norm(self, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+
+    forward_slice = _global_slice
+
+
+class GlobalSlicedBatchNorm2d(GlobalBatchNorm2d):
+    """:class:`GlobalBatchNorm2d` that also normalises channel slices (an axial layer's
+    ``bn_similarity``, applied term by term)."""
+
+    forward_slice = _global_slice
+
+
+def globalize_axial_norms(module: nn.Module) -> nn.Module:
+    """Make the axial layers' batch norms global-batch ones, in place (same state dict).
+
+    Every :class:`~hbird.nn.axial.ChannelsLastBatchNorm` becomes a
+    :class:`GlobalChannelsLastBatchNorm` and each :class:`~hbird.nn.axial.AxialAttention`'s
+    ``bn_similarity`` a :class:`GlobalSlicedBatchNorm2d`: subclasses without new state, so
+    the instances are retyped and keep their parameters and buffers.
+    """
+    for sub in module.modules():
+        if type(sub) is ChannelsLastBatchNorm:
+            sub.__class__ = GlobalChannelsLastBatchNorm
+        elif isinstance(sub, AxialAttention) and type(sub.bn_similarity) is nn.BatchNorm2d:
+            sub.bn_similarity.__class__ = GlobalSlicedBatchNorm2d
+    return module
+
+
 class FeatureMapBackbone(nn.Module):
     """A registered feature-map encoder (``forward_patches`` at its output stride), trainable.
 
     Args:
         encoder: an :class:`~hbird.encoders.Encoder` from ``create_encoder(arch, ...)``;
-            its parameters are unfrozen and its ``BatchNorm2d`` layers swapped for
-            :class:`GlobalBatchNorm2d` in place.
+            its parameters are unfrozen and its batch norms made global-batch ones in
+            place (``BatchNorm2d`` → :class:`GlobalBatchNorm2d`, the axial layers' by
+            :func:`globalize_axial_norms`).
         arch: its registry name (``test_elastic``); model_kwargs: the factory options.
     """
 
@@ -148,7 +211,8 @@ class FeatureMapBackbone(nn.Module):
 
     def __init__(self, encoder: nn.Module, arch: str, model_kwargs: dict[str, Any] | None = None):
         super().__init__()
-        self.encoder = GlobalBatchNorm2d.convert(encoder).requires_grad_(True)
+        encoder = GlobalBatchNorm2d.convert(globalize_axial_norms(encoder))
+        self.encoder = encoder.requires_grad_(True)
         self.arch = arch
         self.model_kwargs = dict(model_kwargs or {})
         self.patch_size = int(encoder.patch_size)
