@@ -13,6 +13,7 @@ _EXTRA_OF = {
     "scann": "scann",
     "open_clip": "clip",
     "fastapi": "serve",
+    "gradio": "serve",
     "scipy.signal": "audio",
 }
 

@@ -1,4 +1,4 @@
-"""``hbird serve``: the REST API over workspaces of a folder of images (hbird.serve)."""
+"""``hbird serve``: the web page and REST API over workspaces of a folder (hbird.serve)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 LOCAL = "127.0.0.1"
+PAGE_WORKSPACE = "default"  # the workspace the web page edits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--demo",
         action="store_true",
         help="serve synthetic scenes with the tiny untrained test_vit, offline (a demo)",
+    )
+    parser.add_argument(
+        "--api-only",
+        action="store_true",
+        help="serve the REST API without the web page (no gradio needed)",
     )
     add_spec_arguments(parser, BankSpec, "memory (how each workspace's bank is built)")
     add_spec_arguments(parser, SearchConfig, "search")
@@ -67,8 +73,32 @@ def run(args: argparse.Namespace) -> int:
     from hbird.serve.app import create_app
 
     app = create_app(images, args.state, classes, settings)
+    url = f"http://{args.host}:{args.port}"
+    if not args.api_only:
+        app = with_page(app, args.demo)
+        print(f"hbird serve: the page is at {url}/ (workspace {PAGE_WORKSPACE!r})")
     import uvicorn
 
-    print(f"hbird serve: http://{args.host}:{args.port}/docs (Ctrl-C stops; state in {args.state})")
+    print(f"hbird serve: REST API at {url}/docs (Ctrl-C stops; state in {args.state})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def with_page(app, demo: bool):
+    """Mount the web page at ``/``; without Gradio, ``/`` says how to install it."""
+    from hbird._optional import is_available, require
+
+    if is_available("gradio"):
+        from hbird.serve.page import mount_page
+
+        export = f"/api/workspaces/{PAGE_WORKSPACE}/export.zip"
+        return mount_page(app, app.state.workspace(PAGE_WORKSPACE), demo, export)
+    try:
+        require("gradio", "the hbird serve web page")
+    except ImportError as err:
+        message = f"{err} (the REST API at /docs works without it; --api-only hides this)"
+    print(f"warning: {message}", file=sys.stderr)
+    from fastapi.responses import PlainTextResponse
+
+    app.get("/", include_in_schema=False)(lambda: PlainTextResponse(message, status_code=503))
+    return app

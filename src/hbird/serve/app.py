@@ -86,6 +86,8 @@ def create_app(
             workspaces[ws] = Workspace(images, state / ws, classes, settings)
         return workspaces[ws]
 
+    app.state.workspace = workspace  # the web page (hbird.serve.page) shares them
+
     def png(data: bytes) -> Response:
         return Response(content=data, media_type="image/png")
 

@@ -1,0 +1,353 @@
+"""The web page of ``hbird serve``: paint prompt masks, predict, correct (Gradio).
+
+The page is a Gradio ``Blocks`` mounted at ``/`` on the REST app (same process, same
+:class:`~hbird.serve.workspace.Workspace` objects). Every button calls one workspace
+method; the only code here turns pixels into pictures and back:
+
+- the brush layer of the ImageEditor ``(H·s, W·s, 4)`` RGBA, painted with the class
+  palette colours, becomes a ``(H, W)`` mask of class ids (255 where nothing is painted);
+- a prediction becomes an overlay (as the REST ``overlay`` route draws it) or a grey
+  confidence map.
+
+Small images are shown ``s`` times larger in the editor (an integer factor, so every
+image pixel is an ``s × s`` block of canvas pixels and the mask reads the block centre).
+"""
+
+import functools
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from hbird._optional import require
+from hbird.errors import InputError
+from hbird.io.images import load_image, voc_palette
+from hbird.serve.workspace import IGNORE_INDEX, Workspace
+
+EDIT_SIZE = 512  # images smaller than this are enlarged by an integer factor to paint
+PAINTED_ALPHA = 128  # brush-layer pixels at least this opaque count as painted
+LOADED_ALPHA = 176  # a confirmed mask or prediction loaded to edit: see the image through it
+DEMO_BANNER = (
+    "**Demo**: synthetic scenes and the tiny *untrained* `test_vit` encoder, offline. "
+    "The predictions show how the loop works, not how good a trained encoder is."
+)
+ORDERS = ("name", "least confident first")
+
+
+# -- pixels <-> masks -------------------------------------------------------------------
+def class_colours(num_classes: int) -> np.ndarray:
+    """``(num_classes, 3)`` uint8: the palette colour of each class (as masks are saved)."""
+    return voc_palette(num_classes)
+
+
+def hex_colour(rgb: np.ndarray) -> str:
+    return "#" + "".join(f"{int(c):02x}" for c in rgb)
+
+
+def edit_scale(height: int, width: int) -> int:
+    """The integer factor that shows an image at least ``EDIT_SIZE`` px on its long side."""
+    return max(1, -(-EDIT_SIZE // max(height, width)))
+
+
+def mask_from_layer(layer: np.ndarray, num_classes: int, scale: int = 1) -> np.ndarray:
+    """A painted brush layer → class ids.
+
+    Args:
+        layer: ``(H·scale, W·scale, 4)`` uint8 RGBA, painted with :func:`class_colours`.
+        scale: canvas pixels per image pixel (each image pixel reads its block's centre).
+
+    Returns:
+        ``(H, W)`` uint8: the class whose colour is nearest (RGB distance) where the layer
+        is at least ``PAINTED_ALPHA`` opaque, ``IGNORE_INDEX`` (unlabelled) elsewhere.
+    """
+    centre = scale // 2
+    layer = np.asarray(layer)[centre::scale, centre::scale]
+    rgb, alpha = layer[..., :3].astype(np.int64), layer[..., 3]
+    colours = class_colours(num_classes).astype(np.int64)
+    distance = ((rgb[:, :, None, :] - colours[None, None]) ** 2).sum(-1)  # (H, W, C)
+    mask = distance.argmin(-1).astype(np.uint8)
+    mask[alpha < PAINTED_ALPHA] = IGNORE_INDEX
+    return mask
+
+
+def layer_from_mask(mask: np.ndarray, scale: int = 1) -> np.ndarray:
+    """Class ids ``(H, W)`` → an RGBA brush layer ``(H·scale, W·scale, 4)`` to edit further:
+    labelled pixels at ``LOADED_ALPHA`` (counted as painted), unlabelled ones transparent."""
+    mask = np.asarray(mask)
+    layer = np.zeros((*mask.shape, 4), dtype=np.uint8)
+    labelled = mask != IGNORE_INDEX
+    layer[labelled, :3] = voc_palette(256)[mask[labelled]]
+    layer[labelled, 3] = LOADED_ALPHA
+    return layer.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def png_bytes(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rgb_array(path) -> np.ndarray:
+    """``(H, W, 3)`` uint8 of an image file, as the predictor reads it."""
+    return np.round(load_image(path).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def overlay_array(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``(H, W, 3)`` uint8: the class colours mixed into the image (the REST overlay)."""
+    colours = voc_palette(256)[np.asarray(labels, dtype=np.int64)].astype(np.float64)
+    return np.round((1 - alpha) * image + alpha * colours).astype(np.uint8)
+
+
+def confidence_array(confidence: np.ndarray) -> np.ndarray:
+    """``(H, W)`` float confidence in [0, 1] → ``(H, W)`` uint8 grey (white = sure)."""
+    return np.round(np.clip(confidence, 0, 1) * 255).astype(np.uint8)
+
+
+def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
+    return np.asarray(image).repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+# -- the page ---------------------------------------------------------------------------
+class PageModel:
+    """What the page shows, computed from one workspace (no Gradio here; tested alone).
+
+    ``shown`` is the set of images whose prediction the gallery shows; it is the page
+    session's choice (predict one or predict all) and is kept only while the prompt is
+    not empty.
+    """
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.ws = workspace
+
+    def image(self, name: str) -> np.ndarray:
+        return rgb_array(self.ws.image_path(name))
+
+    def scale(self, name: str) -> int:
+        return edit_scale(*self.image(name).shape[:2])
+
+    def editor_value(self, name: str) -> dict[str, Any]:
+        """The ImageEditor value for ``name``: the enlarged image and, for a prompt image,
+        its confirmed mask as the brush layer."""
+        image = self.image(name)
+        s = edit_scale(*image.shape[:2])
+        if name in self.ws.prompt:
+            mask = np.asarray(Image.open(self.ws.mask_path(name)))
+        else:
+            mask = np.full(image.shape[:2], IGNORE_INDEX, dtype=np.uint8)
+        return self._editor(image, mask, s)
+
+    def prediction_as_layer(self, name: str) -> dict[str, Any]:
+        """The editor value with ``name``'s prediction as the brush layer (to correct it)."""
+        image = self.image(name)
+        labels = self.ws.predict(name).labels.numpy()
+        return self._editor(image, labels, edit_scale(*image.shape[:2]))
+
+    @staticmethod
+    def _editor(image: np.ndarray, mask: np.ndarray, s: int) -> dict[str, Any]:
+        background = enlarge(image, s)
+        return {"background": background, "layers": [layer_from_mask(mask, s)], "composite": None}
+
+    def save_prompt(self, name: str, editor: dict[str, Any] | None) -> None:
+        layers = (editor or {}).get("layers") or []
+        if not layers or layers[0] is None:
+            raise InputError(f"paint on {name} first (pick a class colour, then brush)")
+        mask = mask_from_layer(layers[0], len(self.ws.classes), self.scale(name))
+        if (mask == IGNORE_INDEX).all():
+            raise InputError(f"nothing is painted on {name}; brush a class colour on it first")
+        self.ws.add_prompt(name, png_bytes(mask))
+
+    def view(self, name: str, confidence: bool) -> np.ndarray:
+        """``name`` with its prediction overlaid, or its confidence map."""
+        prediction = self.ws.predict(name)
+        if confidence:
+            return confidence_array(prediction.confidence.numpy())
+        return overlay_array(self.image(name), prediction.labels.numpy())
+
+    def gallery(
+        self, shown: set[str], confidence: bool, order: str
+    ) -> tuple[list[tuple[np.ndarray, str]], list[str]]:
+        """Gallery items ``(picture, caption)`` and the image name of each, in ``order``.
+
+        Predicted images show their overlay (or confidence) and mean confidence; the
+        others show the plain image."""
+        shown = shown if self.ws.prompt else set()
+        scores = {n: float(self.ws.predict(n).confidence.mean()) for n in sorted(shown)}
+        names = self.ws.image_names
+        if order == ORDERS[1]:
+            names = sorted(names, key=lambda n: (n not in scores, scores.get(n, 0.0), n))
+        items = []
+        for name in names:
+            caption = name
+            if name in scores:
+                picture = self.view(name, confidence)
+                caption += f" · {scores[name]:.2f}"
+            else:
+                picture = self.image(name)
+            if name in self.ws.prompt:
+                caption += " · prompt"
+            items.append((picture, caption))
+        return items, names
+
+    def status(self) -> str:
+        prompt = ", ".join(self.ws.prompt) or "empty: paint a mask on an image, then add it"
+        return f"**Prompt** ({len(self.ws.prompt)}): {prompt}"
+
+
+def legend_html(classes: list[str]) -> str:
+    """Class names beside their brush colours."""
+    swatches = [
+        f'<span class="hbird-class"><span class="hbird-swatch" style="background:'
+        f'{hex_colour(c)}"></span>{i}: {name}</span>'
+        for i, (name, c) in enumerate(zip(classes, class_colours(len(classes))))
+    ]
+    return '<div id="legend">' + " ".join(swatches) + "</div>"
+
+
+CSS = """
+#demo-banner {background: #fff3cd; border: 1px solid #e0c36c; padding: 6px 12px;}
+.hbird-class {margin-right: 14px; white-space: nowrap;}
+.hbird-swatch {display: inline-block; width: 14px; height: 14px; margin-right: 4px;
+  border: 1px solid #888; vertical-align: middle;}
+"""
+
+
+def build_page(workspace: Workspace, demo: bool = False, export_url: str | None = None):
+    """The Gradio ``Blocks`` over ``workspace`` (element ids are what the browser test uses)."""
+    gr = require("gradio", "the hbird serve web page")
+    model = PageModel(workspace)
+    names = workspace.image_names
+    colours = [hex_colour(c) for c in class_colours(len(workspace.classes))]
+    first = model.editor_value(names[0])
+    # the canvas starts at the first image's size: Gradio places value layers relative
+    # to the starting canvas, so a layer of another size would land off the image
+    canvas = first["background"].shape[1::-1]
+
+    def guarded(fn: Callable) -> Callable:
+        """Show an InputError's message on the page instead of failing the request."""
+
+        @functools.wraps(fn)  # Gradio reads the signature (Progress, SelectData)
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except InputError as err:
+                raise gr.Error(str(err)) from None
+
+        return call
+
+    with gr.Blocks(title="hbird serve", analytics_enabled=False) as page:
+        gr.Markdown("# hbird serve: paint a few masks, see every other image segmented")
+        if demo:
+            gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
+        shown = gr.State(set())  # images whose prediction this session shows
+        order_names = gr.State(names)  # the gallery's image names, in its order
+        with gr.Row():
+            with gr.Column(scale=3):
+                current = gr.Dropdown(names, value=names[0], label="image", elem_id="image")
+                gr.HTML(legend_html(workspace.classes))
+                editor = gr.ImageEditor(
+                    value=first,
+                    canvas_size=canvas,
+                    label="paint the prompt mask (brush colour = class; eraser un-labels)",
+                    type="numpy",
+                    image_mode="RGBA",
+                    format="png",
+                    height=620,
+                    sources=(),
+                    transforms=(),
+                    layers=False,
+                    brush=gr.Brush(
+                        colors=colours,
+                        default_color=colours[1],
+                        color_mode="fixed",
+                        default_size=24,
+                    ),
+                    eraser=gr.Eraser(default_size=24),
+                    elem_id="editor",
+                )
+                with gr.Row():
+                    add = gr.Button("add to prompt", variant="primary", elem_id="add-prompt")
+                    remove = gr.Button("remove from prompt", elem_id="remove-prompt")
+                    correct = gr.Button("correct the prediction", elem_id="correct")
+                status = gr.Markdown(model.status(), elem_id="status")
+            with gr.Column(scale=2):
+                prediction = gr.Image(
+                    label="prediction", interactive=False, height=360, elem_id="prediction"
+                )
+                with gr.Row():
+                    predict = gr.Button("predict", elem_id="predict")
+                    predict_all = gr.Button("predict all", variant="primary", elem_id="predict-all")
+                with gr.Row():
+                    confidence = gr.Checkbox(label="show confidence", elem_id="confidence")
+                    order = gr.Radio(list(ORDERS), value=ORDERS[0], label="order", elem_id="order")
+                if export_url:
+                    gr.Markdown(f"[export masks, bank and settings (zip)]({export_url})")
+        gallery = gr.Gallery(
+            value=model.gallery(set(), False, ORDERS[0])[0],
+            label="the folder (click an image to paint it)",
+            columns=6,
+            format="png",
+            allow_preview=False,
+            elem_id="gallery",
+        )
+
+        views = [prediction, gallery, order_names, status]
+
+        def refresh(name, shown_now, conf, order_now):
+            """The prediction of ``name`` (if shown), the gallery, its order, the status."""
+            items, in_order = model.gallery(shown_now, conf, order_now)
+            view = None
+            if workspace.prompt and name in shown_now:
+                view = enlarge(model.view(name, conf), model.scale(name))
+            return view, items, in_order, model.status()
+
+        @guarded
+        def on_select(name, shown_now, conf, order_now):
+            return model.editor_value(name), *refresh(name, shown_now, conf, order_now)
+
+        def on_gallery_select(in_order, evt: gr.SelectData):
+            return in_order[evt.index]
+
+        @guarded
+        def on_add(name, value, shown_now, conf, order_now):
+            model.save_prompt(name, value)
+            return refresh(name, shown_now, conf, order_now)
+
+        @guarded
+        def on_remove(name, shown_now, conf, order_now):
+            workspace.remove_prompt(name)
+            return model.editor_value(name), *refresh(name, shown_now, conf, order_now)
+
+        @guarded
+        def on_predict(name, shown_now, conf, order_now):
+            shown_now = shown_now | {name}
+            workspace.predict(name)
+            return shown_now, *refresh(name, shown_now, conf, order_now)
+
+        @guarded
+        def on_predict_all(name, conf, order_now, progress=gr.Progress()):  # noqa: B008 (Gradio's API)
+            progress((0, len(names)), desc="predicting", unit="images")
+            workspace.predict_all(progress=lambda i, n: progress((i, n), unit="images"))
+            shown_now = set(workspace.image_names)
+            return shown_now, *refresh(name, shown_now, conf, order_now)
+
+        state = [current, shown, confidence, order]
+        page.load(on_select, state, [editor, *views])  # a reload shows the current prompt
+        current.change(on_select, state, [editor, *views])
+        gallery.select(on_gallery_select, [order_names], [current])
+        add.click(on_add, [current, editor, shown, confidence, order], views)
+        remove.click(on_remove, state, [editor, *views])
+        correct.click(guarded(model.prediction_as_layer), [current], [editor])
+        predict.click(on_predict, state, [shown, *views])
+        predict_all.click(on_predict_all, [current, confidence, order], [shown, *views])
+        for control in (confidence, order):
+            control.change(guarded(refresh), state, views)
+    return page
+
+
+def mount_page(app, workspace: Workspace, demo: bool = False, export_url: str | None = None):
+    """Serve the page at ``/`` of the FastAPI ``app`` (REST routes and ``/docs`` stay)."""
+    gr = require("gradio", "the hbird serve web page")
+    page = build_page(workspace, demo, export_url)
+    return gr.mount_gradio_app(app, page, path="/", css=CSS, footer_links=["api"])

@@ -1,0 +1,145 @@
+"""The web page's pixel conversions and page model (no browser, no Gradio needed).
+
+Expected values are hand computed: the PASCAL VOC colours of classes 0-2 are black,
+(128, 0, 0) and (0, 128, 0); an overlay mixes half image, half class colour.
+"""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hbird import _optional
+from hbird.data.synthetic import make_scenes
+from hbird.errors import InputError
+from hbird.serve.page import (
+    LOADED_ALPHA,
+    ORDERS,
+    PAINTED_ALPHA,
+    PageModel,
+    confidence_array,
+    edit_scale,
+    layer_from_mask,
+    mask_from_layer,
+    overlay_array,
+)
+from hbird.serve.workspace import Workspace
+
+SETTINGS = dict(encoder="test_vit", image_size=64, k=5, index="exact", memory_size=None)
+
+
+def test_mask_from_layer_reads_block_centres_nearest_colour_and_alpha():
+    """A 2x2 image painted on a 4x4 canvas (scale 2): each image pixel reads canvas pixel
+    (2y + 1, 2x + 1); off-centre pixels are decoys that must not matter."""
+    layer = np.zeros((4, 4, 4), dtype=np.uint8)
+    layer[...] = (0, 128, 0, 255)  # decoy everywhere: class 2, opaque
+    layer[1, 1] = (128, 0, 0, 255)  # pixel (0, 0): exactly class 1
+    layer[1, 3] = (10, 120, 5, 255)  # pixel (0, 1): an anti-aliased class 2
+    layer[3, 1] = (128, 0, 0, 100)  # pixel (1, 0): too transparent -> unlabelled
+    layer[3, 3] = (3, 2, 1, 200)  # pixel (1, 1): background (black), opaque enough
+    assert mask_from_layer(layer, num_classes=3, scale=2).tolist() == [[1, 2], [255, 0]]
+
+
+def test_layer_from_mask_round_trips_and_is_transparent_where_unlabelled():
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 4, size=(5, 7)).astype(np.uint8)
+    mask[rng.random((5, 7)) < 0.3] = 255
+    mask[0, 0] = 3
+    layer = layer_from_mask(mask, scale=3)
+    assert layer.shape == (15, 21, 4)
+    assert (layer[..., 3][np.repeat(np.repeat(mask == 255, 3, 0), 3, 1)] == 0).all()
+    assert layer[:3, :3].reshape(9, 4).tolist() == [[128, 128, 0, LOADED_ALPHA]] * 9  # class 3
+    assert PAINTED_ALPHA <= LOADED_ALPHA < 255  # painted, yet the image shows through
+    assert np.array_equal(mask_from_layer(layer, num_classes=4, scale=3), mask)
+
+
+def test_overlay_confidence_and_edit_scale_by_hand():
+    image = np.array([[[10, 20, 30], [200, 100, 0]]], dtype=np.uint8)
+    labels = np.array([[1, 0]])
+    # 0.5 * 10 + 0.5 * 128 = 69; 0.5 * 200 + 0 = 100; ...
+    assert overlay_array(image, labels).tolist() == [[[69, 10, 15], [100, 50, 0]]]
+    assert confidence_array(np.array([0.0, 0.5, 1.2, -1.0])).tolist() == [0, 128, 255, 0]
+    assert edit_scale(96, 128) == 4  # 128 * 4 = 512
+    assert edit_scale(100, 30) == 6  # ceil(512 / 100)
+    assert edit_scale(1000, 800) == 1
+
+
+@pytest.fixture()
+def workspace(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, s in enumerate(make_scenes(4, seed=3, size=(32, 48))):
+        rgb = np.round(s.image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"img{i}.png")
+    return Workspace(folder, tmp_path / "ws", ["background", "a", "b"], SETTINGS)
+
+
+def test_page_model_saves_the_painted_mask_and_orders_the_gallery(workspace):
+    model = PageModel(workspace)
+    s = model.scale("img0.png")
+    assert s == edit_scale(32, 48) == 11
+    with pytest.raises(InputError, match="nothing is painted"):
+        model.save_prompt("img0.png", model.editor_value("img0.png"))
+    painted = np.full((32, 48), 255, dtype=np.uint8)
+    painted[:16] = 1
+    painted[20:, 30:] = 0
+    value = model.editor_value("img0.png")
+    value["layers"] = [layer_from_mask(painted, s)]
+    model.save_prompt("img0.png", value)
+    assert workspace.prompt == ["img0.png"]
+    assert np.array_equal(np.asarray(Image.open(workspace.mask_path("img0.png"))), painted)
+    # the editor reopens a prompt image with its confirmed mask as the brush layer
+    reopened = model.editor_value("img0.png")
+    assert np.array_equal(mask_from_layer(reopened["layers"][0], 3, s), painted)
+
+    items, names = model.gallery(set(), confidence=False, order=ORDERS[0])
+    assert names == ["img0.png", "img1.png", "img2.png", "img3.png"]
+    assert [caption for _, caption in items][:2] == ["img0.png · prompt", "img1.png"]
+    assert np.array_equal(items[1][0], np.asarray(Image.open(workspace.image_path("img1.png"))))
+
+    shown = {"img1.png", "img3.png"}
+    items, names = model.gallery(shown, confidence=False, order=ORDERS[1])
+    means = {n: float(workspace.predict(n).confidence.mean()) for n in shown}
+    low, high = sorted(shown, key=means.get)
+    assert names == [low, high, "img0.png", "img2.png"]  # predicted, least confident first
+    assert items[0][1] == f"{low} · {means[low]:.2f}"
+    rgb = np.asarray(Image.open(workspace.image_path(low))).astype(np.float64)
+    colours = np.array([[0, 0, 0], [128, 0, 0], [0, 128, 0]])[workspace.predict(low).labels.numpy()]
+    assert np.abs(items[0][0] - (rgb + colours) / 2).max() <= 0.5
+    grey, _ = model.gallery(shown, confidence=True, order=ORDERS[1])
+    conf = workspace.predict(low).confidence.numpy()
+    assert np.abs(grey[0][0] - conf * 255).max() <= 0.5
+
+    workspace.remove_prompt("img0.png")
+    items, _ = model.gallery(shown, confidence=False, order=ORDERS[1])
+    assert all("·" not in caption for _, caption in items)  # an empty prompt shows no predictions
+
+
+def test_missing_gradio_names_the_serve_extra(monkeypatch):
+    monkeypatch.setattr(_optional, "is_available", lambda module: False)
+    with pytest.raises(ImportError, match=r'pip install "hbird\[serve\]"'):
+        _optional.require("gradio", "the hbird serve web page")
+
+
+def test_png_bytes_is_a_single_channel_png_of_the_ids():
+    from hbird.serve.page import png_bytes
+
+    mask = np.array([[0, 1], [255, 2]], dtype=np.uint8)
+    assert np.asarray(Image.open(io.BytesIO(png_bytes(mask)))).tolist() == mask.tolist()
+
+
+def test_serve_without_gradio_says_how_to_get_the_page(monkeypatch, workspace, tmp_path):
+    """``hbird serve`` without Gradio still serves the REST API; ``/`` names the extra."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from hbird.cli.serve import with_page
+    from hbird.serve.app import create_app
+
+    monkeypatch.setattr(_optional, "is_available", lambda module: module != "gradio")
+    app = with_page(create_app(workspace.images_dir, tmp_path / "state"), demo=False)
+    client = TestClient(app)
+    page = client.get("/")
+    assert page.status_code == 503 and 'pip install "hbird[serve]"' in page.text
+    assert client.get("/api/workspaces/default").json()["classes"] == ["background", "object"]
