@@ -70,9 +70,15 @@ def main() -> None:
     encoder = create_encoder("test_vit")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        setup = {
+        stems = {
             "prompt": write_scenes(work / "prompt", scenes[: args.prompt], "p"),
             "query": write_scenes(work / "query", scenes[args.prompt :], "q"),
+        }
+        setup = {
+            **{
+                split: [[f"{split}/{s}.png", f"{split}/{s}_mask.png"] for s in names]
+                for split, names in stems.items()
+            },  # fmt: skip
             "image_size": args.image_size,
             "num_classes": 4,
             "k": cfg.k,
@@ -92,9 +98,9 @@ def main() -> None:
 
         kwargs = {**cfg.predictor_kwargs(), "encoder": encoder}
         p = InContextPredictor(**kwargs, progress=False)
-        p.fit([work / "prompt" / f"{s}.png" for s in setup["prompt"]],
-              [work / "prompt" / f"{s}_mask.png" for s in setup["prompt"]], num_classes=4)  # fmt: skip
-        dense = p.predict_dense([work / "query" / f"{s}.png" for s in setup["query"]])
+        p.fit([work / image for image, _ in setup["prompt"]],
+              [work / mask for _, mask in setup["prompt"]], num_classes=4)  # fmt: skip
+        dense = p.predict_dense([work / image for image, _ in setup["query"]])
     ours = torch.stack([d.patch_labels.reshape(-1, d.patch_labels.shape[-1]) for d in dense])
     diff = (ours - peer.to(ours.dtype)).abs()
     result = {
