@@ -1,5 +1,6 @@
 """The retrieval protocol end to end on a synthetic folder dataset with test_vit."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -39,6 +40,13 @@ def test_presets_and_overrides():
     )
     with pytest.raises(InputError, match="unknown setting"):
         parse_overrides(["kk=3"])
+
+
+def test_bf16_preset_is_hummingbird_with_bf16_autocast():
+    """The cheaper named preset changes one setting of the paper's (Table 6) and no other."""
+    paper, bf16 = resolve_config("hummingbird"), resolve_config("hummingbird_bf16")
+    assert paper.autocast is None and bf16.autocast == "bf16"
+    assert dataclasses.replace(bf16, autocast=None) == paper
 
 
 def test_eval_writes_every_report_file(tmp_path, dataset):
