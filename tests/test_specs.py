@@ -149,6 +149,7 @@ def test_spec_fields_are_split_between_bank_and_search():
         "device",
         "batch_size",
         "feature_cache",
+        "workers",
         "shard_bank",
     } == search
     built = {"encoder", "layers", "image_size", "memory_size", "aug_epochs", "key_dtype"}

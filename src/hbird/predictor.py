@@ -110,6 +110,8 @@ class InContextPredictor:
         feature_cache: a folder keeping each view's features on disk
             (:mod:`hbird.features.cache`), keyed by the encoder, the extractor and the
             view's pixels: refitting or predicting the same images again skips the encoder.
+        workers: DataLoader worker processes that read and resize the next prompt images
+            (and, in an evaluation, queries) while the encoder runs; 0 reads them in turn.
         features: a name in :data:`hbird.features.FEATURE_EXTRACTORS`: ``"patch"`` (the
             encoder's patch features) or ``"fungi"`` (dense FUNGI, Simoncini et al. 2024
             appendix B.2: each patch feature concatenated with its projected SimCLR
@@ -159,6 +161,7 @@ class InContextPredictor:
         batch_size: int = _SEARCH.batch_size,
         device: str | torch.device = _SEARCH.device,
         feature_cache: str | Path | None = _SEARCH.feature_cache,
+        workers: int = _SEARCH.workers,
         seed: int = _BANK.seed,
         progress: bool = True,
         augment_first_epoch: bool = _BANK.augment_first_epoch,
@@ -186,6 +189,7 @@ class InContextPredictor:
         self.batch_size = batch_size
         self.device = device
         self.feature_cache = feature_cache
+        self.workers = workers
         self.seed = seed
         self.progress = progress
         self.augment_first_epoch = augment_first_epoch
@@ -456,6 +460,7 @@ class InContextPredictor:
             seed=spec.seed,
             start=start_index,
             batch_size=self.search.batch_size,
+            workers=self.search.workers,
             progress=progress and "building memory",
         )
         budget, sampler = bank.config["budget_per_image"], bank.config["sampling"]

@@ -278,6 +278,13 @@ class SearchConfig(Settings):
         "fraction settings skips the encoder (hbird.features.cache)",
         default_text="none",
     )
+    workers: int = setting(
+        0,
+        "DataLoader worker processes decoding and resizing the next images while the "
+        "encoder runs (at most the core count; results are the same)",
+        kind=int,
+        valid=Range(0),
+    )
     shard_bank: bool = setting(
         False,
         "under torchrun: each process holds 1/N of the bank and searches are merged across "
@@ -289,7 +296,7 @@ class SearchConfig(Settings):
 RECORDED_SEARCH = ("k", "temperature", "index", "index_params", "batch_size")
 """Search settings a bank records as its defaults (``device`` belongs to the machine)."""
 
-RUNTIME_SEARCH = ("device", "batch_size", "feature_cache")
+RUNTIME_SEARCH = ("device", "batch_size", "feature_cache", "workers")
 """Search settings that never change a result: a run may resume with other values."""
 
 DERIVED = ("budget_per_image", "extractor")

@@ -115,6 +115,7 @@ def score_run(
         progress_file=None if out is None else out / "progress.json",
         extra={"build_memory": build_seconds},
         progress=progress,
+        workers=cfg.workers,
     )
 
 

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hbird import distributed
+from hbird.data.prefetch import prefetched
 from hbird.errors import InputError
 from hbird.io.files import write_json
 from hbird.labelspec import LabelSpec
@@ -108,6 +109,7 @@ def score_queries(
     progress_file: Path | None = None,
     extra: dict[str, Any] | None = None,
     progress: bool = True,
+    workers: int = 0,
 ) -> Scored[M]:
     """Predict the queries batch by batch and add each prediction to ``metric``.
 
@@ -124,6 +126,8 @@ def score_queries(
         extra: JSON-able values the caller needs again when resuming; a resumed run
             returns the ones saved by the first run.
         progress: show a progress bar.
+        workers: worker processes reading the next queries while ``predict`` runs
+            (:func:`hbird.data.prefetch.prefetched`; the same queries, in order).
     """
     timings = timings if timings is not None else Timings()
     total = len(queries) if limit is None else min(limit, len(queries))
@@ -143,18 +147,20 @@ def score_queries(
         done, drawn, extra = saved["done"], saved["overlays"], saved["extra"]
     show = progress and me == 0
     bar = tqdm(total=total, initial=done, desc="scoring queries", unit="img", disable=not show)
-    while done < total:
-        # a step scores world × batch_size queries, batch_size per rank, in query order
-        stop = min(done + batch_size * world, total)
-        mine = range(min(done + me * batch_size, stop), min(done + (me + 1) * batch_size, stop))
-        with timings.measure("loading"):
-            batch = [queries[i] for i in mine]
+    # a step scores world × batch_size queries, batch_size per rank, in query order
+    steps = [(start, min(start + batch_size * world, total))
+             for start in range(done, total, batch_size * world)]  # fmt: skip
+    mine = [range(min(a + me * batch_size, b), min(a + (me + 1) * batch_size, b)) for a, b in steps]
+    loaded = prefetched(queries.__getitem__, mine, workers)
+    for (_, stop), rows in zip(steps, mine):
+        with timings.measure("loading"):  # with workers: the wait for a batch read ahead
+            batch = next(loaded)
         predictions = predict([q.image for q in batch])  # every rank calls it, even with none
         with timings.measure("scoring"):
             for query, prediction in zip(batch, predictions):
                 metric.update(getattr(prediction, "labels", prediction), query.label)
         if overlay is not None and done < overlays:
-            drawn += _draw(overlay, queries, zip(mine, batch, predictions), overlays)
+            drawn += _draw(overlay, queries, zip(rows, batch, predictions), overlays)
         bar.update(stop - done)
         done = stop
         if progress_file is not None:

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hbird.data.pairs import Pairs
+from hbird.data.prefetch import prefetched
 from hbird.data.transforms import resize_for_encoder, resize_label
 from hbird.errors import InputError
 from hbird.labelspec import LabelSpec
@@ -61,6 +62,7 @@ def encode_prompt(
     seed: int = 0,
     start: int = 0,
     batch_size: int = 16,
+    workers: int = 0,
     progress: bool | str = False,
 ) -> Iterator[list[PromptPatches]]:
     """Encode prompt items in batches; yield each batch's results, in item order.
@@ -77,27 +79,29 @@ def encode_prompt(
         seed: seeds the augmentation (per epoch and image, ``image_generator``).
         start: offset of ``pairs`` in the whole prompt (seeds and ``PromptPatches.image``).
         batch_size: views per ``transform`` call.
+        workers: worker processes preparing the next views while ``transform`` runs
+            (:func:`hbird.data.prefetch.prefetched`; the views are the same).
         progress: a progress bar; a string is its description.
     """
     todo = list(items) if items is not None else [(0, i) for i in range(len(pairs))]
     augment = PromptAugmentation(image_size, patch_size, resize=resize)
     desc = progress if isinstance(progress, str) else "prompt features"
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress)
-    for chunk_start in range(0, len(todo), batch_size):
-        chunk = todo[chunk_start : chunk_start + batch_size]
-        views, labels, names = [], [], []
-        for epoch, i in chunk:
-            image, label, name = pairs.load(i)
-            if epoch == 0 and not augment_first_epoch:
-                view = resize_for_encoder(image, image_size, patch_size, resize)
-                label = resize_label(label, tuple(view.shape[-2:]))
-            else:
-                view, label = augment(
-                    image, label, label_spec, image_generator(seed, epoch, start + i)
-                )
-            views.append(view)
-            labels.append(label)
-            names.append(name)
+
+    def prepare(j: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Item ``j`` of ``todo`` as the encoder sees it: ``(view, label at its size, name)``."""
+        epoch, i = todo[j]
+        image, label, name = pairs.load(i)
+        if epoch == 0 and not augment_first_epoch:
+            view = resize_for_encoder(image, image_size, patch_size, resize)
+            return view, resize_label(label, tuple(view.shape[-2:])), name
+        view, label = augment(image, label, label_spec, image_generator(seed, epoch, start + i))
+        return view, label, name
+
+    chunks = [range(s, min(s + batch_size, len(todo))) for s in range(0, len(todo), batch_size)]
+    for rows, prepared in zip(chunks, prefetched(prepare, chunks, workers)):
+        chunk = [todo[j] for j in rows]
+        views, labels, names = (list(column) for column in zip(*prepared))
         batch = []
         for (epoch, i), feat, label, name in zip(chunk, transform(views), labels, names):
             try:
