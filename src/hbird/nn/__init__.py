@@ -6,6 +6,8 @@
   Axial-DeepLab backbone and the tiny seeded ``test_axial``;
 * :mod:`hbird.nn.elastic`: ELASTIC scale policies (eq. 2.3) in ResNe(X)t bottlenecks,
   ELASTIC-ResNeXt-50, sELASTIC, ELASTIC-ResNet-50 and the tiny seeded ``test_elastic``.
+* :mod:`hbird.nn.dual_path`: MaX-DeepLab's dual-path transformer block (pixel path +
+  global memory; P2P, P2M eq. 4.13, M2P + M2M eq. 4.14, memory FFN).
 
 Models here know nothing of hbird's encoders; ``hbird.encoders.conv_backbone`` puts any
 backbone exposing stages behind the encoder contract. Nothing is imported eagerly.

@@ -10,4 +10,6 @@
   semantic map and for the offsets, then grouping);
 * :mod:`~hbird.panoptic.losses`: MaX-DeepLab's PQ-style loss (Dice, Hungarian
   matching, L_pos / L_neg) and its auxiliary losses, as pure functions.
+* :mod:`~hbird.panoptic.max_deeplab`: the MaX-DeepLab specialist (``max-deeplab``):
+  dual-path transformer, mask and class heads, the thesis' inference rules.
 """

@@ -1,0 +1,339 @@
+"""MaX-DeepLab: a mask transformer for end-to-end panoptic segmentation (thesis §4.3).
+
+The model (registered ``"max-deeplab"`` in :data:`~hbird.panoptic.specialist.SPECIALISTS`):
+
+* **backbone**: an Axial-ResNet (:class:`hbird.nn.axial_resnet.AxialResNet`) whose
+  stages end at strides 4, 8 and 16 (the ``"s"`` preset is Axial-ResNet-S without its
+  last stage: MaX-DeepLab-S replaces that stage by dual-path blocks, thesis §4.4.1);
+* **dual-path transformer** at stride 16: ``blocks`` :class:`~hbird.nn.dual_path.DualPathBlock`
+  s between the pixel path and a learnable memory of ``N`` slots (P2P axial or conv,
+  P2M eq. 4.13, M2P + M2M eq. 4.14, FFN; 8 heads);
+* **decoder** (L = 0, not stacked): stride 16 → 8 → 4, features fused by summation
+  after bilinear resizing, then a convolution (§4.3.3);
+* **heads** (eq. 4.15): classes ``p̂ = softmax(2FC(memory))`` over ``C + 1`` (the last
+  is ∅); masks ``m̂ = softmax_N(BN(f · g))`` with ``f = BN(2FC(memory)) (N, D)`` and
+  ``g = BN(2Conv(decoder)) (D, H/4, W/4)``; a semantic head on its own decoder from the
+  backbone (the L = 0 case of §4.3.4).
+
+Training (:meth:`MaXDeepLab.loss`) is :mod:`hbird.panoptic.losses` at stride 4 (targets
+sampled at the centre of each 4 × 4 cell; eq. 4.16 uses stride-4 ground truth):
+3 · L_PQ + 1 · instance discrimination + 0.3 · mask-ID cross-entropy + 1 · semantic
+cross-entropy (``LOSS_WEIGHTS``, thesis §4.4).
+
+Inference (:meth:`MaXDeepLab.predict`, thesis §4.3.1 and §4.4): masks upsampled
+bilinearly to the image; a mask whose class is ∅ or whose class confidence is below 0.7
+is void; each pixel takes the argmax mask (eq. 4.4) and is void if that mask is void or
+its probability is below 0.4; stuff regions under 4096 px and thing masks under 256 px
+become void, at COCO's 641 × 641 inference size (thesis §4.4: "We resize and pad images
+to 641 × 641 for inference"), i.e. as fractions of the image area.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hbird.data.panoptic import PanopticMap
+from hbird.nn.axial_resnet import AxialResNet
+from hbird.nn.dual_path import DualPathBlock
+from hbird.panoptic.grouping import merge_semantic_and_instances
+from hbird.panoptic.losses import (
+    LOSS_WEIGHTS,
+    ground_truth_masks,
+    instance_discrimination,
+    mask_id_cross_entropy,
+    pq_style_loss,
+    semantic_cross_entropy,
+)
+from hbird.panoptic.specialist import SPECIALISTS, PanopticSpecialist, PanopticTarget
+
+COCO_INFERENCE_SIDE = 641
+"""The thesis' COCO inference size (§4.4), the scale of the area limits."""
+STUFF_AREA = 4096 / COCO_INFERENCE_SIDE**2
+"""Stuff area limit (4096 px at 641 × 641) as a fraction of the image."""
+THING_AREA = 256 / COCO_INFERENCE_SIDE**2
+"""Thing area limit (256 px at 641 × 641) as a fraction of the image."""
+CLASS_THRESHOLD = 0.7
+"""Masks whose class confidence is below this are void (thesis §4.4)."""
+PIXEL_THRESHOLD = 0.4
+"""Pixels whose mask-ID confidence is below this are void (thesis §4.4)."""
+MASK_STRIDE = 4
+
+
+@dataclass(frozen=True)
+class MaXDeepLabConfig:
+    """Every size of the model (presets: :data:`PRESETS`).
+
+    Attributes:
+        backbone_depths: blocks of the backbone's stages (strides 4, 8, 16).
+        backbone_width: Axial-ResNet channel multiplier (0.5 = S).
+        backbone_heads, backbone_span: of the backbone's axial blocks.
+        stem_width: backbone stem channels (default ``64 · width``).
+        blocks: dual-path blocks at stride 16.
+        pixel_dim: their pixel-path channels (the backbone's stride-16 output is
+            projected to it when it differs).
+        memory_dim: memory channels. attention_width: attention (and P2P bottleneck)
+            channels of the dual-path blocks. heads: their attention heads.
+        pixel_block: P2P of the dual-path blocks, ``"axial"`` or ``"conv"``.
+        span: P2P axial span.
+        decoder_dim: channels of both decoders.
+        slots: ``N``, the memory length and number of predicted masks.
+        mask_dim: ``D``, channels of ``f`` and ``g``.
+    """
+
+    backbone_depths: tuple[int, ...] = (3, 4, 6)
+    backbone_width: float = 0.5
+    backbone_heads: int = 8
+    backbone_span: int = 65
+    stem_width: int | None = None
+    blocks: int = 3
+    pixel_dim: int = 512
+    memory_dim: int = 256
+    attention_width: int = 256
+    heads: int = 8
+    pixel_block: str = "axial"
+    span: int = 65
+    decoder_dim: int = 256
+    slots: int = 128
+    mask_dim: int = 128
+
+
+PRESETS = {
+    "s": MaXDeepLabConfig(),
+    "tiny": MaXDeepLabConfig(
+        backbone_depths=(1, 1, 1),
+        backbone_width=1 / 16,
+        backbone_heads=2,
+        backbone_span=9,
+        stem_width=8,
+        blocks=3,
+        pixel_dim=32,
+        memory_dim=32,
+        attention_width=32,
+        span=9,
+        decoder_dim=32,
+        slots=8,
+        mask_dim=32,
+    ),
+}
+"""``s``: the thesis' settings (N = D = 128, 8 heads, 3 axial dual-path blocks at
+stride 16 on Axial-ResNet-S; MaX-DeepLab-S's exact widths are in its Fig. C.9, not in
+the text). ``tiny``: the 32-channel, 3-block, N = 8 model of issue 13's acceptance."""
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Decoder(nn.Module):
+    """Stride 16 → 8 → 4: resize, add the projected skip feature, one 3×3 convolution.
+
+    ``forward(x16, x8, x4)`` with ``(B, C_i, ·, ·)`` maps → ``(B, dim, H/4, W/4)``.
+    """
+
+    def __init__(self, in_dims: Sequence[int], dim: int) -> None:
+        super().__init__()
+        c16, c8, c4 = in_dims
+        self.proj16 = _conv_bn_relu(c16, dim, 1)
+        self.skip8, self.skip4 = _conv_bn_relu(c8, dim, 1), _conv_bn_relu(c4, dim, 1)
+        self.fuse8, self.fuse4 = _conv_bn_relu(dim, dim), _conv_bn_relu(dim, dim)
+
+    def forward(self, x16: torch.Tensor, x8: torch.Tensor, x4: torch.Tensor) -> torch.Tensor:
+        y = self.proj16(x16)
+        for skip, fuse, x in ((self.skip8, self.fuse8, x8), (self.skip4, self.fuse4, x4)):
+            y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            y = fuse(y + skip(x))
+        return y
+
+
+def _two_fc(cin: int, hidden: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, cout))
+
+
+class MaXDeepLab(PanopticSpecialist):
+    """MaX-DeepLab (see the module docstring).
+
+    Args:
+        num_classes: ``C`` (stuff and things); the class head has ``C + 1`` outputs.
+        thing_classes, ignore_index: as :class:`PanopticSpecialist`.
+        preset: a name in :data:`PRESETS`.
+        **overrides: :class:`MaXDeepLabConfig` fields replacing the preset's.
+
+    ``forward`` returns ``mask_logits (B, N, H/4, W/4)`` (the masks are their softmax over
+    slots), ``class_logits (B, N, C + 1)``, ``mask_features`` = ``g`` ``(B, D, H/4, W/4)``
+    and ``semantic_logits (B, C, H/4, W/4)``.
+    """
+
+    name = "max-deeplab"
+
+    def __init__(
+        self,
+        num_classes: int,
+        thing_classes: Sequence[int],
+        ignore_index: int = 255,
+        preset: str = "s",
+        **overrides: Any,
+    ) -> None:
+        super().__init__(num_classes, thing_classes, ignore_index)
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        if "backbone_depths" in overrides:
+            overrides["backbone_depths"] = tuple(overrides["backbone_depths"])
+        self.preset, self.overrides = preset, dict(overrides)
+        self.config = cfg = replace(PRESETS[preset], **overrides)
+        if len(cfg.backbone_depths) != 3:
+            raise ValueError("backbone_depths must give the 3 stages at strides 4, 8, 16")
+        self.backbone = AxialResNet(
+            depths=cfg.backbone_depths,
+            width=cfg.backbone_width,
+            heads=cfg.backbone_heads,
+            span=cfg.backbone_span,
+            output_stride=16,
+            stem_width=cfg.stem_width,
+            zero_init_residual=False,
+        )
+        c4, c8, c16 = self.backbone.stage_channels
+        self.pixel_proj = (
+            nn.Identity() if c16 == cfg.pixel_dim else _conv_bn_relu(c16, cfg.pixel_dim, 1)
+        )
+        self.memory = nn.Parameter(torch.randn(cfg.slots, cfg.memory_dim))
+        self.blocks = nn.ModuleList(
+            DualPathBlock(
+                cfg.pixel_dim,
+                cfg.memory_dim,
+                cfg.attention_width,
+                heads=cfg.heads,
+                pixel_block=cfg.pixel_block,
+                span=cfg.span,
+            )
+            for _ in range(cfg.blocks)
+        )
+        self.decoder = Decoder((cfg.pixel_dim, c8, c4), cfg.decoder_dim)
+        self.mask_feature = nn.Sequential(  # 2Conv → g, batch-normalised
+            _conv_bn_relu(cfg.decoder_dim, cfg.decoder_dim),
+            nn.Conv2d(cfg.decoder_dim, cfg.mask_dim, 1, bias=False),
+            nn.BatchNorm2d(cfg.mask_dim),
+        )
+        self.memory_feature = _two_fc(cfg.memory_dim, cfg.memory_dim, cfg.mask_dim)  # 2FC → f
+        self.memory_norm = nn.BatchNorm1d(cfg.mask_dim)
+        self.mask_norm = nn.BatchNorm2d(1)  # BN on f · g
+        self.class_head = _two_fc(cfg.memory_dim, cfg.memory_dim, num_classes + 1)
+        self.semantic_decoder = Decoder((c16, c8, c4), cfg.decoder_dim)
+        self.semantic_head = nn.Sequential(
+            _conv_bn_relu(cfg.decoder_dim, cfg.decoder_dim),
+            nn.Conv2d(cfg.decoder_dim, num_classes, 1),
+        )
+
+    @property
+    def size_multiple(self) -> int:
+        return 16
+
+    def options(self) -> dict[str, Any]:
+        return {"preset": self.preset, **self.overrides}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``images (B, 3, H, W)`` normalised, sides multiples of 16 → the heads' outputs."""
+        x4, x8, x16 = self.backbone.forward_stages(images, [0, 1, 2])
+        pixels = self.pixel_proj(x16).permute(0, 2, 3, 1)  # (B, h, w, C)
+        memory = self.memory.expand(images.shape[0], -1, -1)  # (B, N, M)
+        for block in self.blocks:
+            pixels, memory = block(pixels, memory)
+        decoded = self.decoder(pixels.permute(0, 3, 1, 2), x8, x4)
+        g = self.mask_feature(decoded)  # (B, D, h4, w4)
+        f = self.memory_feature(memory)  # (B, N, D)
+        f = self.memory_norm(f.transpose(1, 2)).transpose(1, 2)
+        b, _, h, w = g.shape
+        logits = torch.einsum("bnd,bdp->bnp", f, g.flatten(2))[:, None]  # (B, 1, N, h·w)
+        return {
+            "mask_logits": self.mask_norm(logits).view(b, -1, h, w),
+            "class_logits": self.class_head(memory),
+            "mask_features": g,
+            "semantic_logits": self.semantic_head(self.semantic_decoder(x16, x8, x4)),
+        }
+
+    def loss(
+        self, outputs: dict[str, torch.Tensor], targets: Sequence[PanopticTarget]
+    ) -> dict[str, torch.Tensor]:
+        """The mean over images of each term, and ``loss`` = their ``LOSS_WEIGHTS`` sum."""
+        mask_logits = outputs["mask_logits"]
+        size = mask_logits.shape[-2:]
+        terms: dict[str, list[torch.Tensor]] = {k: [] for k in LOSS_WEIGHTS}
+        for b, target in enumerate(targets):
+            semantic = _cell_centres(target.semantic, size).to(mask_logits.device)
+            instance = _cell_centres(target.instance, size).to(mask_logits.device)
+            gt = ground_truth_masks(semantic, instance, self.thing_classes, self.ignore_index)
+            pq = pq_style_loss(mask_logits[b], outputs["class_logits"][b], gt)
+            terms["pq"].append(pq.loss)
+            terms["instance_discrimination"].append(
+                instance_discrimination(outputs["mask_features"][b], gt)
+            )
+            terms["mask_id"].append(
+                mask_id_cross_entropy(mask_logits[b], gt, pq.gt_index, pq.slot_index)
+            )
+            terms["semantic"].append(
+                semantic_cross_entropy(outputs["semantic_logits"][b], semantic, self.ignore_index)
+            )
+        losses = {k: torch.stack(v).mean() for k, v in terms.items()}
+        losses["loss"] = sum(LOSS_WEIGHTS[k] * v for k, v in losses.items())
+        return losses
+
+    @torch.no_grad()
+    def predict(
+        self, outputs: dict[str, torch.Tensor], size: tuple[int, int] | None = None
+    ) -> list[PanopticMap]:
+        """Panoptic maps by the thesis' inference rules (module docstring)."""
+        mask_logits = outputs["mask_logits"]
+        if size is None:
+            size = (MASK_STRIDE * mask_logits.shape[-2], MASK_STRIDE * mask_logits.shape[-1])
+        masks = F.interpolate(
+            mask_logits.float().softmax(dim=1), size=size, mode="bilinear", align_corners=False
+        )
+        classes = outputs["class_logits"].float().softmax(dim=-1)
+        return [self._panoptic_map(m, p) for m, p in zip(masks, classes)]
+
+    def _panoptic_map(self, masks: torch.Tensor, classes: torch.Tensor) -> PanopticMap:
+        """``masks (N, H, W)`` probabilities, ``classes (N, C + 1)`` → a PanopticMap."""
+        confidence, label = classes.max(dim=-1)
+        kept = (label != self.num_classes) & (confidence >= CLASS_THRESHOLD)
+        best, slot = masks.cpu().max(dim=0)
+        label, kept = label.cpu(), kept.cpu()
+        void = (best < PIXEL_THRESHOLD) | ~kept[slot]
+        semantic = torch.where(void, self.ignore_index, label[slot])
+        # instance ids: slots ranked by their first pixel (raster order), so the
+        # numbering does not depend on the order of the slots
+        flat = torch.where(void, -1, slot).flatten()
+        first = torch.full((len(classes),), flat.numel(), dtype=torch.int64)
+        present = flat >= 0
+        positions = torch.arange(flat.numel())
+        first.scatter_reduce_(0, flat[present], positions[present], reduce="amin")
+        rank = torch.empty_like(first)
+        rank[torch.argsort(first, stable=True)] = torch.arange(len(first))
+        instances = torch.where(void, 0, rank[slot] + 1)
+        return merge_semantic_and_instances(
+            semantic,
+            instances,
+            self.thing_classes,
+            self.ignore_index,
+            stuff_area=STUFF_AREA,
+            thing_area=THING_AREA,
+        )
+
+
+def _cell_centres(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(H, W)`` labels → ``size`` ``(h, w)``: the label at the centre of each cell."""
+    height, width = label.shape
+    ys = ((torch.arange(size[0]) + 0.5) * height / size[0]).long().clamp_max(height - 1)
+    xs = ((torch.arange(size[1]) + 0.5) * width / size[1]).long().clamp_max(width - 1)
+    return label.cpu()[ys[:, None], xs[None, :]]
+
+
+SPECIALISTS.register("max-deeplab", MaXDeepLab)
