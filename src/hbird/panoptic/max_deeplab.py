@@ -5,11 +5,14 @@ The model (registered ``"max-deeplab"`` in :data:`~hbird.panoptic.specialist.SPE
 * **backbone**: an Axial-ResNet (:class:`hbird.nn.axial_resnet.AxialResNet`) whose
   stages end at strides 4, 8 and 16 (the ``"s"`` preset is Axial-ResNet-S without its
   last stage: MaX-DeepLab-S replaces that stage by dual-path blocks, thesis §4.4.1);
-* **dual-path transformer** at stride 16: ``blocks`` :class:`~hbird.nn.dual_path.DualPathBlock`
-  s between the pixel path and a learnable memory of ``N`` slots (P2P axial or conv,
-  P2M eq. 4.13, M2P + M2M eq. 4.14, FFN; 8 heads);
+* **dual-path transformer**: :class:`~hbird.nn.dual_path.DualPathBlock` s between the
+  pixel path and a learnable memory of ``N`` slots (P2P axial or conv, P2M eq. 4.13,
+  M2P + M2M eq. 4.14, FFN; 8 heads), ``blocks = (b16, b8, b4)`` of them at strides 16,
+  8 and 4: after the backbone at stride 16, and in the decoder at strides 8 and 4
+  (Table 4.5: transformer blocks at stride 8 too add 1.0% PQ);
 * **decoder** (L = 0, not stacked): stride 16 → 8 → 4, features fused by summation
-  after bilinear resizing, then a convolution (§4.3.3);
+  after bilinear resizing, then a convolution and that stride's dual-path blocks
+  (§4.3.3);
 * **heads** (eq. 4.15): classes ``p̂ = softmax(2FC(memory))`` over ``C + 1`` (the last
   is ∅); masks ``m̂ = softmax_N(BN(f · g))`` with ``f = BN(2FC(memory)) (N, D)`` and
   ``g = BN(2Conv(decoder)) (D, H/4, W/4)``; a semantic head on its own decoder from the
@@ -74,7 +77,7 @@ class MaXDeepLabConfig:
         backbone_width: Axial-ResNet channel multiplier (0.5 = S).
         backbone_heads, backbone_span: of the backbone's axial blocks.
         stem_width: backbone stem channels (default ``64 · width``).
-        blocks: dual-path blocks at stride 16.
+        blocks: dual-path blocks at strides 16, 8 and 4 (the last two in the decoder).
         pixel_dim: their pixel-path channels (the backbone's stride-16 output is
             projected to it when it differs).
         memory_dim: memory channels. attention_width: attention (and P2P bottleneck)
@@ -91,7 +94,7 @@ class MaXDeepLabConfig:
     backbone_heads: int = 8
     backbone_span: int = 65
     stem_width: int | None = None
-    blocks: int = 3
+    blocks: tuple[int, int, int] = (3, 0, 0)
     pixel_dim: int = 512
     memory_dim: int = 256
     attention_width: int = 256
@@ -111,7 +114,7 @@ PRESETS = {
         backbone_heads=2,
         backbone_span=9,
         stem_width=8,
-        blocks=3,
+        blocks=(1, 1, 1),
         pixel_dim=32,
         memory_dim=32,
         attention_width=32,
@@ -123,7 +126,9 @@ PRESETS = {
 }
 """``s``: the thesis' settings (N = D = 128, 8 heads, 3 axial dual-path blocks at
 stride 16 on Axial-ResNet-S; MaX-DeepLab-S's exact widths are in its Fig. C.9, not in
-the text). ``tiny``: the 32-channel, 3-block, N = 8 model of issue 13's acceptance."""
+the text). ``tiny``: the 32-channel, 3-block, N = 8 model of issue 13's acceptance, one
+block per stride: on 64-pixel scenes stride 16 is a 4 × 4 grid, too coarse alone for
+the memory to tell touching instances apart."""
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
@@ -135,24 +140,47 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
 
 
 class Decoder(nn.Module):
-    """Stride 16 → 8 → 4: resize, add the projected skip feature, one 3×3 convolution.
+    """Stride 16 → 8 → 4: resize, add the projected skip feature, one 3×3 convolution,
+    then that stride's dual-path blocks (if any; they carry the memory along).
 
-    ``forward(x16, x8, x4)`` with ``(B, C_i, ·, ·)`` maps → ``(B, dim, H/4, W/4)``.
+    ``forward(x16, x8, x4, memory)`` with ``(B, C_i, ·, ·)`` maps and ``memory (B, N, M)``
+    (or None without blocks) → ``(B, dim, H/4, W/4)`` and the memory.
     """
 
-    def __init__(self, in_dims: Sequence[int], dim: int) -> None:
+    def __init__(
+        self,
+        in_dims: Sequence[int],
+        dim: int,
+        blocks: Sequence[Sequence[DualPathBlock]] = ((), ()),
+    ) -> None:
         super().__init__()
         c16, c8, c4 = in_dims
         self.proj16 = _conv_bn_relu(c16, dim, 1)
         self.skip8, self.skip4 = _conv_bn_relu(c8, dim, 1), _conv_bn_relu(c4, dim, 1)
         self.fuse8, self.fuse4 = _conv_bn_relu(dim, dim), _conv_bn_relu(dim, dim)
+        self.blocks8, self.blocks4 = (nn.ModuleList(b) for b in blocks)
 
-    def forward(self, x16: torch.Tensor, x8: torch.Tensor, x4: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x16: torch.Tensor,
+        x8: torch.Tensor,
+        x4: torch.Tensor,
+        memory: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         y = self.proj16(x16)
-        for skip, fuse, x in ((self.skip8, self.fuse8, x8), (self.skip4, self.fuse4, x4)):
+        stages = (
+            (self.skip8, self.fuse8, self.blocks8, x8),
+            (self.skip4, self.fuse4, self.blocks4, x4),
+        )
+        for skip, fuse, blocks, x in stages:
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
             y = fuse(y + skip(x))
-        return y
+            if len(blocks):
+                pixels = y.permute(0, 2, 3, 1)
+                for block in blocks:
+                    pixels, memory = block(pixels, memory)
+                y = pixels.permute(0, 3, 1, 2)
+        return y, memory
 
 
 def _two_fc(cin: int, hidden: int, cout: int) -> nn.Sequential:
@@ -186,8 +214,9 @@ class MaXDeepLab(PanopticSpecialist):
         super().__init__(num_classes, thing_classes, ignore_index)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-        if "backbone_depths" in overrides:
-            overrides["backbone_depths"] = tuple(overrides["backbone_depths"])
+        for key in ("backbone_depths", "blocks"):  # lists from JSON options
+            if key in overrides:
+                overrides[key] = tuple(overrides[key])
         self.preset, self.overrides = preset, dict(overrides)
         self.config = cfg = replace(PRESETS[preset], **overrides)
         if len(cfg.backbone_depths) != 3:
@@ -206,18 +235,29 @@ class MaXDeepLab(PanopticSpecialist):
             nn.Identity() if c16 == cfg.pixel_dim else _conv_bn_relu(c16, cfg.pixel_dim, 1)
         )
         self.memory = nn.Parameter(torch.randn(cfg.slots, cfg.memory_dim))
-        self.blocks = nn.ModuleList(
-            DualPathBlock(
-                cfg.pixel_dim,
-                cfg.memory_dim,
-                cfg.attention_width,
-                heads=cfg.heads,
-                pixel_block=cfg.pixel_block,
-                span=cfg.span,
-            )
-            for _ in range(cfg.blocks)
+        if len(cfg.blocks) != 3:
+            raise ValueError("blocks must give the dual-path blocks at strides 16, 8, 4")
+
+        def dual_path(pixel_dim: int, count: int) -> list[DualPathBlock]:
+            return [
+                DualPathBlock(
+                    pixel_dim,
+                    cfg.memory_dim,
+                    cfg.attention_width,
+                    heads=cfg.heads,
+                    pixel_block=cfg.pixel_block,
+                    span=cfg.span,
+                )
+                for _ in range(count)
+            ]
+
+        b16, b8, b4 = cfg.blocks
+        self.blocks = nn.ModuleList(dual_path(cfg.pixel_dim, b16))
+        self.decoder = Decoder(
+            (cfg.pixel_dim, c8, c4),
+            cfg.decoder_dim,
+            (dual_path(cfg.decoder_dim, b8), dual_path(cfg.decoder_dim, b4)),
         )
-        self.decoder = Decoder((cfg.pixel_dim, c8, c4), cfg.decoder_dim)
         self.mask_feature = nn.Sequential(  # 2Conv → g, batch-normalised
             _conv_bn_relu(cfg.decoder_dim, cfg.decoder_dim),
             nn.Conv2d(cfg.decoder_dim, cfg.mask_dim, 1, bias=False),
@@ -247,7 +287,7 @@ class MaXDeepLab(PanopticSpecialist):
         memory = self.memory.expand(images.shape[0], -1, -1)  # (B, N, M)
         for block in self.blocks:
             pixels, memory = block(pixels, memory)
-        decoded = self.decoder(pixels.permute(0, 3, 1, 2), x8, x4)
+        decoded, memory = self.decoder(pixels.permute(0, 3, 1, 2), x8, x4, memory)
         g = self.mask_feature(decoded)  # (B, D, h4, w4)
         f = self.memory_feature(memory)  # (B, N, D)
         f = self.memory_norm(f.transpose(1, 2)).transpose(1, 2)
@@ -257,7 +297,7 @@ class MaXDeepLab(PanopticSpecialist):
             "mask_logits": self.mask_norm(logits).view(b, -1, h, w),
             "class_logits": self.class_head(memory),
             "mask_features": g,
-            "semantic_logits": self.semantic_head(self.semantic_decoder(x16, x8, x4)),
+            "semantic_logits": self.semantic_head(self.semantic_decoder(x16, x8, x4)[0]),
         }
 
     def loss(
