@@ -328,3 +328,17 @@ def test_allenai_pth_tar_loads_through_the_encoder_registry(tmp_path):
     with torch.no_grad():
         want = model(x).permute(0, 2, 3, 1)
         torch.testing.assert_close(encoder.forward_patches(x), want)
+
+
+def test_a_truncated_allenai_file_is_an_input_error_naming_file_and_key(tmp_path):
+    """The converter's complaint (a block without its ``_d`` half) names the file and the
+    key as an input error (the CLI prints those as one line, not a traceback)."""
+    from hbird.encoders import create_encoder
+    from hbird.errors import InputError
+
+    theirs = to_allenai_layout(perturbed_tiny())
+    del theirs["layer2.0.conv2_d.weight"]
+    path = tmp_path / "cut.pth"
+    torch.save(theirs, path)
+    with pytest.raises(InputError, match=rf"{path}.*test_elastic.*layer2\.0\.conv2_d\.weight"):
+        create_encoder("test_elastic", weights=path)

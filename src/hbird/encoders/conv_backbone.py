@@ -46,6 +46,7 @@ from hbird.encoders.base import Encoder, Layers
 from hbird.encoders.checkpoints import hbird_checkpoint_options, load_weights
 from hbird.encoders.hub import WeightsUnavailableError
 from hbird.encoders.registry import ENCODERS
+from hbird.errors import InputError
 
 PROTOCOL = ("stage_channels", "stage_strides", "forward_stages")
 
@@ -138,13 +139,25 @@ def _drop_unknown_classifier(model: nn.Module, state: dict[str, torch.Tensor]) -
 
 
 def load_backbone_weights(model: nn.Module, path: str | Path, arch: str) -> None:
-    """Load a weights file into a staged backbone (its ``convert_state_dict`` applied)."""
+    """Load a weights file into a staged backbone (its ``convert_state_dict`` applied).
+
+    Raises:
+        InputError: the file does not fit (a converter's complaint, e.g. a missing half of
+            an allenai/elastic block, is reported with the file's name).
+    """
     convert = getattr(model, "convert_state_dict", dict)
+
+    def converted(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            return _drop_unknown_classifier(model, convert(state))
+        except ValueError as err:
+            raise InputError(f"weights file {path} does not fit {arch}: {err}") from None
+
     load_weights(
         model,
         path,
         arch=arch,
-        convert=lambda state: _drop_unknown_classifier(model, convert(state)),
+        convert=converted,
         hint=f"Check that the encoder name matches the checkpoint's architecture and width "
         f"(`hbird encoders '{arch.split('_')[0]}*'` lists the registered sizes)",
     )
