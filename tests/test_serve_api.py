@@ -1,6 +1,7 @@
 """The workspace and REST API of ``hbird serve`` (FastAPI's test client, no browser)."""
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -103,33 +104,63 @@ def test_api_routes_round_trip(client, scenes, photos):
     assert "/api/workspaces/{ws}/prompt/{image}" in client.get("/openapi.json").json()["paths"]
 
 
+def noise_png(shape, seed=0) -> bytes:
+    """An RGB PNG that does not compress (random pixels)."""
+    rgb = np.random.default_rng(seed).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize(
-    "case, upload, status, message",
+    "case, status, message",
     [
-        ("not an image", b"hello", 400, "could not be read as an image"),
-        ("wrong size", "small", 400, "paint it on the image itself"),
-        ("label out of range", "ids", 400, "holds ids [7]"),
-        ("colour mask", "rgb", 400, "is a colour (RGB) image"),
+        ("not an image", 400, "(the upload for img0.png) could not be read as an image"),
+        ("wrong size", 400, "paint it on the image itself"),
+        ("label out of range", 400, "holds ids [7]"),
+        ("colour mask", 400, "(the upload for img0.png) is a colour (RGB) image"),
+        ("too many pixels", 400, "a guard against decompression bombs"),
+        ("too large", 413, "the upload is larger than the limit of 8,192 bytes (0.00781 MiB)"),
+        ("too large, streamed", 413, "larger than the limit of 8,192 bytes"),
     ],
 )
-def test_bad_uploads_get_a_400_with_the_cli_message_and_change_nothing(
-    client, scenes, case, upload, status, message
+def test_bad_uploads_get_a_4xx_with_the_cli_message_and_change_nothing(
+    photos, tmp_path, scenes, case, status, message
 ):
+    """Each bad mask upload is refused with the message the CLI's reader gives for the same
+    file (naming the upload, not a temporary path) and leaves the workspace as it was:
+    the prompt, workspace.json and the masks folder. Pixel rule: hbird.io.images."""
+    from hbird.io.images import pixel_limit
+
+    app = create_app(photos, tmp_path / "state", CLASSES, SETTINGS, max_upload_bytes=8192)
+    client = TestClient(app)
+    url = "/api/workspaces/w1/prompt/img0.png"
+    assert client.post(url.replace("img0", "img1"), files={"mask": png(scenes[1].mask)}).is_success
+    record = (tmp_path / "state" / "w1" / "workspace.json").read_bytes()
     mask = scenes[0].mask.numpy()
-    if upload == "small":
-        upload = png(mask[:10, :10])
-    elif upload == "ids":
-        bad = mask.copy()
-        bad[0, 0] = 7
-        upload = png(bad)
-    elif upload == "rgb":
-        buffer = io.BytesIO()
-        rgb = np.random.default_rng(0).integers(0, 255, (*mask.shape, 3), dtype=np.uint8)
-        Image.fromarray(rgb).save(buffer, format="PNG")
-        upload = buffer.getvalue()
-    r = client.post("/api/workspaces/w1/prompt/img0.png", files={"mask": upload})
+    pixels = mask.size
+    with pixel_limit(pixels):  # the image is within the limit, a 4x larger mask is not
+        if case == "too large, streamed":  # no Content-Length: counted as it arrives
+            body = b"--b\r\nContent-Disposition: form-data; name=mask; filename=m.png\r\n\r\n"
+            chunks = iter([body, noise_png(mask.shape), b"\r\n--b--\r\n"])
+            headers = {"content-type": "multipart/form-data; boundary=b"}
+            r = client.post(url, content=chunks, headers=headers)
+        else:
+            upload = {
+                "not an image": b"hello",
+                "wrong size": png(mask[:10, :10]),
+                "label out of range": png(
+                    np.where(np.arange(mask.size).reshape(mask.shape) == 0, 7, mask)
+                ),
+                "colour mask": noise_png((mask.shape[0] // 4, mask.shape[1] // 4)),
+                "too many pixels": png(np.zeros((2 * mask.shape[0], 2 * mask.shape[1]))),
+                "too large": noise_png(mask.shape),
+            }[case]
+            r = client.post(url, files={"mask": upload})
     assert r.status_code == status and message in r.json()["detail"], (case, r.json())
-    assert client.get("/api/workspaces/w1").json()["prompt"] == []
+    assert client.get("/api/workspaces/w1").json()["prompt"] == ["img1.png"]
+    assert (tmp_path / "state" / "w1" / "workspace.json").read_bytes() == record
+    assert [p.name for p in (tmp_path / "state" / "w1" / "masks").iterdir()] == ["img1.png"]
 
 
 def test_requests_that_name_no_folder_image_are_refused(client, scenes):
@@ -198,3 +229,36 @@ def test_export_reproduces_the_workspace_from_the_cli(
     assert torch.equal(
         bank.predict([photos / "img4.png"])[0], load_mask(out / "masks" / "img4.png")
     )
+
+
+def test_concurrent_requests_on_one_workspace_are_serialised_and_another_is_isolated(
+    photos, scenes, tmp_path
+):
+    """Five threads add five prompt images to a new workspace at once while a sixth works
+    on a second workspace: every add is confirmed and on disk (a workspace reopened from
+    its folder holds all five), and the second workspace predicts as a fresh build on its
+    own prompt alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = TestClient(create_app(photos, tmp_path / "state", CLASSES, SETTINGS))
+    start = threading.Barrier(6)
+
+    def add(ws, i):
+        start.wait()
+        r = client.post(
+            f"/api/workspaces/{ws}/prompt/img{i}.png", files={"mask": png(scenes[i].mask)}
+        )
+        return r.status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(add, ["w1"] * 5 + ["w2"], [0, 1, 2, 3, 4, 5]))
+    assert codes == [200] * 6
+    assert sorted(client.get("/api/workspaces/w1").json()["prompt"]) == [
+        f"img{i}.png" for i in range(5)
+    ]
+    assert sorted(Workspace(photos, tmp_path / "state" / "w1").prompt) == [
+        f"img{i}.png" for i in range(5)
+    ]
+    assert client.get("/api/workspaces/w2").json()["prompt"] == ["img5.png"]
+    got = read_png(client.get("/api/workspaces/w2/prediction/img0.png.png").content)
+    assert np.array_equal(got, fresh_prediction(photos, scenes, [5])[0].numpy())

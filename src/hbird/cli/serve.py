@@ -11,7 +11,7 @@ PAGE_WORKSPACE = "default"  # the workspace the web page edits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from hbird.cli.common import add_spec_arguments
+    from hbird.cli.common import add_max_pixels_argument, add_spec_arguments
     from hbird.specs import BankSpec, SearchConfig
 
     parser.add_argument("--images", type=Path, help="the folder of images to segment")
@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_spec_arguments(parser, BankSpec, "memory (how each workspace's bank is built)")
     add_spec_arguments(parser, SearchConfig, "search")
+    add_max_pixels_argument(parser)  # the images' and the uploads' pixel limit
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 Each route is a few lines calling :class:`~hbird.serve.workspace.Workspace`; no logic
 lives here. Clients name images by the names the image list gives, never by path. Bad
-input is a 400 whose ``detail`` is the message the CLI gives for the same mistake.
+input is a 400 whose ``detail`` is the message the CLI gives for the same mistake; a
+request body over the upload limit is a 413, refused before it is read whole.
 
 Routes (``{ws}`` is a workspace name: letters, digits, ``-`` and ``_``)::
 
@@ -22,6 +23,7 @@ import io
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -57,19 +59,58 @@ def overlay_png(image_path: Path, labels: Any, alpha: float = 0.5) -> bytes:
     return _png(Image.fromarray(np.round(mixed * 255).astype(np.uint8)))
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets a 413 naming the limit, by
+    its Content-Length before anything is read, or as soon as a streamed body passes it."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def message(self) -> str:
+        mib = self.max_bytes / 2**20
+        return f"the upload is larger than the limit of {self.max_bytes:,} bytes ({mib:.3g} MiB)"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from fastapi import HTTPException
+        from fastapi.responses import JSONResponse
+
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse(status_code=413, content={"detail": self.message()})
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # FastAPI answers an HTTPException from the body
+                raise HTTPException(413, self.message())
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(
     images: str | Path,
     state: str | Path,
     classes: list[str] | None = None,
     settings: dict[str, Any] | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ):
-    """The FastAPI app serving workspaces of the folder ``images`` under ``state/``."""
+    """The FastAPI app serving workspaces of the folder ``images`` under ``state/``
+    (request bodies up to ``max_upload_bytes``; images and masks up to the pixel limit
+    of :func:`hbird.io.images.pixel_limit`, ``--max-pixels``)."""
     fastapi = require("fastapi", "hbird serve")
     from fastapi import File, HTTPException, UploadFile
     from fastapi.responses import JSONResponse, Response
 
     app = fastapi.FastAPI(title="hbird serve", description=__doc__.split("\n\n")[0])
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
     workspaces: dict[str, Workspace] = {}
+    opening = threading.Lock()
     state = Path(state)
     for folder in sorted(state.glob("*/")) if state.is_dir() else []:
         if (folder / "workspace.json").is_file():
@@ -82,9 +123,10 @@ def create_app(
     def workspace(ws: str) -> Workspace:
         if not WORKSPACE_NAME.match(ws):
             raise HTTPException(400, "workspace names hold letters, digits, - and _ only")
-        if ws not in workspaces:
-            workspaces[ws] = Workspace(images, state / ws, classes, settings)
-        return workspaces[ws]
+        with opening:  # two first requests for one name must get the same workspace
+            if ws not in workspaces:
+                workspaces[ws] = Workspace(images, state / ws, classes, settings)
+            return workspaces[ws]
 
     app.state.workspace = workspace  # the web page (hbird.serve.page) shares them
 
@@ -107,12 +149,9 @@ def create_app(
         return w.classes
 
     @app.post("/api/workspaces/{ws}/prompt/{image}")
-    async def add_prompt(ws: str, image: str, mask: Annotated[UploadFile, File()]) -> list[str]:
-        data = await mask.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"the mask upload is over {MAX_UPLOAD_BYTES >> 20} MiB")
+    def add_prompt(ws: str, image: str, mask: Annotated[UploadFile, File()]) -> list[str]:
         w = workspace(ws)
-        w.add_prompt(image, data)
+        w.add_prompt(image, mask.file.read())
         return w.prompt
 
     @app.delete("/api/workspaces/{ws}/prompt/{image}")

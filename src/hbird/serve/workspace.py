@@ -61,6 +61,18 @@ def check_class_names(names: Sequence[str]) -> list[str]:
     return names
 
 
+def read_upload(data: bytes, filename: str, what: str, read: Callable[[Path], Any]) -> Any:
+    """``read`` (a CLI file reader: same checks, same pixel limit) on uploaded bytes, its
+    errors naming ``what`` instead of the temporary file the bytes went through."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(filename).name
+        path.write_bytes(data)
+        try:
+            return read(path)
+        except InputError as err:
+            raise InputError(str(err).replace(str(path), f"({what})")) from None
+
+
 class Workspace:
     """Images of one folder, their classes and prompt, and a predictor over the prompt.
 
@@ -153,10 +165,7 @@ class Workspace:
     def check_mask(self, name: str, data: bytes) -> torch.Tensor:
         """Decode an uploaded PNG mask with the CLI's own checks: ``(H, W)`` int64 ids."""
         image_size = load_image(self.image_path(name)).shape[-2:]
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{Path(name).stem}.png"
-            path.write_bytes(data)
-            mask = load_mask(path)  # same errors as a mask file on the command line
+        mask = read_upload(data, f"{Path(name).stem}.png", f"the upload for {name}", load_mask)
         if tuple(mask.shape) != tuple(image_size):
             raise InputError(
                 f"the mask for {name} is {mask.shape[1]}x{mask.shape[0]} but the image is "
