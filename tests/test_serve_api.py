@@ -262,3 +262,135 @@ def test_concurrent_requests_on_one_workspace_are_serialised_and_another_is_isol
     assert client.get("/api/workspaces/w2").json()["prompt"] == ["img5.png"]
     got = read_png(client.get("/api/workspaces/w2/prediction/img0.png.png").content)
     assert np.array_equal(got, fresh_prediction(photos, scenes, [5])[0].numpy())
+
+
+def depth_png(depth_m) -> bytes:
+    """A 16-bit PNG in millimetres, written independently of hbird's writer."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(np.asarray(depth_m) * 1000).astype(np.uint16)).save(
+        buffer, format="PNG"
+    )
+    return buffer.getvalue()
+
+
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array))
+    return buffer.getvalue()
+
+
+def fresh_depth(photos, scenes, prompt, queries):
+    """Oracle: a depth predictor fitted from scratch (the folder format's valid range)."""
+    from hbird import LabelSpec
+
+    p = InContextPredictor(**SETTINGS, progress=False)
+    spec = LabelSpec(task="depth", min_value=1e-3)
+    p.fit(
+        [photos / f"img{i}.png" for i in prompt], [scenes[i].depth for i in prompt], label_spec=spec
+    )
+    return p.predict([photos / f"img{i}.png" for i in queries])
+
+
+@pytest.fixture()
+def depth_client(photos, tmp_path):
+    return TestClient(create_app(photos, tmp_path / "state", None, SETTINGS, task="depth"))
+
+
+def test_depth_workspace_from_png_and_npy_uploads(depth_client, photos, scenes):
+    """Depth maps uploaded as a 16-bit PNG (mm) and a .npy (metres) predict as a depth
+    predictor fitted on the same maps; the prediction PNG holds millimetres, the overlay
+    is colour-mapped (turbo: the nearest pixel at its blue end, the farthest at its red), and
+    removing a prompt image gives the fit on the other."""
+    import matplotlib
+
+    client = depth_client
+    assert client.get("/api/workspaces/d").json()["task"] == "depth"
+    r = client.post("/api/workspaces/d/prompt/img0.png", files={"mask": depth_png(scenes[0].depth)})
+    assert r.status_code == 200, r.json()
+    r = client.post("/api/workspaces/d/prompt/img1.png", files={"mask": npy(scenes[1].depth)})
+    assert r.json() == ["img0.png", "img1.png"]
+    expected = fresh_depth(photos, scenes, [0, 1], [3])[0].numpy()
+    got = read_png(client.get("/api/workspaces/d/prediction/img3.png.png").content)
+    assert got.dtype == np.uint16 and np.array_equal(got, np.round(expected.astype(float) * 1000))
+    overlay = read_png(client.get("/api/workspaces/d/overlay/img3.png.png").content).astype(int)
+    near, far = (
+        np.unravel_index(expected.argmin(), expected.shape),
+        np.unravel_index(expected.argmax(), expected.shape),
+    )
+    colour = 2 * overlay - read_png((photos / "img3.png").read_bytes()).astype(int)  # alpha 1/2
+    turbo = matplotlib.colormaps["turbo"]  # the ends of the robust (2-98 %) depth range
+    assert np.abs(colour[near] - np.array(turbo(0.0)[:3]) * 255).max() <= 3
+    assert np.abs(colour[far] - np.array(turbo(1.0)[:3]) * 255).max() <= 3
+    assert client.delete("/api/workspaces/d/prompt/img0.png").json() == ["img1.png"]
+    alone = fresh_depth(photos, scenes, [1], [3])[0].numpy()
+    got = read_png(client.get("/api/workspaces/d/prediction/img3.png.png").content)
+    assert np.array_equal(got, np.round(alone.astype(float) * 1000))
+    assert not np.array_equal(alone, expected)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("wrong size", "the depth map for img0.png is 10x10 but the image is"),
+        ("no valid depth", "holds no valid depth"),
+        ("broken npy", "(the upload for img0.png) could not be read"),
+        ("3-d npy", "has shape (2, 3, 4); expected (H, W) in metres"),
+        ("colour png", "has 3 dimensions; save it as a single-channel 16-bit PNG in mm"),
+    ],
+)
+def test_bad_depth_uploads_get_a_400_and_change_nothing(depth_client, scenes, case, message):
+    depth = scenes[0].depth.numpy()
+    upload = {
+        "wrong size": depth_png(depth[:10, :10]),
+        "no valid depth": npy(np.zeros_like(depth)),
+        "broken npy": b"\x93NUMPY garbage",
+        "3-d npy": npy(np.ones((2, 3, 4), dtype=np.float32)),
+        "colour png": noise_png(depth.shape),
+    }[case]
+    r = depth_client.post("/api/workspaces/d/prompt/img0.png", files={"mask": upload})
+    assert r.status_code == 400 and message in r.json()["detail"], (case, r.json())
+    assert depth_client.get("/api/workspaces/d").json()["prompt"] == []
+    r = depth_client.put("/api/workspaces/d/classes", json=["a", "b"])
+    assert r.status_code == 400 and "a depth workspace has no classes" in r.json()["detail"]
+
+
+def test_depth_export_reproduces_the_predictions_from_the_cli(
+    depth_client, scenes, tmp_path, monkeypatch
+):
+    """The export of a depth workspace is a depth prompt folder (.npy maps) whose recorded
+    ``hbird predict --task depth`` command writes the same depth maps the app exported."""
+    import json
+    import shlex
+    import zipfile
+
+    from hbird.cli import main
+
+    for i in (0, 1):
+        depth_client.post(
+            f"/api/workspaces/d/prompt/img{i}.png", files={"mask": npy(scenes[i].depth)}
+        )
+    out = tmp_path / "export"
+    zipfile.ZipFile(
+        io.BytesIO(depth_client.get("/api/workspaces/d/export.zip").content)
+    ).extractall(out)
+    assert sorted(p.name for p in (out / "prompt" / "depth").iterdir()) == ["img0.npy", "img1.npy"]
+    assert np.array_equal(np.load(out / "prompt" / "depth" / "img1.npy"), scenes[1].depth.numpy())
+    record = json.loads((out / "settings.json").read_text())
+    monkeypatch.chdir(out)
+    argv = shlex.split(record["commands"]["masks"].replace("MASKS", str(tmp_path / "cli")))[1:]
+    assert "--task depth" in record["commands"]["masks"] and main([*argv, "--quiet"]) == 0
+    for i in range(6):
+        exported = np.load(out / "depth" / f"img{i}.npy")
+        assert np.array_equal(exported, np.load(tmp_path / "cli" / f"img{i}.npy"))
+
+
+def test_cli_serve_depth_demo_writes_depth_maps_to_upload(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from hbird.cli import main
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    assert main(["serve", "--demo", "--task", "depth", "--state", str(tmp_path / "s")]) == 0
+    assert len(list((tmp_path / "s" / "demo-data" / "depth").glob("*.png"))) == 12
+    assert TestClient(started[-1]).get("/api/workspaces/demo").json()["task"] == "depth"

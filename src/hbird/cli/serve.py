@@ -26,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated class names of new workspaces (default background,object)",
     )
     parser.add_argument(
+        "--task",
+        choices=["segmentation", "depth"],
+        default="segmentation",
+        help="of new workspaces: class masks, or depth maps uploaded as the prompt "
+        "(16-bit PNG in mm or .npy in metres) (default segmentation)",
+    )
+    parser.add_argument(
         "--host", default=LOCAL, help=f"address to bind (default {LOCAL}: this machine only)"
     )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -57,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
         from hbird.data.synthetic import default_class_names, make_scenes, write_scene_folder
 
         data = args.state / "demo-data"
-        if not (data / "images").is_dir():
-            write_scene_folder(data, make_scenes(12, seed=0), with_depth=False)
+        if not (data / "images").is_dir() or (
+            args.task == "depth" and not (data / "depth").is_dir()
+        ):
+            write_scene_folder(data, make_scenes(12, seed=0), with_depth=args.task == "depth")
         images = data / "images"
         classes = classes or list(default_class_names(4))
         settings = {"encoder": "test_vit", "image_size": 64, **settings}
@@ -73,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         )
     from hbird.serve.app import create_app
 
-    app = create_app(images, args.state, classes, settings)
+    app = create_app(images, args.state, classes, settings, task=args.task)
     url = f"http://{args.host}:{args.port}"
     if not args.api_only:
         app = with_page(app, args.demo)

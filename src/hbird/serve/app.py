@@ -8,12 +8,16 @@ request body over the upload limit is a 413, refused before it is read whole.
 Routes (``{ws}`` is a workspace name: letters, digits, ``-`` and ``_``)::
 
     GET    /api/workspaces                         names
-    GET    /api/workspaces/{ws}                    classes, prompt, images
+    GET    /api/workspaces/{ws}                    task, classes, prompt, images
     PUT    /api/workspaces/{ws}/classes            JSON list of names
     POST   /api/workspaces/{ws}/prompt/{image}     multipart "mask": a PNG of class ids
+                                                   (depth workspace: a depth map, a
+                                                   16-bit PNG in mm or a .npy in metres)
     DELETE /api/workspaces/{ws}/prompt/{image}
-    GET    /api/workspaces/{ws}/prediction/{image}.png     palette PNG of class ids
-    GET    /api/workspaces/{ws}/overlay/{image}.png        colours over the image
+    GET    /api/workspaces/{ws}/prediction/{image}.png     palette PNG of class ids (depth:
+                                                           16-bit PNG in millimetres)
+    GET    /api/workspaces/{ws}/overlay/{image}.png        colours over the image (depth:
+                                                           colour-mapped)
     GET    /api/workspaces/{ws}/confidence/{image}.png     8-bit confidence
     POST   /api/workspaces/{ws}/predict-all        mean confidence per image, least first
     GET    /api/workspaces/{ws}/export.zip         prompt folder, masks, bank, settings.json
@@ -32,7 +36,7 @@ from PIL import Image
 
 from hbird._optional import require
 from hbird.errors import InputError
-from hbird.io.images import load_image, voc_palette
+from hbird.io.images import depth_to_png_array, load_image, voc_palette
 from hbird.serve.workspace import Workspace
 
 WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -52,9 +56,26 @@ def label_png(labels: Any) -> bytes:
     return _png(img)
 
 
-def overlay_png(image_path: Path, labels: Any, alpha: float = 0.5) -> bytes:
+def prediction_png(labels: Any, task: str = "segmentation") -> bytes:
+    """A prediction as ``hbird predict`` writes it: a palette PNG of class ids, or a
+    16-bit PNG of millimetres for depth (``labels``: ``(H, W)`` metres)."""
+    if task == "depth":
+        return _png(Image.fromarray(depth_to_png_array(labels)))
+    return label_png(labels)
+
+
+def overlay_png(
+    image_path: Path, labels: Any, alpha: float = 0.5, task: str = "segmentation"
+) -> bytes:
+    """The prediction's colours over the image: class colours (VOC palette), or depth
+    through the ``turbo`` colour map (near blue, far red; invalid black)."""
+    from hbird.viz.depth import colorize_depth
+
     rgb = load_image(image_path).permute(1, 2, 0).numpy()
-    colours = voc_palette(256)[np.asarray(labels, dtype=np.int64)] / 255.0
+    if task == "depth":
+        colours = colorize_depth(np.asarray(labels)) / 255.0
+    else:
+        colours = voc_palette(256)[np.asarray(labels, dtype=np.int64)] / 255.0
     mixed = (1 - alpha) * rgb + alpha * colours
     return _png(Image.fromarray(np.round(mixed * 255).astype(np.uint8)))
 
@@ -99,10 +120,12 @@ def create_app(
     classes: list[str] | None = None,
     settings: dict[str, Any] | None = None,
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    task: str = "segmentation",
 ):
     """The FastAPI app serving workspaces of the folder ``images`` under ``state/``
     (request bodies up to ``max_upload_bytes``; images and masks up to the pixel limit
-    of :func:`hbird.io.images.pixel_limit`, ``--max-pixels``)."""
+    of :func:`hbird.io.images.pixel_limit`, ``--max-pixels``). New workspaces are of
+    ``task`` (``"depth"``: prompt labels are depth maps, predictions depth)."""
     fastapi = require("fastapi", "hbird serve")
     from fastapi import File, HTTPException, UploadFile
     from fastapi.responses import JSONResponse, Response
@@ -125,7 +148,7 @@ def create_app(
             raise HTTPException(400, "workspace names hold letters, digits, - and _ only")
         with opening:  # two first requests for one name must get the same workspace
             if ws not in workspaces:
-                workspaces[ws] = Workspace(images, state / ws, classes, settings)
+                workspaces[ws] = Workspace(images, state / ws, classes, settings, task)
             return workspaces[ws]
 
     app.state.workspace = workspace  # the web page (hbird.serve.page) shares them
@@ -140,7 +163,7 @@ def create_app(
     @app.get("/api/workspaces/{ws}")
     def describe(ws: str) -> dict[str, Any]:
         w = workspace(ws)
-        return {"classes": w.classes, "prompt": w.prompt, "images": w.image_names}
+        return {"task": w.task, "classes": w.classes, "prompt": w.prompt, "images": w.image_names}
 
     @app.put("/api/workspaces/{ws}/classes")
     def put_classes(ws: str, names: list[str]) -> list[str]:
@@ -162,12 +185,13 @@ def create_app(
 
     @app.get("/api/workspaces/{ws}/prediction/{image}.png")
     def prediction(ws: str, image: str) -> Response:
-        return png(label_png(workspace(ws).predict(image).labels))
+        w = workspace(ws)
+        return png(prediction_png(w.predict(image).labels, w.task))
 
     @app.get("/api/workspaces/{ws}/overlay/{image}.png")
     def overlay(ws: str, image: str) -> Response:
         w = workspace(ws)
-        return png(overlay_png(w.image_path(image), w.predict(image).labels))
+        return png(overlay_png(w.image_path(image), w.predict(image).labels, task=w.task))
 
     @app.get("/api/workspaces/{ws}/confidence/{image}.png")
     def confidence(ws: str, image: str) -> Response:

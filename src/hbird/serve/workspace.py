@@ -5,8 +5,9 @@ so it is tested and usable from Python alone.
 
 On disk, under ``state/``::
 
-    workspace.json          classes, prompt (image names, in order), predictor settings
+    workspace.json          task, classes, prompt (image names, in order), predictor settings
     masks/<stem>.png        the confirmed prompt masks (palette PNGs, pixel = class id)
+    depth/<stem>.npy        or, in a depth workspace, the prompt depth maps (metres)
     features/               the feature cache (hbird.features.cache), keyed by view pixels
 
 Every prompt change writes its mask, then ``workspace.json``, each atomically; the JSON
@@ -34,17 +35,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hbird.decode import DensePrediction
 from hbird.errors import HbirdError, InputError
-from hbird.io.files import atomic_folder, has_file, write_json, write_text
-from hbird.io.images import list_images, load_image, load_mask, save_label_png
+from hbird.io.files import atomic_file, atomic_folder, has_file, write_json, write_text
+from hbird.io.images import list_images, load_depth, load_image, load_mask, save_label_png
 from hbird.labelspec import LabelSpec
 
 FORMAT_VERSION = 1
 STATE_FILE = "workspace.json"
 IGNORE_INDEX = 255
+TASKS = ("segmentation", "depth")
+MIN_DEPTH = 1e-3
+"""Depths below a millimetre are invalid, as in a prompt folder (hbird.data.folder)."""
+NPY_MAGIC = b"\x93NUMPY"
 
 
 def check_class_names(names: Sequence[str]) -> list[str]:
@@ -81,6 +87,9 @@ class Workspace:
         state: where the workspace lives (created; an existing one is resumed).
         classes: class names for a new workspace (ignored when resuming).
         settings: :class:`~hbird.InContextPredictor` settings (encoder, image_size, k...).
+        task: ``"segmentation"`` (prompt labels are class masks) or ``"depth"`` (depth
+            maps as the CLI reads them: a 16-bit PNG in millimetres or a ``.npy`` in
+            metres; there are no classes) for a new workspace (ignored when resuming).
     """
 
     def __init__(
@@ -89,6 +98,7 @@ class Workspace:
         state: str | Path,
         classes: Sequence[str] | None = None,
         settings: dict[str, Any] | None = None,
+        task: str = "segmentation",
     ) -> None:
         self.images_dir = Path(images)
         paths = list_images(self.images_dir)
@@ -102,7 +112,11 @@ class Workspace:
         if (self.state / STATE_FILE).is_file():
             self._resume()
         else:
-            self.classes = check_class_names(classes or ["background", "object"])
+            if task not in TASKS:
+                raise InputError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+            self.task = task
+            depth = task == "depth"
+            self.classes = [] if depth else check_class_names(classes or ["background", "object"])
             self.prompt: list[str] = []
             self.settings = dict(settings or {})
             self._save()
@@ -113,6 +127,7 @@ class Workspace:
         if record.get("format_version") != FORMAT_VERSION:
             raise InputError(f"{self.state} holds a workspace of another hbird version")
         self.classes, self.settings = record["classes"], record["settings"]
+        self.task = record.get("task", "segmentation")
         self.prompt = [n for n in record["prompt"] if n in self._paths]
 
     def _save(self, prompt: list[str] | None = None, classes: list[str] | None = None) -> None:
@@ -122,6 +137,7 @@ class Workspace:
             self.state / STATE_FILE,
             {
                 "format_version": FORMAT_VERSION,
+                "task": self.task,
                 "images": str(self.images_dir.resolve()),
                 "classes": self.classes if classes is None else classes,
                 "prompt": self.prompt if prompt is None else prompt,
@@ -140,10 +156,15 @@ class Workspace:
         return self._paths[name]
 
     def mask_path(self, name: str) -> Path:
+        """Where ``name``'s confirmed prompt label is: a class mask, or a depth map."""
+        if self.task == "depth":
+            return self.state / "depth" / f"{Path(name).stem}.npy"
         return self.state / "masks" / f"{Path(name).stem}.png"
 
     @property
     def label_spec(self) -> LabelSpec:
+        if self.task == "depth":
+            return LabelSpec(task="depth", min_value=MIN_DEPTH)
         return LabelSpec(
             task="segmentation", num_classes=len(self.classes), ignore_index=IGNORE_INDEX
         )
@@ -151,6 +172,8 @@ class Workspace:
     # -- edits ------------------------------------------------------------------------
     def set_classes(self, names: Sequence[str]) -> None:
         """Rename or add classes; removing one is refused while a prompt mask may use it."""
+        if self.task == "depth":
+            raise InputError("a depth workspace has no classes; its prompt labels are depth maps")
         names = check_class_names(names)
         with self.lock:
             if self.prompt and len(names) < len(self.classes):
@@ -162,15 +185,38 @@ class Workspace:
             self.classes = names
             self._forget()
 
-    def check_mask(self, name: str, data: bytes) -> torch.Tensor:
-        """Decode an uploaded PNG mask with the CLI's own checks: ``(H, W)`` int64 ids."""
-        image_size = load_image(self.image_path(name)).shape[-2:]
-        mask = read_upload(data, f"{Path(name).stem}.png", f"the upload for {name}", load_mask)
-        if tuple(mask.shape) != tuple(image_size):
+    def check_label(self, name: str, data: bytes) -> torch.Tensor:
+        """An uploaded prompt label, decoded and checked as the CLI does: ``(H, W)`` class
+        ids (:meth:`check_mask`) or depths in metres (:meth:`check_depth`)."""
+        return self.check_depth(name, data) if self.task == "depth" else self.check_mask(name, data)
+
+    def check_depth(self, name: str, data: bytes) -> torch.Tensor:
+        """Decode an uploaded depth map (a ``.npy`` in metres, recognised by its magic
+        bytes, else a 16-bit PNG in mm) with the CLI's reader: ``(H, W)`` float32 metres."""
+        suffix = ".npy" if data.startswith(NPY_MAGIC) else ".png"
+        what = f"the upload for {name}"
+        depth = read_upload(data, Path(name).stem + suffix, what, load_depth)
+        self._check_size(name, depth, "depth map")
+        valid = torch.isfinite(depth) & (depth >= MIN_DEPTH)
+        if not bool(valid.any()):
             raise InputError(
-                f"the mask for {name} is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                f"the depth map for {name} holds no valid depth (every pixel is 0, NaN, inf "
+                f"or under {MIN_DEPTH * 1000:g} mm); a PNG holds millimetres, a .npy metres"
+            )
+        return depth
+
+    def _check_size(self, name: str, label: torch.Tensor, what: str) -> None:
+        image_size = load_image(self.image_path(name)).shape[-2:]
+        if tuple(label.shape) != tuple(image_size):
+            raise InputError(
+                f"the {what} for {name} is {label.shape[1]}x{label.shape[0]} but the image is "
                 f"{image_size[1]}x{image_size[0]}; paint it on the image itself"
             )
+
+    def check_mask(self, name: str, data: bytes) -> torch.Tensor:
+        """Decode an uploaded PNG mask with the CLI's own checks: ``(H, W)`` int64 ids."""
+        mask = read_upload(data, f"{Path(name).stem}.png", f"the upload for {name}", load_mask)
+        self._check_size(name, mask, "mask")
         spec = self.label_spec
         bad = torch.unique(mask[(mask >= spec.num_classes) & (mask != IGNORE_INDEX)])
         if bad.numel() or bool((mask < 0).any()):
@@ -182,13 +228,14 @@ class Workspace:
         return mask
 
     def add_prompt(self, name: str, mask_png: bytes) -> None:
-        """Add (or replace) ``name``'s prompt mask; the bank grows with ``add()``."""
+        """Add (or replace) ``name``'s prompt label (a PNG mask, or a depth map in a depth
+        workspace); the bank grows with ``add()``."""
         with self.lock:
-            mask = self.check_mask(name, mask_png)
+            mask = self.check_label(name, mask_png)
             replaced = name in self.prompt
             if replaced:  # its old entries are in the bank: rebuild on next use
                 self._forget()
-            save_label_png(self.mask_path(name), mask)  # a new name's mask: ignored until...
+            self._write_label(self.mask_path(name), mask)  # a new name's: ignored until...
             self._save(prompt=self.prompt if replaced else [*self.prompt, name])  # ...this
             if not replaced:
                 self.prompt.append(name)
@@ -206,6 +253,14 @@ class Workspace:
             if not self.prompt:
                 self._forget()
             self._follow(lambda p: p.remove(p.image_ids_[position]))
+
+    def _write_label(self, path: Path, label: torch.Tensor) -> None:
+        if self.task == "depth":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as tmp:
+                np.save(tmp, label.numpy())
+        else:
+            save_label_png(path, label)
 
     def _follow(self, change: Callable[[Any], Any]) -> None:
         """Apply a confirmed prompt change to the live predictor, if there is one; if that
@@ -266,27 +321,34 @@ class Workspace:
     def export(self, out: str | Path) -> Path:
         """Write, atomically, everything needed to leave the app::
 
-        out/prompt/images/, masks/, classes.txt   the prompt as an hbird folder
-        out/masks/<stem>.png                      every image's prediction (palette PNG)
+        out/prompt/images/, masks/, classes.txt   the prompt as an hbird folder (depth/
+                                                  of .npy maps in a depth workspace)
+        out/masks/<stem>.png                      every image's prediction, as ``hbird
+                                                  predict`` writes it (depth/<stem>.png
+                                                  and .npy in a depth workspace)
         out/bank/                                 the bank, as ``hbird bank build`` writes
         out/settings.json                         settings and the CLI commands that
                                                   reproduce the masks and the bank
         """
+        from hbird.cli.predict import write_prediction
+
         with self.lock:
-            predictor = self.predictor()
-            predictions = {n: self.predict(n).labels for n in self.image_names}
+            predictor, spec = self.predictor(), self.label_spec
+            predictions = {n: self.predict(n) for n in self.image_names}
+            labels = "depth" if self.task == "depth" else "masks"
             with atomic_folder(out, "an hbird serve export", has_file("settings.json")) as tmp:
                 prompt = tmp / "prompt"
+                (prompt / "images").mkdir(parents=True)
+                (prompt / labels).mkdir()
                 for name in self.prompt:
-                    stem = Path(name).stem
-                    (prompt / "images").mkdir(parents=True, exist_ok=True)
                     shutil.copy2(self.image_path(name), prompt / "images" / name)
-                    save_label_png(
-                        prompt / "masks" / f"{stem}.png", load_mask(self.mask_path(name))
-                    )
-                write_text(prompt / "classes.txt", "\n".join(self.classes) + "\n")
-                for name, labels in predictions.items():
-                    save_label_png(tmp / "masks" / f"{Path(name).stem}.png", labels)
+                    label = self.mask_path(name)
+                    shutil.copy2(label, prompt / labels / label.name)
+                if self.classes:
+                    write_text(prompt / "classes.txt", "\n".join(self.classes) + "\n")
+                (tmp / labels).mkdir()
+                for name, prediction in predictions.items():
+                    write_prediction(tmp / labels, Path(name).stem, None, prediction, spec, False)
                 predictor.save(tmp / "bank")
                 write_json(tmp / "settings.json", self._settings_record())
         return Path(out)
@@ -302,7 +364,7 @@ class Workspace:
                 flags += [flag] if value else []
             else:
                 flags += [flag, str(value)]
-        common = ["--prompt", "prompt", "--task", "segmentation", *flags]
+        common = ["--prompt", "prompt", "--task", self.task, *flags]
         return {
             "classes": self.classes,
             "prompt": self.prompt,
