@@ -162,8 +162,7 @@ def create_app(
 
     @app.get("/api/workspaces/{ws}")
     def describe(ws: str) -> dict[str, Any]:
-        w = workspace(ws)
-        return {"task": w.task, "classes": w.classes, "prompt": w.prompt, "images": w.image_names}
+        return workspace(ws).describe()
 
     @app.put("/api/workspaces/{ws}/classes")
     def put_classes(ws: str, names: list[str]) -> list[str]:
@@ -173,15 +172,11 @@ def create_app(
 
     @app.post("/api/workspaces/{ws}/prompt/{image}")
     def add_prompt(ws: str, image: str, mask: Annotated[UploadFile, File()]) -> list[str]:
-        w = workspace(ws)
-        w.add_prompt(image, mask.file.read())
-        return w.prompt
+        return workspace(ws).add_prompt(image, mask.file.read())
 
     @app.delete("/api/workspaces/{ws}/prompt/{image}")
     def remove_prompt(ws: str, image: str) -> list[str]:
-        w = workspace(ws)
-        w.remove_prompt(image)
-        return w.prompt
+        return workspace(ws).remove_prompt(image)
 
     @app.get("/api/workspaces/{ws}/prediction/{image}.png")
     def prediction(ws: str, image: str) -> Response:

@@ -145,6 +145,16 @@ class Workspace:
             },
         )
 
+    def describe(self) -> dict[str, Any]:
+        """Task, classes, prompt and images, as of one moment (taken under the lock)."""
+        with self.lock:
+            return {
+                "task": self.task,
+                "classes": list(self.classes),
+                "prompt": list(self.prompt),
+                "images": self.image_names,
+            }
+
     @property
     def image_names(self) -> list[str]:
         return sorted(self._paths)
@@ -227,9 +237,9 @@ class Workspace:
             )
         return mask
 
-    def add_prompt(self, name: str, mask_png: bytes) -> None:
+    def add_prompt(self, name: str, mask_png: bytes) -> list[str]:
         """Add (or replace) ``name``'s prompt label (a PNG mask, or a depth map in a depth
-        workspace); the bank grows with ``add()``."""
+        workspace); the bank grows with ``add()``. Returns the prompt it committed."""
         with self.lock:
             mask = self.check_label(name, mask_png)
             replaced = name in self.prompt
@@ -240,9 +250,11 @@ class Workspace:
             if not replaced:
                 self.prompt.append(name)
             self._follow(lambda p: p.add([self.image_path(name)], [mask]))
+            return list(self.prompt)
 
-    def remove_prompt(self, name: str) -> None:
-        """Drop ``name`` from the prompt; its bank entries go with ``remove()``."""
+    def remove_prompt(self, name: str) -> list[str]:
+        """Drop ``name`` from the prompt; its bank entries go with ``remove()``. Returns
+        the prompt it committed."""
         with self.lock:
             if name not in self.prompt:
                 raise InputError(f"{name} is not in the prompt; nothing to remove")
@@ -253,6 +265,7 @@ class Workspace:
             if not self.prompt:
                 self._forget()
             self._follow(lambda p: p.remove(p.image_ids_[position]))
+            return list(self.prompt)
 
     def _write_label(self, path: Path, label: torch.Tensor) -> None:
         if self.task == "depth":
