@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(images, args.state, classes, settings, task=args.task)
     url = f"http://{args.host}:{args.port}"
-    if not args.api_only:
+    if args.task == "depth":
+        print("hbird serve: the web page paints class masks; depth is served by the REST API")
+    elif not args.api_only:
         app = with_page(app, args.demo)
         print(f"hbird serve: the page is at {url}/ (workspace {PAGE_WORKSPACE!r})")
     import uvicorn
