@@ -22,7 +22,17 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Largest resident set size this process has had (Linux reports KiB)."""
+    """Largest resident set size this process has had: ``VmHWM`` of its own memory map.
+
+    ``getrusage``'s ``ru_maxrss`` is kept across ``exec``: a child started by a large
+    parent reports at least the parent's size, so it is only the fallback."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

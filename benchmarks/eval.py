@@ -11,10 +11,15 @@ Reports, for the retrieval protocol (and the linear probe next to it):
   must not change (ratio 1), the Python allocations during the updates (``tracemalloc``)
   stay a few KB, and the RSS sampled along the 100 updates shows no trend (it moves
   with the allocator's reuse of each update's temporaries), next to the gigabytes that
-  storing the pixels would take.
+  storing the pixels would take;
+- with ``--bank-images N``: the RSS growth of a streamed bank build
+  (``InContextPredictor.build_bank`` of N synthetic scenes into a folder, in a fresh
+  process) against the bank's size plus the growth of encoding one batch alone (another
+  fresh process): a build that streams stays under their sum.
 
     python benchmarks/eval.py                      # ~1 min on 2 cores
     python benchmarks/eval.py --prompt 100 --queries 50 --scene-size 480 640
+    python benchmarks/eval.py --bank-images 400 --bank-encoder vit_small_patch16_224
 
 Writes JSON to ``benchmarks/results/eval.json`` unless ``--out`` says otherwise.
 """
@@ -23,7 +28,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -34,8 +42,13 @@ from typing import Any
 import torch
 from _common import environment, peak_rss_bytes, rss_bytes, set_threads, settings, write_report
 
+from hbird import InContextPredictor
+from hbird.data.pairs import PromptPairs
 from hbird.data.synthetic import make_scenes, write_scene_folder
+from hbird.encoders import create_encoder
+from hbird.encoders.inference import encode_batches
 from hbird.eval import evaluate, linear_probe
+from hbird.labelspec import LabelSpec
 from hbird.metrics import ConfusionMatrix, DepthMetrics
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "eval.json"
@@ -57,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metric-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"),
                         help="image size for the metric-memory check")  # fmt: skip
     parser.add_argument("--metric-images", type=int, default=100)
+    parser.add_argument("--bank-images", type=int, default=0,
+                        help="also measure a streamed bank build of this many scenes")  # fmt: skip
+    parser.add_argument("--bank-encoder", default="test_vit")
+    parser.add_argument("--bank-image-size", type=int, default=224)
+    parser.add_argument("--bank-child", nargs=2, metavar=("MODE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
@@ -183,9 +201,61 @@ def bench_metrics(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def bank_child(mode: str, out: Path, args: argparse.Namespace) -> None:
+    """Fresh process: RSS growth of one batch's encoding (``batch``) or of a bank build."""
+    side, classes, batch = args.bank_image_size, args.classes, 16
+    scenes = make_scenes(args.bank_images, seed=0, num_classes=classes, size=(side, side))
+    torch.manual_seed(0)
+    encoder = create_encoder(args.bank_encoder)
+    images = [s.image for s in scenes]
+    encode_batches(encoder, images[:1])  # warm-up: libraries, first allocations
+    gc.collect()
+    before = rss_bytes()
+    result: dict[str, Any] = {"rss_bytes_before": before}
+    if mode == "batch":
+        encode_batches(encoder, images[:batch], batch_size=batch)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            predictor = InContextPredictor(encoder=encoder, image_size=side, aug_epochs=1,
+                                           memory_size=None, batch_size=batch, progress=False)  # fmt: skip
+            spec = LabelSpec(task="segmentation", num_classes=classes)
+            pairs = PromptPairs(images, [s.mask for s in scenes], spec)
+            predictor.build_bank(pairs, spec, Path(tmp) / "bank")
+            entries = args.bank_images * (side // encoder.patch_size) ** 2
+            result["entries"] = entries
+            result["bank_bytes"] = entries * (2 * encoder.embed_dim + 4 * classes)
+    result["peak_growth_bytes"] = peak_rss_bytes() - before
+    out.write_text(json.dumps(result))
+
+
+def bench_bank_build(args: argparse.Namespace) -> dict[str, Any]:
+    """A streamed bank build's RSS growth against the bank's size plus one batch's growth."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("batch", "build"):
+            out = Path(tmp) / f"{mode}.json"
+            argv = [sys.executable, __file__, "--bank-child", mode, str(out),
+                    "--bank-images", str(args.bank_images), "--bank-encoder", args.bank_encoder,
+                    "--bank-image-size", str(args.bank_image_size), "--classes", str(args.classes)]  # fmt: skip
+            if args.threads:
+                argv += ["--threads", str(args.threads)]
+            subprocess.run(argv, check=True)
+            results[mode] = json.loads(out.read_text())
+    build, batch = results["build"], results["batch"]
+    bound = build["bank_bytes"] + batch["peak_growth_bytes"]
+    return {
+        **results,
+        "bound_bytes": bound,
+        "growth_over_bound": build["peak_growth_bytes"] / bound,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     set_threads(args.threads)
+    if args.bank_child:
+        bank_child(args.bank_child[0], Path(args.bank_child[1]), args)
+        return {}
     report: dict[str, Any] = {
         "config": settings(args),
         "environment": {
@@ -203,6 +273,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["peak_rss_bytes_after_protocols"] = peak_rss_bytes()
     print(f"metric memory: 1 vs {args.metric_images} images of {args.metric_size}", flush=True)
     report["metric_memory"] = bench_metrics(args)
+    if args.bank_images:
+        print(f"bank build memory: {args.bank_images} scenes, {args.bank_encoder}", flush=True)
+        report["bank_build_memory"] = bank = bench_bank_build(args)
+        print(f"bank build: RSS +{bank['build']['peak_growth_bytes'] / 2**20:.0f} MiB for a "
+              f"{bank['build']['bank_bytes'] / 2**20:.0f} MiB bank; one batch alone "
+              f"+{bank['batch']['peak_growth_bytes'] / 2**20:.0f} MiB; "
+              f"growth / (bank + batch) = {bank['growth_over_bound']:.2f}")  # fmt: skip
     report["environment"]["load_average_at_end"] = os.getloadavg()
     for name, r in report["protocols"].items():
         split = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in r["per_query_seconds"].items())
