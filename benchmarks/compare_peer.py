@@ -98,9 +98,11 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
 
 
 class RssAtQueries:
-    """A query dataset that records this process's RSS when query ``i`` is read (i done)."""
+    """A query dataset that records this process's RSS when query ``i`` is read (i done);
+    with ``workers`` the queries are read in worker processes and only the end is kept."""
 
     files_checked = True  # the parent wrote these files; checking would unwrap us
+    peak_at_first_query = None  # read in a worker process with --workers: not seen here
 
     def __init__(self, dataset: FolderDataset) -> None:
         self.dataset, self.samples = dataset, {}
@@ -232,14 +234,15 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in ok]
         out[key] = {"min": min(values), "median": statistics.median(values)}
     last = ok[-1]
-    out["build_growth_bytes"] = last["peak_rss_bytes_after_build"] - last["rss_bytes_before_build"]
+    peak_after_build = last["peak_rss_bytes_after_build"] or last["peak_rss_bytes"]
+    out["build_growth_bytes"] = peak_after_build - last["rss_bytes_before_build"]
     for key in ("miou", "miou_hungarian", "memory_entries", "queries", "bank_bytes"):
         if key in last:
             out[key] = last[key]
     samples = {int(n): b for n, b in last["rss_bytes_after_queries"].items()}
     if samples:
-        half = min((n for n in samples if n >= last["queries"] // 2), default=None)
-        out["rss_bytes_at_half_queries"] = [half, samples[half]] if half is not None else None
+        half = min((n for n in samples if n >= last["queries"] // 2), default=max(samples))
+        out["rss_bytes_at_half_queries"] = [half, samples[half]]
         out["rss_bytes_at_all_queries"] = [max(samples), samples[max(samples)]]
     return out
 
@@ -271,7 +274,7 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
             else f"{r['miou']:.4f}"
         )
         lines.append(f"| {label} | {span(r['build_seconds'])} | {span(r['eval_seconds'])} | "
-                     f"{span(r['search_seconds'])} | {span(r['peak_rss_bytes'], 2**30, 'GB')} | {miou} |")  # fmt: skip
+                     f"{span(r['search_seconds'])} | {span(r['peak_rss_bytes'], 2**30, 'GiB')} | {miou} |")  # fmt: skip
     lines += ["", "| | bank (keys + values) | RSS growth over the build | "
               "RSS after ½ of the queries | after all |", "|---|---|---|---|---|"]  # fmt: skip
     for row, r in rows.items():
@@ -282,8 +285,8 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
             r["rss_bytes_at_half_queries"],
             r["rss_bytes_at_all_queries"],
         )
-        lines.append(f"| {label} | {r['bank_bytes'] / 2**20:.0f} MB | {r['build_growth_bytes'] / 2**20:.0f} MB | "
-                     f"{at_half / 2**20:.0f} MB ({half}) | {at_all / 2**20:.0f} MB ({every}) |")  # fmt: skip
+        lines.append(f"| {label} | {r['bank_bytes'] / 2**20:.0f} MiB | {r['build_growth_bytes'] / 2**20:.0f} MiB | "
+                     f"{at_half / 2**20:.0f} MiB ({half}) | {at_all / 2**20:.0f} MiB ({every}) |")  # fmt: skip
     return "\n".join(lines)
 
 
