@@ -225,3 +225,19 @@ def test_fill_checks_keys_for_nan_once_a_few_rows_at_a_time(monkeypatch) -> None
     assert check(x[:7], rows=3) and not check(x, rows=3) and not check(x[7:], rows=3)
     with pytest.raises(InputError, match="NaN or inf"):
         ExactIndex(8).add(x)
+
+
+def test_fill_keeps_the_callers_keys_add_copies_them() -> None:
+    """Issue 15 (build-time copies): ``fill`` of a bank's keys must not hold a second
+    copy of them; ``add`` still copies, so later changes to its input never leak in."""
+    keys = _unit(300, 8, 0, torch.float16)
+    filled = ExactIndex(8, chunk_size=64).fill(keys, chunk_size=100)
+    assert all(
+        b.untyped_storage().data_ptr() == keys.untyped_storage().data_ptr() for b in filled._blocks
+    )
+    added = ExactIndex(8)
+    added.add(keys)
+    assert added._blocks[0].untyped_storage().data_ptr() != keys.untyped_storage().data_ptr()
+    q = _unit(20, 8, 1)
+    assert_same_neighbours(*filled.search(q, 5), *_brute_force(keys, q, 5))
+    assert_same_neighbours(*added.search(q, 5), *_brute_force(keys, q, 5))

@@ -294,3 +294,41 @@ def test_float16_copy_of_float32_keys_does_not_claim_exact_scores(tmp_path, data
     exact = FaissIVFPQIndex(DIM)
     exact.add(keys)
     assert exact.exact_scores and load_index(exact.save(tmp_path / "idx2")).exact_scores
+
+
+@pytest.mark.parametrize(("chunk_size", "k"), [(16384, 30), (700, 30), (20, 30)])
+def test_exact_faiss_backend_equals_torch_oracle(chunk_size: int, k: int) -> None:
+    """ExactIndex(backend="faiss") against the torch path and a full matmul + topk:
+    identical neighbours up to exact ties (duplicated keys), scores to float32 rounding.
+    ``chunk_size`` 20 < k: a chunk holds fewer keys than wanted neighbours."""
+    g = torch.Generator().manual_seed(5)
+    keys = torch.nn.functional.normalize(torch.randn(4000, 48, generator=g), dim=1).half()
+    keys[1::4] = keys[0::4]  # exact ties
+    queries = torch.nn.functional.normalize(torch.randn(900, 48, generator=g), dim=1)
+    torch_index = ExactIndex(48, chunk_size=chunk_size, query_chunk_size=400)
+    faiss_index = ExactIndex(48, chunk_size=chunk_size, query_chunk_size=400, backend="faiss")
+    for index in (torch_index, faiss_index):
+        index.add(keys[:2500])
+        index.add(keys[2500:].float())  # a float32 block next to a float16 one
+    sims, ids = faiss_index.search(queries, k)
+    want_sims, want_ids = torch_index.search(queries, k)
+    assert sims.dtype == torch.float32 and ids.dtype == torch.int64
+    assert_same_neighbours(sims, ids, want_sims, want_ids, atol=1e-5, rtol=1e-5)
+    full_sims, full_ids = (queries @ keys.float().T).topk(k, dim=1)
+    assert_same_neighbours(sims, ids, full_sims, full_ids, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_faiss_backend_pads_saves_and_checks_options(tmp_path) -> None:
+    keys = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    index = ExactIndex(8, backend="faiss")
+    index.add(keys)
+    sims, ids = index.search(keys, 7)
+    want_sims, want_ids = ExactIndex(8).fill(keys).search(keys, 7)
+    assert_same_neighbours(sims, ids, want_sims, want_ids)
+    assert bool((ids[:, 5:] == -1).all()) and torch.equal(ids[:, 0], torch.arange(5))
+    loaded = load_index(index.save(tmp_path / "idx"))
+    assert isinstance(loaded, ExactIndex) and loaded.backend == "faiss"
+    with pytest.raises(InputError, match="backend must be"):
+        ExactIndex(8, backend="numpy")
+    with pytest.raises(InputError, match="on the CPU"):
+        ExactIndex(8, backend="faiss", device="cuda")

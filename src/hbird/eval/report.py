@@ -49,6 +49,8 @@ def search_text(setting: Any, search: dict[str, Any]) -> str:
         "query_chunk_size",
         "factory",
         "keys_dtype",
+        "recall_queries",
+        "backend",
     }
     params = ", ".join(f"{k} {v}" for k, v in search.items() if k not in skip and v is not None)
     built = search["kind"] + (f" ({params})" if params else "")

@@ -34,6 +34,7 @@ from hbird.registry import Registry, check_options
 
 __all__ = [
     "AUTO_EXACT_MAX",
+    "AUTO_RECALL",
     "AUTO_EXACT_MAX_GPU",
     "EXACT_WARN_ABOVE",
     "INDEXES",
@@ -66,6 +67,10 @@ with more than a handful of queries (and a saved bank keeps the built index). fa
 flat index never wins by much (it is slower than torch for a 196-patch image), so
 ``auto`` does not use it.
 """
+
+AUTO_RECALL = 0.9
+"""Target recall@30 ``auto`` tunes IVF-PQ's ``nprobe`` and ``k_factor`` for after a build
+(``index_params={"recall": 0.95}`` changes it; the measured value is in ``describe()``)."""
 
 EXACT_WARN_ABOVE = 1_000_000
 """Without faiss ``auto`` falls back to exact search, and warns above this many keys."""
@@ -122,8 +127,18 @@ def create_index(
     """
     if expected_size is not None and (isinstance(expected_size, bool) or expected_size < 0):
         raise InputError(f"create_index: expected_size must be >= 0, got {expected_size!r}")
+    tunes = {"nprobe", "k_factor"} & set(params)
+    if "recall" in params and tunes:
+        raise InputError(
+            f"index_params: recall={params['recall']} chooses nprobe and k_factor itself; "
+            f"give either recall or {' and '.join(sorted(tunes))}"
+        )
     if kind == "auto":
         kind = choose_kind(expected_size, device=device)
+        if kind == "ivfpq" and not tunes:
+            params.setdefault("recall", AUTO_RECALL)
+        elif kind == "exact":
+            params.pop("recall", None)  # exact search has recall 1
     if kind not in INDEXES:
         raise InputError(
             f"unknown index kind {kind!r}; choose 'auto' or one of: {', '.join(INDEXES)}"

@@ -60,6 +60,12 @@ class VectorIndex(abc.ABC):
     """Parameters read at search time only (``nprobe``...): setting the attribute on a
     built index takes effect at the next search, no rebuild needed."""
 
+    def tuned_params(self) -> tuple[str, ...]:
+        """Parameters the build measured or chose itself rather than was given (a measured
+        recall; settings tuned for a target recall): left out of a cache fingerprint and
+        kept when a cached index is reopened."""
+        return ()
+
     def __init__(self, dim: int) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise InputError(f"{type(self).__name__}: dim must be a positive int, got {dim!r}")
@@ -122,7 +128,7 @@ class VectorIndex(abc.ABC):
         keys = as_key_matrix(x, self.dim, "fill(x)")
         if not self.is_trained and keys.shape[0] > 0:
             self._train_and_say(keys, progress)
-        n = keys.shape[0]
+        n, was_empty = keys.shape[0], self.ntotal == 0
         with tqdm(
             total=n,
             desc=f"indexing ({self.kind})",
@@ -134,7 +140,15 @@ class VectorIndex(abc.ABC):
                 chunk = keys[start : start + chunk_size]
                 self._add(chunk)
                 bar.update(chunk.shape[0])
+        if was_empty and n:
+            self._built(lambda: [keys], n, progress)
         return self
+
+    def _built(  # noqa: B027 - optional hook
+        self, chunks: Callable[[], Iterable[torch.Tensor]], n: int, progress: bool
+    ) -> None:
+        """Hook run when ``fill``/``fill_from`` built the index from nothing: ``chunks()``
+        yields its ``n`` keys again, in id order (e.g. to measure recall against them)."""
 
     def _train_and_say(self, x: torch.Tensor, progress: bool) -> None:
         """``train(x)``, announced on stderr when ``progress`` (k-means can take minutes)."""
@@ -161,6 +175,7 @@ class VectorIndex(abc.ABC):
         most one piece plus the training sample is in memory, and the index is the same as
         ``fill`` of all keys at once. Returns ``self``.
         """
+        was_empty = self.ntotal == 0
         if not self.is_trained and n > 0:
             rows = self.training_rows(n)
             sample, start = [], 0
@@ -187,6 +202,8 @@ class VectorIndex(abc.ABC):
                 if chunk.shape[0]:
                     self._add(chunk)
                 bar.update(chunk.shape[0])
+        if was_empty and n:
+            self._built(chunks, n, progress)
         return self
 
     # --- searching -------------------------------------------------------------------

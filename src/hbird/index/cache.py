@@ -28,9 +28,12 @@ def cache_path(cache_dir: Path, source_id: str, index: VectorIndex) -> Path:
     """``cache_dir/<kind>-<fingerprint>``: where ``index`` built over ``source_id`` is kept.
 
     Search-time parameters (``nprobe``, ``ef_search``...) are not part of the fingerprint:
-    a cached index is reused with the new values.
+    a cached index is reused with the new values. Nor are the ones its build measured or
+    tuned (``tuned_params``: a measured recall, and ``nprobe``/``k_factor`` chosen for a
+    target recall), which the cached index keeps.
     """
-    build_params = {k: v for k, v in index.params().items() if k not in index.search_time_params}
+    skip = {*index.search_time_params, *index.tuned_params()}
+    build_params = {k: v for k, v in index.params().items() if k not in skip}
     identity = {
         "format_version": FORMAT_VERSION,
         "source": source_id,
@@ -69,7 +72,7 @@ def load_or_build(
             )
         else:
             if cached.ntotal == num_keys:
-                for name in empty.search_time_params:
+                for name in set(empty.search_time_params) - set(empty.tuned_params()):
                     setattr(cached, name, getattr(empty, name))
                 return cached
     fill(empty)

@@ -7,14 +7,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from hbird._optional import require
 from hbird.errors import InputError
-from hbird.index.base import VectorIndex
+from hbird.index.base import ArrayLike, VectorIndex
 from hbird.io.files import save_tensors
 
 KEYS_FILE = "keys.safetensors"
+BACKENDS = ("torch", "faiss")
+"""How ``ExactIndex`` scores a key chunk: torch matmul + topk, or ``faiss.knn``."""
+
+
+def merge_top_k(
+    sims: torch.Tensor, ids: torch.Tensor, new_sims: torch.Tensor, new_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``k = sims.shape[1]`` of ``(m, k)`` results and ``(m, c)`` new ones, per row
+    (one cat + topk: the merge the search has always done, so tie order is unchanged)."""
+    merged_sims = torch.cat([sims, new_sims], dim=1)
+    merged_ids = torch.cat([ids, new_ids], dim=1)
+    best_sims, order = merged_sims.topk(sims.shape[1], dim=1)
+    return best_sims, merged_ids.gather(1, order)
 
 
 class ExactIndex(VectorIndex):
@@ -32,12 +47,20 @@ class ExactIndex(VectorIndex):
     keys on the GPU, where brute force over millions of keys takes milliseconds per query
     image; results still come back on the CPU.
 
+    ``backend="faiss"`` scores each converted key chunk with faiss's brute-force kNN
+    (``faiss.knn``: BLAS sgemm in blocks with a fused heap top-k) instead of torch's
+    matmul + topk; keys stay stored once, as added. Scores agree with the torch path to
+    float32 rounding, and tied keys may come in another order. The torch path is the
+    oracle, the GPU path and the default: on this project's CPU faiss's bundled OpenBLAS
+    is not faster (see docs/performance.md, "Search").
+
     Args:
         dim: key dimension ``D``.
         chunk_size: keys scored per matmul.
         query_chunk_size: queries scored per matmul.
         device: where keys are stored and scored. A placement, not part of the saved
             index: ``load`` puts keys on the CPU unless told otherwise.
+        backend: ``"torch"`` or ``"faiss"`` (CPU only, needs ``pip install "hbird[faiss]"``).
     """
 
     kind = "exact"
@@ -49,14 +72,25 @@ class ExactIndex(VectorIndex):
         chunk_size: int = 16384,
         query_chunk_size: int = 1024,
         device: str | torch.device = "cpu",
+        backend: str = "torch",
     ) -> None:
         super().__init__(dim)
         for name, value in (("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"ExactIndex: {name} must be an int >= 1, got {value!r}")
+        if backend not in BACKENDS:
+            raise InputError(f"ExactIndex: backend must be 'torch' or 'faiss', got {backend!r}")
         self.chunk_size = chunk_size
         self.query_chunk_size = query_chunk_size
         self.device = torch.device(device)
+        self.backend = backend
+        if backend == "faiss":
+            if self.device.type != "cpu":
+                raise InputError(
+                    f"ExactIndex: backend='faiss' searches on the CPU, not {self.device}; "
+                    "use backend='torch' on a GPU"
+                )
+            self._faiss = require("faiss", "ExactIndex(backend='faiss')")
         self._blocks: list[torch.Tensor] = []  # each (N_i, D), float16 or float32, on device
         self._ntotal = 0
 
@@ -65,7 +99,11 @@ class ExactIndex(VectorIndex):
         return self._ntotal
 
     def params(self) -> dict[str, Any]:
-        return {"chunk_size": self.chunk_size, "query_chunk_size": self.query_chunk_size}
+        return {
+            "chunk_size": self.chunk_size,
+            "query_chunk_size": self.query_chunk_size,
+            "backend": self.backend,
+        }
 
     @property
     def keys(self) -> torch.Tensor:
@@ -79,8 +117,18 @@ class ExactIndex(VectorIndex):
             dtype = torch.promote_types(dtype, block.dtype)
         return torch.cat([b.to(dtype) for b in self._blocks]).cpu()
 
+    def add(self, x: ArrayLike) -> None:
+        """Append keys ``x (N, D)``; they are copied, so changing ``x`` later does not change
+        the index. ``fill`` keeps its input as it is instead (on the CPU, float16 or float32):
+        a bank's keys and its exact index are then one copy, not two."""
+        if isinstance(x, torch.Tensor):
+            x = x.clone()
+        elif isinstance(x, np.ndarray):
+            x = x.copy()
+        super().add(x)
+
     def _add(self, x: torch.Tensor) -> None:
-        self._blocks.append(x.to(self.device, copy=True))
+        self._blocks.append(x.to(self.device))
         self._ntotal += x.shape[0]
 
     def _key_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -109,7 +157,7 @@ class ExactIndex(VectorIndex):
         # tiny chunk's dot products differently), so batching queries changes no score
         rows = math.ceil(m_total / math.ceil(m_total / self.query_chunk_size))
         cols = min(self.chunk_size, max(b.shape[0] for b in self._blocks))
-        scores_buffer = torch.empty(rows * cols, device=device)
+        scores_buffer = torch.empty(rows * cols if self.backend == "torch" else 0, device=device)
         keys_buffer = None
         for first_id, keys in self._key_chunks():
             c = keys.shape[0]
@@ -119,15 +167,35 @@ class ExactIndex(VectorIndex):
                 keys = keys_buffer[:c].copy_(keys)
             for start in range(0, m_total, rows):
                 q_chunk = q[start : start + rows]
-                scores = scores_buffer[: q_chunk.shape[0] * c].view(q_chunk.shape[0], c)
-                torch.mm(q_chunk, keys.T, out=scores)  # (m, c)
-                chunk_sims, chunk_ids = scores.topk(min(k, c), dim=1)
+                if self.backend == "faiss":
+                    chunk_sims, chunk_ids = self._faiss_knn(q_chunk, keys, min(k, c))
+                else:
+                    scores = scores_buffer[: q_chunk.shape[0] * c].view(q_chunk.shape[0], c)
+                    torch.mm(q_chunk, keys.T, out=scores)  # (m, c)
+                    chunk_sims, chunk_ids = scores.topk(min(k, c), dim=1)
                 block = slice(start, start + q_chunk.shape[0])
-                merged_sims = torch.cat([best_sims[block], chunk_sims], dim=1)
-                merged_ids = torch.cat([best_ids[block], chunk_ids + first_id], dim=1)
-                best_sims[block], order = merged_sims.topk(k, dim=1)
-                best_ids[block] = merged_ids.gather(1, order)
+                best_sims[block], best_ids[block] = merge_top_k(
+                    best_sims[block], best_ids[block], chunk_sims, chunk_ids + first_id
+                )
         return best_sims.cpu(), best_ids.cpu()
+
+    def _faiss_knn(
+        self, q: torch.Tensor, keys: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` of float32 ``keys (c, D)`` for ``q (m, D)`` by ``faiss.knn``: ``(m, k)`` pairs.
+
+        faiss scores fewer than ``distance_compute_blas_threshold`` queries (128,000 in
+        faiss 1.15) without BLAS, several times slower than sgemm here, so the threshold
+        is lowered for the call (to faiss's historical 20).
+        """
+        faiss = self._faiss
+        threshold = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = min(threshold, 20)
+        try:
+            sims, ids = faiss.knn(q.numpy(), keys.numpy(), k, faiss.METRIC_INNER_PRODUCT)
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = threshold
+        return torch.from_numpy(sims), torch.from_numpy(ids)
 
     def _save_payload(self, folder: Path) -> None:
         save_tensors(folder / KEYS_FILE, {"keys": self.keys})

@@ -9,16 +9,21 @@ keys as float32 (float16 keys are upcast). faiss's own thread count is left alon
 from __future__ import annotations
 
 import math
+import sys
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from hbird._optional import require
 from hbird.errors import InputError
 from hbird.index.base import VectorIndex, as_float32_numpy
+from hbird.index.tuning import tune_nprobe_k_factor
 
 INDEX_FILE = "index.faiss"
 REFINE_FACTORY = {"float16": "Refine(SQfp16)", "float32": "RFlat"}
@@ -73,10 +78,18 @@ class _FaissIndex(VectorIndex):
     def is_trained(self) -> bool:
         return self._index is not None and bool(self._index.is_trained)
 
+    add_rows: ClassVar[int | None] = 1 << 16
+    """Keys converted to float32 and added per faiss ``add`` call (``None``: all at once).
+    faiss stores its own copy, so converting a few rows at a time keeps the temporary
+    float32 copy small (100 MB at D = 384, not 1.5 GB for a 1M-row chunk); IVF and flat
+    adds do not depend on how the keys are split."""
+
     def _add(self, x: torch.Tensor) -> None:
         if not self.is_trained:
             self._train(x)
-        self._index.add(as_float32_numpy(x))
+        step = self.add_rows or x.shape[0]
+        for start in range(0, x.shape[0], step):
+            self._index.add(as_float32_numpy(x[start : start + step]))
 
     def _search_params(self) -> Any:
         """faiss ``SearchParameters`` for this search, or ``None`` for the index's own."""
@@ -129,6 +142,7 @@ class FaissHNSWIndex(_FaissIndex):
 
     kind = "hnsw"
     exact_scores = True  # graph walk over float32 keys: found neighbours are scored exactly
+    add_rows = None  # faiss inserts a batch level by level: splitting it changes the graph
     search_time_params = ("ef_search",)
 
     def __init__(
@@ -189,6 +203,14 @@ class FaissIVFPQIndex(_FaissIndex):
             the precision of the re-ranking copy of the keys. A float16 copy of float32
             keys makes the returned scores approximate (``exact_scores`` is then False).
         keys_dtype: dtype of the keys the index was trained on; recorded by training.
+        recall: target recall@30: once ``fill``/``fill_from`` has built the index, it
+            searches ``recall_queries`` of its keys (seeded by ``seed``) exactly and with a
+            ladder of ``nprobe``/``k_factor`` values, and keeps the cheapest setting that
+            reaches the target (see ``index.tuning``). ``auto`` sets 0.9. ``None``: the
+            given ``nprobe``/``k_factor`` are kept.
+        recall_queries: keys searched to measure recall.
+        measured_recall: recall@30 the build measured at the kept setting; recorded by
+            the build (``None`` until tuned).
     """
 
     kind = "ivfpq"
@@ -207,6 +229,9 @@ class FaissIVFPQIndex(_FaissIndex):
         seed: int = 0,
         refine: str = "auto",
         keys_dtype: str | None = None,
+        recall: float | None = None,
+        recall_queries: int = 1000,
+        measured_recall: float | None = None,
     ) -> None:
         super().__init__(dim)
         owner = "FaissIVFPQIndex"
@@ -219,6 +244,11 @@ class FaissIVFPQIndex(_FaissIndex):
         _positive_int(owner, "nprobe", nprobe)
         _positive_int(owner, "k_factor", k_factor)
         _positive_int(owner, "expected_size", expected_size, allow_none=True)
+        _positive_int(owner, "recall_queries", recall_queries)
+        if recall is not None and (
+            isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall <= 1
+        ):
+            raise InputError(f"{owner}: recall must be a number in (0, 1], got {recall!r}")
         m = default_pq_m(dim) if m is None else m
         if dim % m:
             raise InputError(f"{owner}: m={m} must divide dim={dim}")
@@ -231,6 +261,9 @@ class FaissIVFPQIndex(_FaissIndex):
         self.seed = seed
         self.refine = refine
         self.keys_dtype = keys_dtype
+        self.recall = recall
+        self.recall_queries = recall_queries
+        self.measured_recall = measured_recall
 
     @property
     def exact_scores(self) -> bool:  # type: ignore[override]
@@ -248,7 +281,29 @@ class FaissIVFPQIndex(_FaissIndex):
             "seed": self.seed,
             "refine": self.refine,
             "keys_dtype": self.keys_dtype,
+            "recall": self.recall,
+            "recall_queries": self.recall_queries,
+            "measured_recall": self.measured_recall,
         }
+
+    def tuned_params(self) -> tuple[str, ...]:
+        tuned = ("nprobe", "k_factor") if self.recall is not None else ()
+        return (*tuned, "measured_recall")
+
+    def _built(self, chunks: Callable[[], Iterable[torch.Tensor]], n: int, progress: bool) -> None:
+        if self.recall is None:
+            return
+        start = time.perf_counter()
+        tuned = tune_nprobe_k_factor(self, chunks, n, self.recall, self.recall_queries, self.seed)
+        self.nprobe, self.k_factor = tuned.nprobe, tuned.k_factor
+        self.measured_recall = round(tuned.recall, 4)
+        if progress:
+            tqdm.write(
+                f"tuned for recall@30 >= {self.recall}: nprobe {self.nprobe}, k_factor "
+                f"{self.k_factor}, measured {self.measured_recall} on {self.recall_queries} "
+                f"keys ({time.perf_counter() - start:.1f} s)",
+                file=sys.stderr,
+            )
 
     @property
     def factory_string(self) -> str | None:

@@ -1,0 +1,124 @@
+"""IVF-PQ tuned for a target recall after the build (issue 15, target 2), against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("faiss")
+
+from hbird.errors import InputError  # noqa: E402
+from hbird.index import (  # noqa: E402
+    AUTO_RECALL,
+    ExactIndex,
+    FaissIVFPQIndex,
+    create_index,
+    load_index,
+)
+from hbird.index.cache import load_or_build  # noqa: E402
+from hbird.index.synthetic import clustered_unit_vectors  # noqa: E402
+from hbird.index.tuning import K_FACTORS, RECALL_K, exact_ids, sample_rows  # noqa: E402
+from test_index_faiss import one_faiss_thread  # noqa: E402, F401 (autouse: one faiss thread)
+
+DIM, N, QUERIES = 32, 12_000, 300
+
+
+@pytest.fixture(scope="module")
+def keys() -> torch.Tensor:
+    return clustered_unit_vectors(N, DIM, n_clusters=40, spread=0.9, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tuned(keys) -> FaissIVFPQIndex:
+    index = FaissIVFPQIndex(DIM, nlist=64, m=8, recall=0.95, recall_queries=QUERIES, seed=3)
+    return index.fill(keys)
+
+
+def _brute_force_recall(
+    index: FaissIVFPQIndex, keys: torch.Tensor, count: int, seed: int, **settings: int
+) -> float:
+    """Recall@30 on the tuner's sample rows, by a plain loop over queries: the share of
+    each query's full-matmul top 30 that the index returns (at ``settings`` if given)."""
+    queries = keys[sample_rows(N, count, seed)]
+    truth = (queries @ keys.T).topk(RECALL_K, dim=1).indices
+    before = index.nprobe, index.k_factor
+    for name, value in settings.items():
+        setattr(index, name, value)
+    try:
+        found = index.search(queries, RECALL_K)[1]
+    finally:
+        index.nprobe, index.k_factor = before
+    shares = [len(set(t.tolist()) & set(f.tolist())) / RECALL_K for t, f in zip(truth, found)]
+    return sum(shares) / len(shares)
+
+
+def test_tuner_reaches_the_target_with_the_smallest_k_factor(tuned, keys) -> None:
+    assert tuned.measured_recall is not None and tuned.measured_recall >= 0.95
+    got = _brute_force_recall(tuned, keys, QUERIES, 3)
+    assert got == pytest.approx(tuned.measured_recall, abs=1e-4)  # what it says it measured
+    assert got >= 0.95
+    smaller = K_FACTORS.index(tuned.k_factor) - 1
+    if smaller >= 0:  # one step fewer candidates at the same nprobe misses the target
+        assert _brute_force_recall(tuned, keys, QUERIES, 3, k_factor=K_FACTORS[smaller]) < 0.95
+    assert (tuned.nprobe, tuned.k_factor) != (32, 32)  # not simply the untuned defaults
+
+
+def test_exact_ids_over_pieces_equal_one_search(keys) -> None:
+    queries = keys[:50] + 0.01
+    pieces = [keys[:1000], keys[1000:1000], keys[1000:7001], keys[7001:]]
+    want = (queries @ keys.T).topk(RECALL_K, dim=1).indices
+    assert torch.equal(exact_ids(queries, pieces, RECALL_K), want)
+    assert torch.equal(ExactIndex(DIM).fill(keys).search(queries, RECALL_K)[1], want)
+
+
+def test_fill_from_tunes_like_fill(tuned, keys) -> None:
+    streamed = FaissIVFPQIndex(DIM, nlist=64, m=8, recall=0.95, recall_queries=QUERIES, seed=3)
+    streamed.fill_from(lambda: keys.split(5000), N)
+    assert (streamed.nprobe, streamed.k_factor, streamed.measured_recall) == (
+        tuned.nprobe,
+        tuned.k_factor,
+        tuned.measured_recall,
+    )
+
+
+def test_tuned_settings_and_measured_recall_round_trip(tuned, keys, tmp_path) -> None:
+    info = tuned.describe()
+    assert info["recall"] == 0.95 and info["measured_recall"] == tuned.measured_recall
+    loaded = load_index(tuned.save(tmp_path / "idx"))
+    assert isinstance(loaded, FaissIVFPQIndex)
+    for name in ("nprobe", "k_factor", "recall", "measured_recall"):
+        assert getattr(loaded, name) == getattr(tuned, name), name
+    # a cache lookup keeps the tuned values (an empty index has the untuned defaults)
+    empty = FaissIVFPQIndex(DIM, nlist=64, m=8, recall=0.95, recall_queries=QUERIES, seed=3)
+    first = load_or_build(empty, lambda ix: ix.fill(keys), N, tmp_path / "cache", "keys-v1")
+    again_empty = FaissIVFPQIndex(DIM, nlist=64, m=8, recall=0.95, recall_queries=QUERIES, seed=3)
+    again = load_or_build(again_empty, pytest.fail, N, tmp_path / "cache", "keys-v1")
+    assert (again.nprobe, again.k_factor, again.measured_recall) == (
+        first.nprobe,
+        first.k_factor,
+        first.measured_recall,
+    )
+    assert again is not again_empty  # read from the cache, not rebuilt
+
+
+def test_unreachable_target_warns_and_keeps_the_best(keys) -> None:
+    index = FaissIVFPQIndex(DIM, nlist=16, m=2, recall=1.0, recall_queries=100)
+    with pytest.warns(UserWarning, match="below the target 1.0"):
+        index.fill(keys)
+    assert index.measured_recall < 1.0
+    assert index.measured_recall == pytest.approx(
+        _brute_force_recall(index, keys, 100, 0), abs=1e-4
+    )
+
+
+def test_auto_targets_the_default_recall_and_rejects_conflicts() -> None:
+    auto = create_index("auto", DIM, expected_size=50_000)
+    assert isinstance(auto, FaissIVFPQIndex) and auto.recall == AUTO_RECALL == 0.9
+    assert create_index("auto", DIM, expected_size=50_000, recall=0.95).recall == 0.95
+    assert create_index("auto", DIM, expected_size=50_000, k_factor=8).recall is None
+    assert isinstance(create_index("auto", DIM, expected_size=100, recall=0.95), ExactIndex)
+    assert create_index("ivfpq", DIM).recall is None  # an explicit ivfpq is not tuned
+    with pytest.raises(InputError, match="give either recall or nprobe"):
+        create_index("auto", DIM, expected_size=50_000, recall=0.95, nprobe=4)
+    with pytest.raises(InputError, match=r"recall must be a number in \(0, 1\]"):
+        FaissIVFPQIndex(DIM, recall=1.5)
