@@ -332,3 +332,27 @@ def test_exact_faiss_backend_pads_saves_and_checks_options(tmp_path) -> None:
         ExactIndex(8, backend="numpy")
     with pytest.raises(InputError, match="on the CPU"):
         ExactIndex(8, backend="faiss", device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("options", "factory"),
+    [
+        ({"rotation": "rr"}, "RR64,IVF64,PQ32x4fs,RFlat"),
+        ({"rotation": "pcar"}, "PCAR64,IVF64,PQ32x4fs,RFlat"),
+        ({"coarse": "hnsw"}, "IVF64_HNSW32,PQ32x4fs,RFlat"),
+    ],
+)
+def test_ivfpq_rotations_and_hnsw_coarse_against_exact(data, options, factory) -> None:
+    """A rotation before IVF-PQ or an HNSW coarse quantiser changes the first pass only:
+    re-ranking still scores the keys as given (exact cosines), and recall stays high."""
+    keys, queries = data["keys"][:8000], data["queries"]
+    index = FaissIVFPQIndex(DIM, nlist=64, nprobe=16, train_size=4096, **options)
+    index.fill(keys)
+    assert index.describe()["factory"] == factory
+    sims, ids = index.search(queries, K)
+    assert recall_at_k(ids, (queries @ keys.T).topk(K, dim=1).indices) >= 0.9
+    torch.testing.assert_close(sims, _true_sims(keys, queries, ids), atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="rotation must be"):
+        FaissIVFPQIndex(DIM, rotation="opq")
+    with pytest.raises(InputError, match="coarse must be"):
+        FaissIVFPQIndex(DIM, coarse="ivf")

@@ -99,6 +99,24 @@ def test_tuned_settings_and_measured_recall_round_trip(tuned, keys, tmp_path) ->
         first.measured_recall,
     )
     assert again is not again_empty  # read from the cache, not rebuilt
+    # given settings replace tuned ones on the same cached index (no rebuild) ...
+    manual = FaissIVFPQIndex(
+        DIM, nlist=64, m=8, k_factor=4, nprobe=2, recall_queries=QUERIES, seed=3
+    )
+    reused = load_or_build(manual, pytest.fail, N, tmp_path / "cache", "keys-v1")
+    assert (reused.nprobe, reused.k_factor, reused.recall, reused.measured_recall) == (
+        2,
+        4,
+        None,
+        None,
+    )
+    # ... while another target recall needs tuning, so a build
+    stricter = FaissIVFPQIndex(DIM, nlist=64, m=8, recall=0.99, recall_queries=QUERIES, seed=3)
+    built = []
+    load_or_build(
+        stricter, lambda ix: built.append(ix) or ix.fill(keys), N, tmp_path / "cache", "keys-v1"
+    )
+    assert built == [stricter] and stricter.measured_recall >= 0.99
 
 
 def test_unreachable_target_warns_and_keeps_the_best(keys) -> None:

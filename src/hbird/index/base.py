@@ -57,14 +57,21 @@ class VectorIndex(abc.ABC):
     """True if the sims ``search`` returns are the exact inner products of the stored keys
     (brute force, flat storage, or exact re-ranking), so callers need not recompute them."""
     search_time_params: ClassVar[tuple[str, ...]] = ()
-    """Parameters read at search time only (``nprobe``...): setting the attribute on a
-    built index takes effect at the next search, no rebuild needed."""
+    """Parameters read at search time only (``nprobe``...), or that only choose them
+    (IVF-PQ's target ``recall``): they leave the built structure as it is, so they are no
+    part of a cache fingerprint (see ``take_search_settings``)."""
 
-    def tuned_params(self) -> tuple[str, ...]:
-        """Parameters the build measured or chose itself rather than was given (a measured
-        recall; settings tuned for a target recall): left out of a cache fingerprint and
-        kept when a cached index is reopened."""
-        return ()
+    measured_params: ClassVar[tuple[str, ...]] = ()
+    """Parameters the build measures rather than is given (a recall): never part of a
+    cache fingerprint."""
+
+    def take_search_settings(self, wanted: VectorIndex) -> bool:
+        """Search with the search-time settings of ``wanted`` (an empty index configured
+        the way this built one is now wanted, e.g. a cached index reopened); ``False`` if
+        that needs a rebuild."""
+        for name in self.search_time_params:
+            setattr(self, name, getattr(wanted, name))
+        return True
 
     def __init__(self, dim: int) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:

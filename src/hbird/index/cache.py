@@ -28,11 +28,10 @@ def cache_path(cache_dir: Path, source_id: str, index: VectorIndex) -> Path:
     """``cache_dir/<kind>-<fingerprint>``: where ``index`` built over ``source_id`` is kept.
 
     Search-time parameters (``nprobe``, ``ef_search``...) are not part of the fingerprint:
-    a cached index is reused with the new values. Nor are the ones its build measured or
-    tuned (``tuned_params``: a measured recall, and ``nprobe``/``k_factor`` chosen for a
-    target recall), which the cached index keeps.
+    a cached index is reused with the new values (``take_search_settings``). Nor are the
+    ones its build measured (``measured_params``: a recall).
     """
-    skip = {*index.search_time_params, *index.tuned_params()}
+    skip = {*index.search_time_params, *index.measured_params}
     build_params = {k: v for k, v in index.params().items() if k not in skip}
     identity = {
         "format_version": FORMAT_VERSION,
@@ -57,7 +56,8 @@ def load_or_build(
     ``fill(index)`` adds the keys (``VectorIndex.fill`` or ``fill_from``); it only runs
     when the index has to be built, so a caller can keep large keys on disk until then.
     A cache miss builds the index and saves it (a read-only or full disk only warns); a
-    cached index of another size is rebuilt. With no ``cache_dir`` or ``source_id``, or
+    cached index of another size, or one that cannot take ``empty``'s search settings
+    (IVF-PQ tuned for another recall target), is rebuilt. With no ``cache_dir`` or ``source_id``, or
     for the exact index, this just fills the index.
     """
     if cache_dir is None or source_id is None or empty.kind == "exact":
@@ -71,9 +71,7 @@ def load_or_build(
                 f"ignoring the cached index in {folder} ({err}); rebuilding it", stacklevel=2
             )
         else:
-            if cached.ntotal == num_keys:
-                for name in set(empty.search_time_params) - set(empty.tuned_params()):
-                    setattr(cached, name, getattr(empty, name))
+            if cached.ntotal == num_keys and cached.take_search_settings(empty):
                 return cached
     fill(empty)
     try:

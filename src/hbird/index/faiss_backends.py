@@ -26,6 +26,8 @@ from hbird.index.base import VectorIndex, as_float32_numpy
 from hbird.index.tuning import tune_nprobe_k_factor
 
 INDEX_FILE = "index.faiss"
+ROTATION_FACTORY = {"rr": "RR{dim}", "pcar": "PCAR{dim}"}
+"""``rotation`` option → the faiss factory prefix of the transform before IVF-PQ."""
 REFINE_FACTORY = {"float16": "Refine(SQfp16)", "float32": "RFlat"}
 """``refine`` option → the faiss factory suffix of the re-ranking stage."""
 
@@ -211,10 +213,16 @@ class FaissIVFPQIndex(_FaissIndex):
         recall_queries: keys searched to measure recall.
         measured_recall: recall@30 the build measured at the kept setting; recorded by
             the build (``None`` until tuned).
+        rotation: ``None``, ``"rr"`` (a random rotation) or ``"pcar"`` (PCA, then a random
+            rotation), learnt before the IVF and PQ stages to spread the variance evenly
+            over PQ's sub-vectors; re-ranking still scores the keys as given.
+        coarse: ``"flat"`` (brute-force centroid search) or ``"hnsw"`` (an HNSW graph over
+            the centroids, ``IVF{nlist}_HNSW32``).
     """
 
     kind = "ivfpq"
-    search_time_params = ("nprobe", "k_factor")
+    search_time_params = ("nprobe", "k_factor", "recall")  # tuning picks search settings only
+    measured_params = ("measured_recall",)
     uses_expected_size = True
 
     def __init__(
@@ -232,6 +240,8 @@ class FaissIVFPQIndex(_FaissIndex):
         recall: float | None = None,
         recall_queries: int = 1000,
         measured_recall: float | None = None,
+        rotation: str | None = None,
+        coarse: str = "flat",
     ) -> None:
         super().__init__(dim)
         owner = "FaissIVFPQIndex"
@@ -245,6 +255,10 @@ class FaissIVFPQIndex(_FaissIndex):
         _positive_int(owner, "k_factor", k_factor)
         _positive_int(owner, "expected_size", expected_size, allow_none=True)
         _positive_int(owner, "recall_queries", recall_queries)
+        if rotation is not None and rotation not in ROTATION_FACTORY:
+            raise InputError(f"{owner}: rotation must be None, 'rr' or 'pcar', got {rotation!r}")
+        if coarse not in ("flat", "hnsw"):
+            raise InputError(f"{owner}: coarse must be 'flat' or 'hnsw', got {coarse!r}")
         if recall is not None and (
             isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall <= 1
         ):
@@ -264,6 +278,8 @@ class FaissIVFPQIndex(_FaissIndex):
         self.recall = recall
         self.recall_queries = recall_queries
         self.measured_recall = measured_recall
+        self.rotation = rotation
+        self.coarse = coarse
 
     @property
     def exact_scores(self) -> bool:  # type: ignore[override]
@@ -284,11 +300,19 @@ class FaissIVFPQIndex(_FaissIndex):
             "recall": self.recall,
             "recall_queries": self.recall_queries,
             "measured_recall": self.measured_recall,
+            "rotation": self.rotation,
+            "coarse": self.coarse,
         }
 
-    def tuned_params(self) -> tuple[str, ...]:
-        tuned = ("nprobe", "k_factor") if self.recall is not None else ()
-        return (*tuned, "measured_recall")
+    def take_search_settings(self, wanted: VectorIndex) -> bool:
+        """Given ``nprobe``/``k_factor`` replace tuned ones (and their measured recall);
+        a wanted target recall is served only by an index tuned for that target."""
+        assert isinstance(wanted, FaissIVFPQIndex)
+        if wanted.recall is not None:
+            return wanted.recall == self.recall  # keep the settings tuned for it
+        self.nprobe, self.k_factor = wanted.nprobe, wanted.k_factor
+        self.recall = self.measured_recall = None
+        return True
 
     def _built(self, chunks: Callable[[], Iterable[torch.Tensor]], n: int, progress: bool) -> None:
         if self.recall is None:
@@ -310,7 +334,11 @@ class FaissIVFPQIndex(_FaissIndex):
         """The faiss ``index_factory`` string, once ``nlist`` and the refine dtype are known."""
         if self.nlist is None or self.refine == "auto":
             return None
-        return f"IVF{self.nlist},PQ{self.m}x4fs,{REFINE_FACTORY[self.refine]}"
+        rotation = (
+            f"{ROTATION_FACTORY[self.rotation].format(dim=self.dim)}," if self.rotation else ""
+        )
+        coarse = "_HNSW32" if self.coarse == "hnsw" else ""
+        return f"{rotation}IVF{self.nlist}{coarse},PQ{self.m}x4fs,{REFINE_FACTORY[self.refine]}"
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "factory": self.factory_string}
@@ -357,7 +385,9 @@ class FaissIVFPQIndex(_FaissIndex):
 
     def _search_params(self) -> Any:
         faiss = self._faiss
+        base = faiss.SearchParametersIVF(nprobe=self.nprobe)
+        if self.rotation:  # IndexRefine(IndexPreTransform(rotation, IVF)): refine on raw keys
+            base = faiss.SearchParametersPreTransform(index_params=base)
         return faiss.IndexRefineSearchParameters(
-            k_factor=float(self.k_factor),
-            base_index_params=faiss.SearchParametersIVF(nprobe=self.nprobe),
+            k_factor=float(self.k_factor), base_index_params=base
         )
