@@ -1,0 +1,210 @@
+"""Recall/latency curves of IVF-PQ configurations at 1M keys (issue 15, target 2).
+
+Each configuration is a faiss ``index_factory`` string (what ``FaissIVFPQIndex`` builds,
+plus OPQ rotations and HNSW coarse quantisers to compare), trained on the same seeded
+sample and filled with the same float16 keys (upcast, as ``FaissIVFPQIndex`` adds them).
+It is then searched with ``--queries`` queries (one 1024-patch image by default) at a
+grid of ``nprobe`` × ``k_factor``; each point is the best of ``--repeats`` timed passes
+and recall@k against exact search (``ExactIndex``, the torch oracle).
+
+Keys: ``synthetic`` (clustered unit vectors, ``index.synthetic``) or ``patches``
+(synthetic scenes encoded with a random-weight ViT at 448 px, every patch kept,
+repeated with small noise up to ``--keys``; queries are patches of other scenes).
+
+    python benchmarks/index_curve.py --threads 1 --dim 384 --configs default opq96
+    python benchmarks/index_curve.py --threads 1 --source patches --configs default
+
+Writes JSON and a markdown table next to it (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from _common import environment, set_threads, settings, write_report
+
+from hbird import _optional
+from hbird.index import ExactIndex, recall_at_k
+from hbird.index.synthetic import clustered_unit_vectors
+from hbird.index.tuning import sample_rows
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "index_curve.json"
+
+CONFIGS = {
+    "default": "IVF{nlist},PQ{half}x4fs,Refine(SQfp16)",
+    "pq-quarter": "IVF{nlist},PQ{quarter}x4fs,Refine(SQfp16)",
+    "opq-quarter": "OPQ{quarter},IVF{nlist},PQ{quarter}x4fs,Refine(SQfp16)",
+    "opq-half": "OPQ{half},IVF{nlist},PQ{half}x4fs,Refine(SQfp16)",
+    "pcar-half": "PCAR{dim},IVF{nlist},PQ{half}x4fs,Refine(SQfp16)",
+    "rr-half": "RR{dim},IVF{nlist},PQ{half}x4fs,Refine(SQfp16)",
+    "hnsw-coarse": "IVF{nlist}_HNSW32,PQ{half}x4fs,Refine(SQfp16)",
+    "hnsw-coarse-quarter": "IVF{nlist}_HNSW32,PQ{quarter}x4fs,Refine(SQfp16)",
+}
+"""Name → factory template; ``half``/``quarter`` are ``D/2``/``D/4`` sub-quantisers."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--source", choices=["synthetic", "patches"], default="synthetic")
+    parser.add_argument("--configs", nargs="+", default=["default", "opq-quarter"])
+    parser.add_argument("--nlist", type=int, default=2048)
+    parser.add_argument("--train-size", type=int, default=100_000)
+    parser.add_argument("--queries", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=30)
+    parser.add_argument("--nprobes", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    parser.add_argument("--k-factors", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--opq-iterations", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--images", type=int, default=48, help="scenes encoded (patches)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def synthetic_keys(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    keys = clustered_unit_vectors(args.keys, args.dim, n_clusters=200, seed=0).half()
+    queries = clustered_unit_vectors(args.queries, args.dim, n_clusters=200, seed=1)
+    return keys, queries
+
+
+def patch_keys(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViT patch features of synthetic scenes (random weights, 448 px), repeated with noise."""
+    from hbird.data.synthetic import make_scenes
+    from hbird.encoders import create_encoder, encode_batches
+
+    name = {384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}[args.dim]
+    encoder = create_encoder(name).eval()  # random weights (no download)
+    scenes = make_scenes(args.images + 2, seed=0, size=(448, 448), object_size=(80.0, 200.0))
+    feats = encode_batches(encoder, [scene.image for scene in scenes], batch_size=4)
+
+    def encode(i: int) -> torch.Tensor:
+        return torch.nn.functional.normalize(feats[i].reshape(-1, args.dim).float(), dim=1)
+
+    base = torch.cat([encode(i) for i in range(args.images)])  # (images · h·w, D)
+    queries = torch.cat([encode(i) for i in range(args.images, args.images + 2)])
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.empty(args.keys, args.dim, dtype=torch.float16)
+    scale = 0.02 / args.dim**0.5  # noise norm ~0.02: copies stay near-duplicates
+    for start in range(0, args.keys, base.shape[0]):
+        part = base[: args.keys - start]
+        noisy = part + scale * torch.randn(part.shape, generator=gen) if start else part
+        keys[start : start + part.shape[0]] = torch.nn.functional.normalize(noisy, dim=1)
+    return keys, queries[: args.queries]
+
+
+def run_config(
+    name: str, args: argparse.Namespace, keys: torch.Tensor, queries: torch.Tensor, truth
+) -> dict[str, Any]:
+    faiss = _optional.require("faiss", "benchmarks/index_curve.py")
+    dim = args.dim
+    factory = CONFIGS[name].format(nlist=args.nlist, dim=dim, half=dim // 2, quarter=dim // 4)
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    base = faiss.downcast_index(index.base_index)
+    rotated = isinstance(base, faiss.IndexPreTransform)
+    if rotated:
+        rotation = faiss.downcast_VectorTransform(base.chain.at(0))
+        if isinstance(rotation, faiss.OPQMatrix):  # faiss's 50 iterations take too long here
+            rotation.niter, rotation.max_train_points = args.opq_iterations, 32_768
+    start = time.perf_counter()
+    rows = sample_rows(keys.shape[0], args.train_size, seed=0)
+    index.train(np.ascontiguousarray(keys[rows].float().numpy()))
+    train_s = time.perf_counter() - start
+    for s in range(0, keys.shape[0], 1 << 16):
+        index.add(np.ascontiguousarray(keys[s : s + (1 << 16)].float().numpy()))
+    build_s = time.perf_counter() - start
+    print(f"{name}: {factory} built in {build_s:.0f} s (train {train_s:.0f} s)", flush=True)
+    q = np.ascontiguousarray(queries.numpy())
+    index.search(q, args.k)  # warm-up: the first search pays one-off set-up costs
+    points = []
+    for nprobe in args.nprobes:
+        for k_factor in args.k_factors:
+            base = faiss.SearchParametersIVF(nprobe=nprobe)
+            if rotated:  # IndexRefine(IndexPreTransform(rotation, IVF)): refine on raw keys
+                base = faiss.SearchParametersPreTransform(index_params=base)
+            params = faiss.IndexRefineSearchParameters(
+                k_factor=float(k_factor), base_index_params=base
+            )
+            best = float("inf")
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                _, ids = index.search(q, args.k, params=params)
+                best = min(best, time.perf_counter() - t)
+            recall = recall_at_k(torch.from_numpy(ids), truth)
+            points.append(
+                {"nprobe": nprobe, "k_factor": k_factor, "ms": 1e3 * best, "recall": recall}
+            )
+            print(
+                f"  nprobe {nprobe:3d} k_factor {k_factor:3d}: {1e3 * best:7.1f} ms  "
+                f"recall@{args.k} {recall:.4f}",
+                flush=True,
+            )
+    return {"factory": factory, "train_s": train_s, "build_s": build_s, "points": points}
+
+
+def fastest_at(points: list[dict[str, Any]], recall: float) -> dict[str, Any] | None:
+    good = [p for p in points if p["recall"] >= recall]
+    return min(good, key=lambda p: p["ms"]) if good else None
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"{s['keys']:,} × {s['dim']} float16 keys ({s['source']}), {s['queries']} queries, "
+        f"k = {s['k']}, {s['threads']} thread(s), IVF{s['nlist']}, "
+        f"{s['train_size']:,} training rows; best of {s['repeats']} passes per point.",
+        "",
+        "| config | factory | build | fastest at recall ≥ 0.9 | fastest at ≥ 0.95 | best recall |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in report["configs"].items():
+        cells = []
+        for target in (0.9, 0.95):
+            p = fastest_at(r["points"], target)
+            cells.append(
+                f"{p['ms']:.0f} ms (nprobe {p['nprobe']}, k_factor {p['k_factor']}, "
+                f"{p['recall']:.3f})"
+                if p
+                else "not reached"
+            )
+        top = max(p["recall"] for p in r["points"])
+        lines.append(
+            f"| {name} | `{r['factory']}` | {r['build_s']:.0f} s | {cells[0]} | {cells[1]} | "
+            f"{top:.3f} |"
+        )
+    lines += ["", f"Exact (torch, same thread count): {report['exact_ms']:.0f} ms."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    set_threads(args.threads)
+    keys, queries = (synthetic_keys if args.source == "synthetic" else patch_keys)(args)
+    exact = ExactIndex(args.dim).fill(keys)
+    t = time.perf_counter()
+    truth = exact.search(queries, args.k)[1]
+    exact_ms = 1e3 * (time.perf_counter() - t)
+    del exact
+    print(f"exact: {exact_ms:.0f} ms", flush=True)
+    report: dict[str, Any] = {
+        "settings": settings(args),
+        "environment": environment(),
+        "exact_ms": exact_ms,
+        "configs": {},
+    }
+    for name in args.configs:
+        report["configs"][name] = run_config(name, args, keys, queries, truth)
+        write_report(report, args.out)  # a partial curve survives a later failure
+    args.out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
