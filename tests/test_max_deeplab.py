@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from hbird.panoptic.max_deeplab import MaXDeepLab, _cell_centres
+from hbird.errors import InputError
+from hbird.panoptic.max_deeplab import PRESETS, MaXDeepLab, _cell_centres
 from hbird.panoptic.specialist import SPECIALISTS, PanopticTarget, create_specialist
 
 pytest.importorskip("scipy")
@@ -184,13 +185,15 @@ def test_registered_and_rebuilt_from_options() -> None:
     again = create_specialist("max-deeplab", 4, (1, 2, 3), **model.options())
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     assert shapes == {k: v.shape for k, v in again.state_dict().items()}
-    with pytest.raises(ValueError, match="preset"):
+    with pytest.raises(InputError, match="preset"):
         MaXDeepLab(4, (1,), preset="huge")
+    with pytest.raises(
+        InputError, match="does not take backbone; it takes preset, backbone_depths"
+    ):
+        MaXDeepLab(4, (1,), backbone="test_axial")
 
 
 def test_paper_preset_settings() -> None:
     """The default preset carries the thesis' N = 128, D = 128 and 8 heads (§4.4, §C.6)."""
-    from hbird.panoptic.max_deeplab import PRESETS
-
     cfg = PRESETS["s"]
     assert (cfg.slots, cfg.mask_dim, cfg.heads, cfg.pixel_block) == (128, 128, 8, "axial")

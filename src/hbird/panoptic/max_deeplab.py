@@ -35,7 +35,7 @@ to 641 × 641 for inference"), i.e. as fractions of the image area.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hbird.data.panoptic import PanopticMap
+from hbird.errors import InputError
 from hbird.nn.axial_resnet import AxialResNet
 from hbird.nn.dual_path import DualPathBlock
 from hbird.panoptic.grouping import merge_semantic_and_instances
@@ -225,7 +226,16 @@ class MaXDeepLab(PanopticSpecialist):
     ) -> None:
         super().__init__(num_classes, thing_classes, ignore_index)
         if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+            raise InputError(
+                f"max-deeplab: preset must be one of {', '.join(PRESETS)}, got {preset!r}"
+            )
+        known = [f.name for f in fields(MaXDeepLabConfig)]
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise InputError(
+                f"max-deeplab does not take {', '.join(unknown)}; it takes preset, "
+                f"{', '.join(known)}"
+            )
         for key in ("backbone_depths", "blocks"):  # lists from JSON options
             if key in overrides:
                 overrides[key] = tuple(overrides[key])
