@@ -38,10 +38,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--protocol",
-        choices=["retrieval", "linear", "fast-adaptation", "reco", "panoptic-retrieval"],
+        choices=[
+            "retrieval",
+            "linear",
+            "fast-adaptation",
+            "reco",
+            "panoptic-retrieval",
+            "panoptic-deeplab",
+            "max-deeplab",
+        ],
         default="retrieval",
         help="retrieval (default), linear probe baseline, fast-adaptation curves, reco "
-        "(zero-shot, with --refs), or panoptic retrieval (PQ on a panoptic dataset)",
+        "(zero-shot, with --refs), panoptic retrieval (PQ on a panoptic dataset), or a "
+        "finetuned panoptic specialist (panoptic-deeplab = Axial-DeepLab, max-deeplab)",
     )
     parser.add_argument(
         "--refs", type=Path, help="reco protocol: saved ReCo references (hbird zeroshot build)"
@@ -52,6 +61,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="offsets",
         help="panoptic-retrieval: thing instances from retrieved centre offsets (default) or "
         "connected components of the predicted thing classes",
+    )
+    parser.add_argument(
+        "--train",
+        action="append",
+        metavar="KEY=VALUE",
+        help="panoptic-deeplab/max-deeplab: a training setting (steps=2000, crop_size=512, "
+        "batch_size=8, lr=0.001...); repeatable",
+    )
+    parser.add_argument(
+        "--specialist-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="panoptic-deeplab/max-deeplab: a model option (backbone=axial_deeplab_s...); "
+        "repeatable",
+    )
+    parser.add_argument(
+        "--specialist-checkpoint",
+        help="panoptic-deeplab/max-deeplab: evaluate this specialist.safetensors, no training",
     )
     parser.add_argument(
         "--fractions",
@@ -122,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
         from hbird.eval.reco import run_from_args
 
         return run_from_args(args, config)
+    if args.protocol in ("panoptic-deeplab", "max-deeplab"):
+        from hbird.eval.specialist import run_from_args
+
+        return run_from_args(args, common, print)
     if args.protocol == "linear":
         from hbird.eval.linear_probe import linear_probe
 

@@ -13,6 +13,7 @@ and evaluation calls ``model.predict(outputs, size)`` for panoptic maps the metr
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -25,7 +26,11 @@ from hbird.registry import Registry
 
 SPECIALISTS: Registry[Callable[..., PanopticSpecialist]] = Registry("panoptic specialist")
 """Builders ``(num_classes, thing_classes, **options) -> PanopticSpecialist`` by name
-(``panoptic-deeplab``, ``max-deeplab``)."""
+(``panoptic-deeplab``, ``max-deeplab``); :func:`builtin_specialists` fills it."""
+BUILTIN_MODULES = ("hbird.panoptic.axial_deeplab", "hbird.panoptic.max_deeplab")
+"""The modules that register hbird's specialists when imported (imported on first use)."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,14 @@ class PanopticSpecialist(nn.Module):
         self.ignore_index = ignore_index
 
     backbone: nn.Module
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in [0, 1] → the normalisation :meth:`forward` expects."""
+        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std).view(1, 3, 1, 1)
+        return (images - mean) / std
 
     @property
     def size_multiple(self) -> int:
@@ -97,8 +110,19 @@ class PanopticSpecialist(nn.Module):
         return {}
 
 
+def builtin_specialists() -> Registry[Callable[..., PanopticSpecialist]]:
+    """:data:`SPECIALISTS` with every module of :data:`BUILTIN_MODULES` that exists imported."""
+    for module in BUILTIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise
+    return SPECIALISTS
+
+
 def create_specialist(
     name: str, num_classes: int, thing_classes: Sequence[int], **options: Any
 ) -> PanopticSpecialist:
     """Build the registered specialist ``name``."""
-    return SPECIALISTS.get(name)(num_classes, thing_classes, **options)
+    return builtin_specialists().get(name)(num_classes, thing_classes, **options)

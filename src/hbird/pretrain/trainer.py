@@ -15,15 +15,9 @@ retrieval mIoU on the prompt/query sets and logs it with the losses
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-import os
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,18 +25,25 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from hbird.errors import InputError
-from hbird.io.files import write_json
 from hbird.pretrain import checkpoint as ckpt
 from hbird.pretrain.backbone import build_backbone
 from hbird.pretrain.data import EpochSampler, ViewDataset, collate, create_image_dataset
-from hbird.pretrain.distributed import DistInfo, barrier, full_precision, mean_over_processes
+from hbird.pretrain.distributed import DistInfo, barrier
 from hbird.pretrain.evaluation import RetrievalProbe, probe_from_specs
+from hbird.pretrain.loop import (  # noqa: F401 - cpu_threads, format_seconds, process_cores: re-exported
+    LoopSettings,
+    TrainingLoop,
+    cpu_threads,
+    format_seconds,
+    no_buffer_broadcast,
+    process_cores,
+)
 from hbird.pretrain.objective import OBJECTIVES, Batch, Objective, config_dict, create_objective
 from hbird.pretrain.schedule import warmup_cosine
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(LoopSettings):
     """Everything that decides a pretraining run.
 
     Attributes:
@@ -98,13 +99,7 @@ class PretrainConfig:
     eval_temperature: float = 0.02
     eval_limit: int | None = None
     eval_every: int = 0
-    log_every: int = 10
-    save_every: int = 0
     num_workers: int = 4
-    seed: int = 0
-    device: str | None = None
-    amp: bool = True
-    resume: bool = False
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -124,9 +119,6 @@ class PretrainConfig:
             if not ok:
                 raise ValueError(message)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def parameter_groups(objective: Objective, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on weight matrices only, not on biases, norms (1-d) or
@@ -144,51 +136,7 @@ def parameter_groups(objective: Objective, weight_decay: float) -> list[dict[str
     ]
 
 
-def _silent(_: str) -> None:
-    """Log sink of the non-main processes."""
-
-
-def _no_buffer_broadcast() -> dict[str, bool]:
-    """DDP's option to skip re-broadcasting buffers every forward (renamed in newer torch)."""
-    import inspect
-
-    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    return (
-        {"forward_sync_buffers": False}
-        if "forward_sync_buffers" in params
-        else {"broadcast_buffers": False}
-    )
-
-
-def process_cores() -> int:
-    """CPU cores this process may keep busy: the cores it may run on, divided among the
-    ``LOCAL_WORLD_SIZE`` processes ``torchrun`` starts on the machine (0 if fewer than them)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-@contextmanager
-def cpu_threads(count: int) -> Iterator[None]:
-    """torch's intra-op threads lowered to ``count`` (at least 1) inside the block, then restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, count)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def format_seconds(seconds: float) -> str:
-    """``75 → "1m15s"``, ``3725 → "1h02m"``, ``9 → "9s"``: a duration to read at a glance."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class Trainer:
+class Trainer(TrainingLoop):
     """Builds the backbone, the objective, the optimizer and (optionally) the data.
 
     Args:
@@ -210,11 +158,7 @@ class Trainer:
         log: Callable[[str], None] | None = None,
     ) -> None:
         config.validate()
-        self.config = config
-        self.dist = dist or DistInfo(device=torch.device(config.device or "cpu"))
-        self.device = self.dist.device
-        self.out = Path(config.out)
-        self.log_fn = log if log is not None else (print if self.dist.is_main else _silent)
+        self.start(config, dist, log)
         if images is None and config.data is not None:
             images = create_image_dataset(config.data)
         self.images = images
@@ -238,13 +182,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             parameter_groups(self.objective, config.weight_decay), lr=config.lr
         )
-        self.model: nn.Module = self.objective
-        if self.dist.world_size > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.objective,
-                device_ids=[self.device] if self.device.type == "cuda" else None,
-                **_no_buffer_broadcast(),  # queues and centres are kept in sync by the objectives
-            )
+        self.module = self.objective
+        # queues and centres are kept in sync by the objectives: no buffer broadcasts
+        self.model: nn.Module = self.wrap(self.objective, **no_buffer_broadcast())
         self.probe = probe
         if probe is None and config.eval_prompt is not None:
             self.probe = probe_from_specs(
@@ -257,7 +197,6 @@ class Trainer:
             )
         self.loader, self.sampler = self._build_loader()
         self.total_steps = self._total_steps()
-        self.step = 0
         self.use_amp = config.amp and self.device.type == "cuda"
 
     # -- setup --------------------------------------------------------------------------
@@ -267,25 +206,7 @@ class Trainer:
         cfg = self.config
         views = self.objective.views(cfg.crop_size, cfg.min_scale).with_options(cfg.view_options)
         dataset = ViewDataset(self.images, views, seed=cfg.seed)
-        sampler = EpochSampler(
-            len(dataset), cfg.batch_size, self.dist.rank, self.dist.world_size, cfg.seed
-        )
-        workers = min(cfg.num_workers, process_cores())
-        if workers < cfg.num_workers:
-            self.log_fn(
-                f"num_workers {cfg.num_workers} is more than this process's share of the CPU "
-                f"cores; using {workers} data-loader worker(s)"
-            )
-        loader = DataLoader(
-            dataset,
-            batch_size=sampler.local_batch,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-        )
-        return loader, sampler
+        return self.epoch_loader(dataset, cfg.batch_size, cfg.num_workers, cfg.seed, collate)
 
     def _total_steps(self) -> int:
         if self.config.epochs is not None:
@@ -325,26 +246,10 @@ class Trainer:
         progress = self.step / self.total_steps
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
             losses = self.model(batch, progress)
-        loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the loss is {loss.item()} at step {self.step}; lower --lr or check the data"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        max_norm = self.config.clip_grad if self.config.clip_grad > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.optimizer.step()
+        grad_norm = self.optimize(losses["loss"])
         self.objective.after_step((self.step + 1) / self.total_steps)
         self.step += 1
-        names = sorted(losses)
-        values = mean_over_processes(
-            torch.stack([full_precision(losses[k].detach()) for k in names])
-        )
-        out = {k: float(v) for k, v in zip(names, values.tolist())}
-        out.update(lr=lr, grad_norm=float(grad_norm))
-        return out
+        return {**self.averaged(losses), "lr": lr, "grad_norm": grad_norm}
 
     def normalize(self, batch: Batch) -> Batch:
         """Views in [0, 1] → the backbone's normalisation (done on the device)."""
@@ -356,14 +261,18 @@ class Trainer:
         """Batches from the current step on, across epoch boundaries."""
         if self.loader is None:
             raise InputError("no pretraining data: give --data (or pass images= to Trainer)")
-        per_epoch = self.sampler.batches_per_epoch
-        epoch, offset = divmod(self.step, per_epoch)
-        while True:
-            self.sampler.set_position(epoch, offset)
-            self.loader.dataset.set_epoch(epoch)
-            for batch in self.loader:
-                yield self.normalize(batch.to(self.device, self.dtype))
-            epoch, offset = epoch + 1, 0
+        for batch in self.epoch_batches():
+            yield self.normalize(batch.to(self.device, self.dtype))
+
+    @property
+    def log_name(self) -> str:
+        return self.config.objective
+
+    resume_keys = ("objective", "arch", "model_kwargs")
+
+    @property
+    def evaluates(self) -> bool:
+        return self.probe is not None
 
     def evaluate(self) -> dict[str, float]:
         """Retrieval scores of the exported backbone (main process; others wait)."""
@@ -374,68 +283,7 @@ class Trainer:
         barrier()
         return result
 
-    def fit(self) -> dict[str, Any]:
-        """Train to ``total_steps``; returns the last logged record (with the final eval).
-
-        On a CPU, torch's threads are lowered for the run so that they and the loader's
-        workers fit in this process's cores (tiny models otherwise spend most of their
-        time in threads waiting on each other), and restored afterwards.
-        """
-        if self.device.type != "cpu":
-            return self._fit()
-        workers = self.loader.num_workers if self.loader is not None else 0
-        with cpu_threads(process_cores() - workers):
-            return self._fit()
-
-    def _fit(self) -> dict[str, Any]:
-        cfg = self.config
-        self._maybe_resume()  # before the folder is made: a refused --resume leaves nothing
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        barrier()
-        if self.dist.is_main:
-            write_json(self.out / "config.json", cfg.to_dict())
-        last: dict[str, Any] = {"step": self.step}
-        if self.step == 0 and self.probe is not None:
-            last.update(self.evaluate())
-            self._record(last)
-        if self.step >= self.total_steps:
-            return last
-        timer, timed_from = time.perf_counter(), self.step
-        for batch in self.batches():
-            record: dict[str, Any] = {"step": self.step + 1, **self.train_step(batch)}
-            done = self.step >= self.total_steps
-            log_now = done or bool(cfg.log_every and self.step % cfg.log_every == 0)
-            eval_now = self.probe is not None and (
-                done or bool(cfg.eval_every and self.step % cfg.eval_every == 0)
-            )
-            if log_now:
-                record["step_time"] = (time.perf_counter() - timer) / (self.step - timed_from)
-            if eval_now:
-                record.update(self.evaluate())
-            if log_now or eval_now:
-                left = (self.total_steps - self.step) * record.get("step_time", 0.0)
-                self._record(record, f" eta {format_seconds(left)}" if log_now and not done else "")
-                timer, timed_from = time.perf_counter(), self.step
-            if done or (cfg.save_every and self.step % cfg.save_every == 0):
-                self.save()
-            last = record
-            if done:
-                break
-        return last
-
     # -- files ------------------------------------------------------------------------
-    def _record(self, record: dict[str, Any], note: str = "") -> None:
-        """Append ``record`` to ``metrics.jsonl`` and log it, followed by ``note``."""
-        if not self.dist.is_main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-        shown = " ".join(
-            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-        )
-        self.log_fn(f"[{self.config.objective}] {shown}{note}")
-
     def save(self) -> None:
         """Write the encoder export and the resumable state (main process only)."""
         if self.dist.is_main:
@@ -446,36 +294,5 @@ class Trainer:
                 "config": json.dumps(self.config.to_dict(), sort_keys=True, default=str),
             }
             ckpt.save_export(self.objective.export_backbone(), self.out / ckpt.EXPORT_NAME, meta)
-            ckpt.save_state(
-                self.objective,
-                self.optimizer,
-                self.step,
-                self.out / ckpt.STATE_NAME,
-                self.config.to_dict(),
-            )
+            self.save_state()
         barrier()
-
-    def _maybe_resume(self) -> None:
-        state = self.out / ckpt.STATE_NAME
-        if not state.exists():
-            if self.config.resume:
-                what = "folder" if self.out.is_dir() else "folder, and it does not exist"
-                raise InputError(
-                    f"--resume: {self.out} holds no run to continue (no {state.name} in the "
-                    f"{what}); check --out, or drop --resume to start a new run"
-                )
-            return
-        if not self.config.resume:
-            raise InputError(
-                f"{self.out} already holds a run ({state.name}); pass --resume to continue it "
-                "or choose another --out folder"
-            )
-        step, saved = ckpt.load_state(state, self.objective, self.optimizer)
-        for key in ("objective", "arch", "model_kwargs"):
-            if key in saved and saved[key] != getattr(self.config, key):
-                raise InputError(
-                    f"cannot resume {state}: it was trained with {key}={saved[key]!r}, "
-                    f"not {getattr(self.config, key)!r}"
-                )
-        self.step = step
-        self.log_fn(f"resumed from {state} at step {step}")
