@@ -26,8 +26,8 @@
   area) become void. There is no thing area limit (Panoptic-DeepLab has none).
 
 ``decoder_width`` scales every decoder and head channel count (1 = the paper's);
-``create_specialist("panoptic-deeplab", ..., backbone="test_axial", decoder_width=0.25)``
-is the tiny CPU model of the tests.
+:data:`TINY_OPTIONS` (``backbone="test_axial", decoder_width=0.5``) is the tiny CPU model
+of the acceptance test.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ SKIP_CHANNELS = {"semantic": (64, 32), "instance": (32, 16)}
 """Projected stride-8 and stride-4 skip features of each decoder."""
 HEAD_CHANNELS = {"semantic": 256, "centre": 32, "offset": 32}
 HEAD_STRIDE = 4
+TINY_OPTIONS = {"backbone": "test_axial", "decoder_width": 0.5}
+"""A CPU-sized Axial-DeepLab (0.17M parameters): ``test_axial`` (width 1/16, one block per
+stage, span 9) and half-width decoders and heads."""
 
 
 # -- losses ---------------------------------------------------------------------------------
