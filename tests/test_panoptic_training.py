@@ -164,7 +164,7 @@ def test_bad_settings_and_folders_are_refused(scenes, tmp_path):
         load_specialist(state)
 
 
-TINY_SPECIALIST_OPTIONS = {"panoptic-deeplab": TINY}
+TINY_SPECIALIST_OPTIONS = {"panoptic-deeplab": TINY, "max-deeplab": {"preset": "tiny"}}
 """A tiny CPU configuration of every registered specialist (the contract test walks them)."""
 
 
