@@ -100,6 +100,9 @@ def measure_one(name: str, side: int, batch: int, repeats: int, options: dict[st
             start = time.perf_counter()
             model.predict(model(x[:1]), (side, side))
             inference.append(time.perf_counter() - start)
+        # FlopCounterMode's module tracker fails on parameters that require grad and
+        # enter a module as inputs (MaX-DeepLab's memory): count with them frozen
+        model.requires_grad_(False)
         with FlopCounterMode(display=False) as counter:
             model(x[:1])
     return {
