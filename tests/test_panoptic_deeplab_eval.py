@@ -75,6 +75,7 @@ def test_the_protocol_trains_scores_pq_and_draws_instance_outlines(
         (["--train", "stepz=3"], "--train does not take stepz"),
         (["--train", "crop_size=40"], "multiple of"),
         (["--specialist-option", "backbone=nope"], "nope"),
+        (["--specialist-option", "foo=1"], "has no option foo"),
         (["--encoder", "test_axial"], "--specialist-option backbone=NAME"),
         (["--specialist-checkpoint", "missing.safetensors"], "no specialist checkpoint"),
         (["--fractions", "1/2"], "--fractions"),

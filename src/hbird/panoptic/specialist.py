@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hbird.data.panoptic import PanopticMap
-from hbird.registry import Registry
+from hbird.registry import Registry, check_options
 
 SPECIALISTS: Registry[Callable[..., PanopticSpecialist]] = Registry("panoptic specialist")
 """Builders ``(num_classes, thing_classes, **options) -> PanopticSpecialist`` by name
@@ -124,5 +124,8 @@ def builtin_specialists() -> Registry[Callable[..., PanopticSpecialist]]:
 def create_specialist(
     name: str, num_classes: int, thing_classes: Sequence[int], **options: Any
 ) -> PanopticSpecialist:
-    """Build the registered specialist ``name``."""
-    return builtin_specialists().get(name)(num_classes, thing_classes, **options)
+    """Build the registered specialist ``name`` (unknown options are an InputError)."""
+    factory = builtin_specialists().get(name)
+    fixed = ("num_classes", "thing_classes")
+    check_options(f"specialist {name!r}", factory, options, "specialist_option", fixed)
+    return factory(num_classes, thing_classes, **options)
