@@ -65,3 +65,14 @@ def test_loss_options_are_parsed_and_checked():
     }
     with pytest.raises(InputError, match="LOSS.KEY=VALUE"):
         fungi.parse_loss_options(["num_local=4"])
+
+
+def test_an_all_convolution_encoder_is_refused_with_a_clear_error(capsys):
+    """ELASTIC has no nn.Linear to differentiate: exit 2 and a message, not a traceback."""
+    from hbird.cli import main
+
+    argv = ["fungi", "knn", "--encoder", "test_elastic", "--dataset"]
+    argv += ["synthetic:train=4:val=2:classes=2:size=32", "--image-size", "32", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "test_elastic has no nn.Linear layer" in err and "Traceback" not in err

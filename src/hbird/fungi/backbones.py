@@ -75,7 +75,12 @@ class FungiBackbone(abc.ABC):
         """``(path, module)`` of the gradient layer; ``None`` picks :attr:`default_layer`."""
         path = self.default_layer if path is None else path
         if not path:
-            raise ValueError(
+            if not any(isinstance(m, nn.Linear) for m in self.root.modules()):
+                raise InputError(
+                    f"{self.name} has no nn.Linear layer, so FUNGI has no gradient to take "
+                    "(all-convolution models such as ELASTIC); use a ViT or Axial-ResNet encoder"
+                )
+            raise InputError(
                 f"{self.name}: no default gradient layer is known for this model; pass "
                 "layer='<module path>' naming an nn.Linear (see model.named_modules())"
             )
