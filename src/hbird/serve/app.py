@@ -38,6 +38,7 @@ from hbird._optional import require
 from hbird.errors import InputError
 from hbird.io.images import depth_to_png_array, load_image, voc_palette
 from hbird.serve.workspace import Workspace
+from hbird.viz.overlay import overlay
 
 WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_UPLOAD_BYTES = 32 * 2**20
@@ -71,12 +72,11 @@ def overlay_png(
     through the ``turbo`` colour map (near blue, far red; invalid black)."""
     from hbird.viz.depth import colorize_depth
 
-    rgb = load_image(image_path).permute(1, 2, 0).numpy()
-    if task == "depth":
-        colours = colorize_depth(np.asarray(labels)) / 255.0
-    else:
-        colours = voc_palette(256)[np.asarray(labels, dtype=np.int64)] / 255.0
-    mixed = (1 - alpha) * rgb + alpha * colours
+    image = load_image(image_path)
+    if task != "depth":
+        return _png(Image.fromarray(overlay(image, labels, alpha, ignore_index=None)))
+    rgb = image.permute(1, 2, 0).numpy()
+    mixed = (1 - alpha) * rgb + alpha * colorize_depth(np.asarray(labels)) / 255.0
     return _png(Image.fromarray(np.round(mixed * 255).astype(np.uint8)))
 
 

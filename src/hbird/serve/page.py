@@ -25,6 +25,7 @@ from hbird._optional import require
 from hbird.errors import InputError
 from hbird.io.images import load_image, voc_palette
 from hbird.serve.workspace import IGNORE_INDEX, Workspace
+from hbird.viz.overlay import overlay
 
 EDIT_SIZE = 512  # images smaller than this are enlarged by an integer factor to paint
 PAINTED_ALPHA = 128  # brush-layer pixels at least this opaque count as painted
@@ -96,8 +97,7 @@ def rgb_array(path) -> np.ndarray:
 
 def overlay_array(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """``(H, W, 3)`` uint8: the class colours mixed into the image (the REST overlay)."""
-    colours = voc_palette(256)[np.asarray(labels, dtype=np.int64)].astype(np.float64)
-    return np.round((1 - alpha) * image + alpha * colours).astype(np.uint8)
+    return overlay(image, labels, alpha, ignore_index=None)
 
 
 def confidence_array(confidence: np.ndarray) -> np.ndarray:
