@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,15 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def child_row(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a measurement in its own process; its last stdout line is the JSON row.
+
+    A child that fails gives ``{"error": <its last stderr line>}``.
+    """
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit status {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])

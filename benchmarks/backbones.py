@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import environment, peak_rss_bytes, set_threads, settings, write_report
+from _common import child_row, environment, peak_rss_bytes, set_threads, settings, write_report
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "backbones.json"
 TABLE_3_1 = {  # thesis Table 3.1 (ImageNet, 224 px): params (M), multiply-adds (B)
@@ -191,8 +190,9 @@ def main(argv: list[str] | None = None) -> None:
             child = [sys.executable, __file__, "--one", name, str(side)]
             child += ["--batch", str(args.batch), "--repeats", str(args.repeats)]
             child += ["--threads", str(args.threads)]
-            done = subprocess.run(child, capture_output=True, text=True, check=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row = child_row(child)
+            if "error" in row:
+                raise SystemExit(f"{name} at {side}: {row['error']}")
             rows.append(row)
             print(
                 f"{name:24s} {side:4d}  {row['params_m']:7.2f}M  {row['macs_b']:7.2f}B MACs  "

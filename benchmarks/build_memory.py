@@ -13,14 +13,12 @@ and reports the peak RSS growth (``ru_maxrss``) and the RSS still held once buil
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from _common import environment, settings, write_report
+from _common import child_row, environment, settings, write_report
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "build_memory.json"
 
@@ -80,10 +78,7 @@ def build_in_child(args: argparse.Namespace, kind: str) -> dict[str, Any]:
     params = args.ivfpq_params if kind == "ivfpq" else "{}"
     env = {**os.environ, "PYTHONPATH": str(args.src)}
     argv = [sys.executable, "-c", CHILD, str(args.keys), str(args.dim), kind, params]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    if done.returncode:
-        return {"error": done.stderr.strip().splitlines()[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_row(argv, env)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, set_threads, settings, write_report  # noqa: E402
+from _common import child_row, environment, set_threads, settings, write_report  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "panoptic.json"
 CITYSCAPES = {"num_classes": 19, "thing_classes": tuple(range(11, 19))}
@@ -147,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
             child = [sys.executable, __file__, "--one", name, str(side)]
             child += ["--batch", str(args.batch), "--repeats", str(args.repeats)]
             child += ["--threads", str(args.threads), *(f"--option={o}" for o in args.option)]
-            done = subprocess.run(child, capture_output=True, text=True, check=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row = child_row(child)
+            if "error" in row:
+                raise SystemExit(f"{name} at {side}: {row['error']}")
             rows.append(row)
             print(
                 f"{name:18s} {side:4d}  {row['params_m']:7.2f}M  {row['macs_b']:8.2f}B MACs  "
