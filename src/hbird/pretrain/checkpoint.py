@@ -137,3 +137,45 @@ def load_state(
         opt = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
         optimizer.load_state_dict(_unflatten_optimizer(opt, meta["optimizer"]))
     return int(meta["step"]), json.loads(meta.get("config", "{}"))
+
+
+def resume_state(
+    out: Path,
+    resume: bool,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    must_match: dict[str, Any],
+    what: str = "run",
+) -> tuple[int, dict[str, Any]] | None:
+    """Continue the run in ``out`` (``--resume``) or check that a new one may start there.
+
+    Returns:
+        ``(step, saved config)`` after restoring ``module`` and ``optimizer`` from
+        ``out/`` :data:`STATE_NAME`; ``None`` when a new run starts (nothing saved there).
+
+    Raises:
+        InputError: ``resume`` without a saved state, a saved state without ``resume``
+            (it is never overwritten), or a saved config that differs from ``must_match``
+            (``{config field: this run's value}``).
+    """
+    state = out / STATE_NAME
+    if not state.exists():
+        if resume:
+            where = "folder" if out.is_dir() else "folder, and it does not exist"
+            raise InputError(
+                f"--resume: {out} holds no {what} to continue (no {state.name} in the "
+                f"{where}); check --out, or drop --resume to start a new run"
+            )
+        return None
+    if not resume:
+        raise InputError(
+            f"{out} already holds a {what} ({state.name}); pass --resume to continue it "
+            "or choose another --out folder"
+        )
+    step, saved = load_state(state, module, optimizer)
+    for key, value in must_match.items():
+        if key in saved and saved[key] != value:
+            raise InputError(
+                f"cannot resume {state}: it was trained with {key}={saved[key]!r}, not {value!r}"
+            )
+    return step, saved

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hbird.errors import InputError
 from hbird.io.files import write_json
 from hbird.pretrain import checkpoint as ckpt
 from hbird.pretrain.data import EpochSampler
@@ -302,26 +301,10 @@ class TrainingLoop:
         )
 
     def _maybe_resume(self) -> None:
-        state = self.out / ckpt.STATE_NAME
-        if not state.exists():
-            if self.config.resume:
-                what = "folder" if self.out.is_dir() else "folder, and it does not exist"
-                raise InputError(
-                    f"--resume: {self.out} holds no run to continue (no {state.name} in the "
-                    f"{what}); check --out, or drop --resume to start a new run"
-                )
-            return
-        if not self.config.resume:
-            raise InputError(
-                f"{self.out} already holds a run ({state.name}); pass --resume to continue it "
-                "or choose another --out folder"
-            )
-        step, saved = ckpt.load_state(state, self.module, self.optimizer)
-        for key in self.resume_keys:
-            if key in saved and saved[key] != getattr(self.config, key):
-                raise InputError(
-                    f"cannot resume {state}: it was trained with {key}={saved[key]!r}, "
-                    f"not {getattr(self.config, key)!r}"
-                )
-        self.step = step
-        self.log_fn(f"resumed from {state} at step {step}")
+        must_match = {key: getattr(self.config, key) for key in self.resume_keys}
+        resumed = ckpt.resume_state(
+            self.out, self.config.resume, self.module, self.optimizer, must_match
+        )
+        if resumed is not None:
+            self.step = resumed[0]
+            self.log_fn(f"resumed from {self.out / ckpt.STATE_NAME} at step {self.step}")

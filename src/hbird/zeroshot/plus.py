@@ -584,27 +584,13 @@ class PlusTrainer:
         ckpt.save_state(self.student, self.optimizer, self.step, self.out / ckpt.STATE_NAME, record)
 
     def _maybe_resume(self) -> None:
-        state = self.out / ckpt.STATE_NAME
-        if not state.exists():
-            if self.config.resume:
-                raise InputError(
-                    f"resume: {self.out} holds no ReCo+ run to continue (no {state.name}); "
-                    "check --out, or drop --resume to start a new run"
-                )
-            return
-        if not self.config.resume:
-            raise InputError(
-                f"{self.out} already holds a ReCo+ run ({state.name}); pass --resume to "
-                "continue it or choose another --out folder"
-            )
-        step, saved = ckpt.load_state(state, self.student, self.optimizer)
-        if saved.get("student") != self.config.student:
-            raise InputError(
-                f"cannot resume {state}: it trains student {saved.get('student')!r}, "
-                f"not {self.config.student!r}"
-            )
-        self.step, self.best_miou = step, float(saved["best_miou"])
-        self.best_step = int(saved["best_step"])
+        must_match = {"student": self.config.student}
+        resumed = ckpt.resume_state(
+            self.out, self.config.resume, self.student, self.optimizer, must_match, "ReCo+ run"
+        )
+        if resumed is not None:
+            self.step, saved = resumed
+            self.best_miou, self.best_step = float(saved["best_miou"]), int(saved["best_step"])
 
 
 def train_plus(
