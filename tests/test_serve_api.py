@@ -393,6 +393,7 @@ def test_cli_serve_depth_demo_writes_depth_maps_to_upload(tmp_path, monkeypatch,
 
     started = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
-    assert main(["serve", "--demo", "--task", "depth", "--state", str(tmp_path / "s")]) == 0
+    argv = ["serve", "--demo", "--task", "depth", "--state", str(tmp_path / "s"), "--api-only"]
+    assert main(argv) == 0
     assert len(list((tmp_path / "s" / "demo-data" / "depth").glob("*.png"))) == 12
     assert TestClient(started[-1]).get("/api/workspaces/demo").json()["task"] == "depth"

@@ -99,15 +99,17 @@ def wait_until(condition, timeout: float, what: str, server=None):
 
 
 @pytest.fixture()
-def server(tmp_path):
-    """``hbird serve --demo`` on a free port; yields ``(url, state dir)``."""
+def server(tmp_path, request):
+    """``hbird serve --demo`` (plus the arguments an indirect parametrisation gives) on a
+    free port; yields ``(url, state dir)``."""
+    extra = list(getattr(request, "param", []))
     port, state = free_port(), tmp_path / "state"
     env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
     src = str(Path(hbird.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     log = open(tmp_path / "server.log", "w")
     cmd = [sys.executable, "-m", "hbird", "serve", "--demo", "--state", str(state)]
-    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen([*cmd, *extra, "--port", str(port)], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(
@@ -233,3 +235,60 @@ def _caption_scored(driver) -> bool:
 
     img = driver.find_element(By.CSS_SELECTOR, f"#gallery img[alt^='{OTHER}']")
     return "·" in (img.get_attribute("alt") or "")
+
+
+@pytest.mark.parametrize("server", [["--task", "depth"]], indirect=True)
+def test_upload_depth_predict_and_confidence_in_a_browser(server, browser, tmp_path):
+    """Depth on the page: upload the demo's 16-bit PNG depth map of one image, predict all;
+    another image's gallery picture is its predicted depth (the REST prediction PNG, mm)
+    through matplotlib's turbo table over the 2nd-98th percentile of the uploaded map's
+    valid depths, with the colour bar shown; "show confidence" turns it into the grey
+    confidence map the REST route gives."""
+    import matplotlib
+    from selenium.webdriver.common.by import By
+
+    url, state = server
+    upload = state / "demo-data" / "depth" / "scene_0000.png"
+    browser.get(url + "/")
+    field = wait_until(
+        lambda: browser.find_element(By.CSS_SELECTOR, "#depth-upload input[type=file]"),
+        WAIT_UI_S,
+        "the depth upload",
+    )
+    field.send_keys(str(upload))
+    wait_until(
+        lambda: "scene_0000" in browser.find_element(By.ID, "depth-upload").text,
+        WAIT_UI_S,
+        "the uploaded file",
+    )
+    browser.find_element(By.ID, "add-prompt").click()
+    wait_until(lambda: "Prompt (1)" in status(browser), WAIT_UI_S, "the prompt add")
+    assert json.loads(fetch(url + "/api/workspaces/default"))["prompt"] == [FIRST]
+    wait_until(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#prompt-depth img"), 60, "the prompt map"
+    )
+
+    browser.find_element(By.ID, "predict-all").click()
+    wait_until(lambda: _caption_scored(browser), WAIT_UI_S, "predict all")
+    assert browser.find_elements(By.CSS_SELECTOR, "#colour-bar img")  # the depth key is shown
+    uploaded = np.asarray(Image.open(upload)).astype(np.float64) / 1000
+    lo, hi = np.percentile(uploaded[uploaded > 0], [2, 98])
+    mm = np.asarray(
+        Image.open(io.BytesIO(fetch(f"{url}/api/workspaces/default/prediction/{OTHER}.png")))
+    )
+    table = matplotlib.colormaps["turbo"](np.linspace(0, 1, 256))[:, :3] * 255
+    t = np.clip((mm / 1000 - lo) / (hi - lo), 0, 1)
+    expected = table[np.round(t * 255).astype(int)]
+    shown = picture(thumbnail(browser, OTHER))
+    close = (np.abs(shown - expected) <= 1).all(-1)
+    assert close.mean() >= 0.99, close.mean()  # the PNG's mm rounding moves a rare pixel
+    browser.save_screenshot(str(tmp_path / "depth.png"))
+
+    browser.find_element(By.CSS_SELECTOR, "#confidence input").click()
+    grey = picture(f"{url}/api/workspaces/default/confidence/{OTHER}.png")
+    wait_until(
+        lambda: np.abs(picture(thumbnail(browser, OTHER)) - grey).max() <= 1,
+        WAIT_UI_S,
+        "the confidence map in the gallery",
+    )
+    assert Image.open(tmp_path / "depth.png").size[0] > 0

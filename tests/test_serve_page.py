@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hbird import _optional
@@ -143,3 +144,84 @@ def test_serve_without_gradio_says_how_to_get_the_page(monkeypatch, workspace, t
     page = client.get("/")
     assert page.status_code == 503 and 'pip install "hbird[serve]"' in page.text
     assert client.get("/api/workspaces/default").json()["classes"] == ["background", "object"]
+
+
+# -- depth ---------------------------------------------------------------------------
+def depth_png(depth) -> bytes:
+    """A depth map as the CLI's depth folders hold it: a 16-bit PNG in millimetres."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(np.asarray(depth) * 1000).astype(np.uint16)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array, dtype=np.float32))
+    return buffer.getvalue()
+
+
+def turbo_colours(depth: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Oracle: matplotlib's 256-colour turbo table read at ``(depth - lo) / (hi - lo)``."""
+    import matplotlib
+
+    table = matplotlib.colormaps["turbo"](np.linspace(0, 1, 256))[:, :3] * 255
+    t = np.clip((depth.astype(np.float64) - lo) / (hi - lo), 0, 1)
+    return table[np.round(t * 255).astype(int)]
+
+
+def test_depth_page_uploads_depth_maps_and_colour_maps_predictions(tmp_path):
+    """A depth workspace on the page: depth maps uploaded as a 16-bit PNG (mm) and a .npy
+    (metres) become the prompt; every picture shares one turbo scale, the 2nd-98th
+    percentile of the prompt's valid depths (computed here with numpy); the predictions are
+    a depth predictor's fitted on the same maps; confidence is its top neighbour weight."""
+    from hbird import InContextPredictor, LabelSpec
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    scenes = make_scenes(4, seed=3, size=(32, 48))
+    for i, s in enumerate(scenes):
+        rgb = np.round(s.image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"img{i}.png")
+    ws = Workspace(folder, tmp_path / "ws", settings=SETTINGS, task="depth")
+    model = PageModel(ws)
+    assert model.depth_scale() is None and model.colour_bar(confidence=False) is None
+    with pytest.raises(InputError, match="upload a depth map: a 16-bit PNG in millimetres"):
+        model.save_depth("img0.png", None)
+    depth0 = scenes[0].depth.numpy()
+    with pytest.raises(InputError, match="the depth map for img0.png is 10x10 but the image is"):
+        model.save_depth("img0.png", depth_png(depth0[:10, :10]))  # the CLI's message
+    assert ws.prompt == []
+    model.save_depth("img0.png", depth_png(depth0))
+    model.save_depth("img1.png", npy(scenes[1].depth))
+    assert ws.prompt == ["img0.png", "img1.png"]
+    assert (
+        "upload a depth map"
+        in PageModel(Workspace(folder, tmp_path / "other", task="depth")).status()
+    )
+
+    prompt = [np.round(depth0 * 1000) / 1000, scenes[1].depth.numpy()]  # as uploaded
+    values = np.concatenate([d.ravel() for d in prompt])
+    lo, hi = np.percentile(values[values > 0], [2, 98])
+    scale = model.depth_scale()
+    assert (scale.vmin, scale.vmax, scale.cmap) == pytest.approx((lo, hi, "turbo"))
+    assert np.abs(model.prompt_depth("img0.png") - turbo_colours(prompt[0], lo, hi)).max() <= 1
+    assert model.prompt_depth("img2.png") is None
+
+    fresh = InContextPredictor(**SETTINGS, progress=False).fit(
+        [folder / "img0.png", folder / "img1.png"],
+        [torch.from_numpy(d.astype(np.float32)) for d in prompt],
+        label_spec=LabelSpec(task="depth", min_value=1e-3),
+    )
+    expected = fresh.predict_dense([folder / "img3.png"])[0]
+    depth3, conf3 = expected.labels.numpy(), expected.confidence.numpy()
+    assert np.abs(model.view("img3.png", False) - turbo_colours(depth3, lo, hi)).max() <= 1
+    assert np.abs(model.view("img3.png", True) - conf3 * 255).max() <= 0.5
+    items, names = model.gallery({"img3.png"}, confidence=False, order=ORDERS[1])
+    assert names[0] == "img3.png" and items[0][1] == f"img3.png · {conf3.mean():.2f}"
+    assert np.array_equal(items[0][0], model.view("img3.png", False))
+
+    bar = model.colour_bar(confidence=False)  # row 0: the bar; its ends are lo and hi
+    turbo_ends = turbo_colours(np.array([lo, hi]), lo, hi)
+    assert np.abs(bar[0, [0, -1]] - turbo_ends).max() <= 1
+    grey = model.colour_bar(confidence=True)
+    assert grey[0, 0].tolist() == [0, 0, 0] and grey[0, -1].tolist() == [255, 255, 255]

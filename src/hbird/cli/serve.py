@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         classes = classes or list(default_class_names(4))
         settings = {"encoder": "test_vit", "image_size": 64, **settings}
         print("hbird serve --demo: synthetic scenes and a tiny UNTRAINED encoder, offline.")
+        if args.task == "depth":
+            print(f"hbird serve --demo: depth maps to upload as prompts are in {data / 'depth'}")
     if images is None:
         raise InputError("give --images DIR (the folder to segment), or --demo")
     if args.host != LOCAL:
@@ -84,9 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(images, args.state, classes, settings, task=args.task)
     url = f"http://{args.host}:{args.port}"
-    if args.task == "depth":
-        print("hbird serve: the web page paints class masks; depth is served by the REST API")
-    elif not args.api_only:
+    if not args.api_only:
         app = with_page(app, args.demo)
         print(f"hbird serve: the page is at {url}/ (workspace {PAGE_WORKSPACE!r})")
     import uvicorn

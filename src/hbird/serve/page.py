@@ -9,6 +9,13 @@ method; the only code here turns pixels into pictures and back:
 - a prediction becomes an overlay (as the REST ``overlay`` route draws it) or a grey
   confidence map.
 
+A depth workspace (``--task depth``) has no brush: each prompt image gets an uploaded
+depth map (a 16-bit PNG in millimetres or a ``.npy`` in metres, read and checked as the
+CLI reads a depth prompt folder), and predictions are shown through the ``turbo`` colour
+map with one colour bar for the page: every picture uses the range of the prompt's depths
+(their 2nd-98th percentile, :func:`hbird.viz.depth_range`), which holds the predictions
+too, since eq. 1 mixes prompt depths.
+
 Small images are shown ``s`` times larger in the editor (an integer factor, so every
 image pixel is an ``s × s`` block of canvas pixels and the mask reads the block centre).
 """
@@ -25,7 +32,9 @@ from hbird._optional import require
 from hbird.errors import InputError
 from hbird.io.images import load_image, voc_palette
 from hbird.serve.workspace import IGNORE_INDEX, Workspace
-from hbird.viz.overlay import overlay
+from hbird.viz.colorbar import Scale, colour_bar
+from hbird.viz.depth import colorize_depth, depth_range
+from hbird.viz.overlay import DEPTH_CMAP, overlay
 
 EDIT_SIZE = 512  # images smaller than this are enlarged by an integer factor to paint
 PAINTED_ALPHA = 128  # brush-layer pixels at least this opaque count as painted
@@ -35,6 +44,13 @@ DEMO_BANNER = (
     "The predictions show how the loop works, not how good a trained encoder is."
 )
 ORDERS = ("name", "least confident first")
+BAR_WIDTH = 360
+CONFIDENCE_CMAP = "gray"  # the confidence maps are grey: black = unsure, white = sure
+CONFIDENCE_MEANING = {
+    "segmentation": "winning class weight",
+    "depth": "top neighbour weight",  # decode.py: the closest neighbour's softmax weight
+}
+DEPTH_UPLOAD = "a depth map: a 16-bit PNG in millimetres or a .npy in metres"
 
 
 # -- pixels <-> masks -------------------------------------------------------------------
@@ -105,6 +121,18 @@ def confidence_array(confidence: np.ndarray) -> np.ndarray:
     return np.round(np.clip(confidence, 0, 1) * 255).astype(np.uint8)
 
 
+def depth_scale(depths: list[np.ndarray]) -> Scale:
+    """The colour scale of a depth page: ``turbo`` over the robust range (2nd-98th
+    percentile) of the valid depths of all ``depths`` (``(H, W)`` metres each)."""
+    values = np.concatenate([np.asarray(d, dtype=np.float64).ravel() for d in depths])
+    return Scale("depth (m)", *(depth_range(values) or (0.0, 1.0)), DEPTH_CMAP)
+
+
+def depth_picture(depth: np.ndarray, scale: Scale) -> np.ndarray:
+    """``(H, W)`` metres → ``(H, W, 3)`` uint8 through ``scale`` (invalid depths black)."""
+    return colorize_depth(depth, scale.vmin, scale.vmax, scale.cmap)
+
+
 def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(image).repeat(scale, axis=0).repeat(scale, axis=1)
 
@@ -149,6 +177,35 @@ class PageModel:
         background = enlarge(image, s)
         return {"background": background, "layers": [layer_from_mask(mask, s)], "composite": None}
 
+    def depth_scale(self) -> Scale | None:
+        """The depth colour scale of the current prompt (``None`` while it is empty)."""
+        if not self.ws.prompt:
+            return None
+        return depth_scale([np.load(self.ws.mask_path(n)) for n in self.ws.prompt])
+
+    def prompt_depth(self, name: str) -> np.ndarray | None:
+        """A prompt image's uploaded depth map through the page's colour scale, or None."""
+        if name not in self.ws.prompt:
+            return None
+        return depth_picture(np.load(self.ws.mask_path(name)), self.depth_scale())
+
+    def save_depth(self, name: str, upload: bytes | None) -> None:
+        """Add (or replace) ``name``'s prompt depth map from the uploaded file's bytes."""
+        if not upload:
+            raise InputError(f"upload {DEPTH_UPLOAD} for {name} first")
+        self.ws.add_prompt(name, upload)
+
+    def colour_bar(self, confidence: bool) -> np.ndarray | None:
+        """``(h, BAR_WIDTH, 3)`` uint8: the key of the pictures shown (depth in metres, or
+        the confidence's 0-1 grey); ``None`` when class colours show (the legend keys them)."""
+        if confidence:
+            scale = Scale(CONFIDENCE_MEANING[self.ws.task], 0.0, 1.0, CONFIDENCE_CMAP)
+        elif self.ws.task == "depth":
+            scale = self.depth_scale()
+        else:
+            scale = None
+        return None if scale is None else np.asarray(colour_bar(scale, BAR_WIDTH))
+
     def save_prompt(self, name: str, editor: dict[str, Any] | None) -> None:
         layers = (editor or {}).get("layers") or []
         if not layers or layers[0] is None:
@@ -158,11 +215,14 @@ class PageModel:
             raise InputError(f"nothing is painted on {name}; brush a class colour on it first")
         self.ws.add_prompt(name, png_bytes(mask))
 
-    def view(self, name: str, confidence: bool) -> np.ndarray:
-        """``name`` with its prediction overlaid, or its confidence map."""
+    def view(self, name: str, confidence: bool, scale: Scale | None = None) -> np.ndarray:
+        """``name`` with its prediction overlaid (depth: colour-mapped through ``scale``,
+        default the prompt's), or its confidence map."""
         prediction = self.ws.predict(name)
         if confidence:
             return confidence_array(prediction.confidence.numpy())
+        if self.ws.task == "depth":
+            return depth_picture(prediction.labels.numpy(), scale or self.depth_scale())
         return overlay_array(self.image(name), prediction.labels.numpy())
 
     def gallery(
@@ -174,6 +234,7 @@ class PageModel:
         others show the plain image."""
         shown = shown if self.ws.prompt else set()
         scores = {n: float(self.ws.predict(n).confidence.mean()) for n in sorted(shown)}
+        scale = self.depth_scale() if self.ws.task == "depth" and scores else None
         names = self.ws.image_names
         if order == ORDERS[1]:
             names = sorted(names, key=lambda n: (n not in scores, scores.get(n, 0.0), n))
@@ -181,7 +242,7 @@ class PageModel:
         for name in names:
             caption = name
             if name in scores:
-                picture = self.view(name, confidence)
+                picture = self.view(name, confidence, scale)
                 caption += f" · {scores[name]:.2f}"
             else:
                 picture = self.image(name)
@@ -191,7 +252,8 @@ class PageModel:
         return items, names
 
     def status(self) -> str:
-        prompt = ", ".join(self.ws.prompt) or "empty: paint a mask on an image, then add it"
+        todo = "upload a depth map for" if self.ws.task == "depth" else "paint a mask on"
+        prompt = ", ".join(self.ws.prompt) or f"empty: {todo} an image, then add it"
         return f"**Prompt** ({len(self.ws.prompt)}): {prompt}"
 
 
@@ -213,16 +275,61 @@ CSS = """
 """
 
 
+DEPTH_CONFIDENCE = (
+    "**show confidence** shows the *top neighbour weight*: the softmax weight (eq. 1) of "
+    "the prompt patch closest to each query patch. White: one neighbour decides the depth; "
+    "dark: it is an average over many neighbours that agree less."
+)
+
+
+def _class_editor(gr, model: PageModel, name: str, classes: list[str]):
+    """The brush editor over ``name`` (segmentation), with the class colours' legend."""
+    colours = [hex_colour(c) for c in class_colours(len(classes))]
+    first = model.editor_value(name)
+    gr.HTML(legend_html(classes))
+    return gr.ImageEditor(
+        value=first,
+        # the canvas starts at the first image's size: Gradio places value layers relative
+        # to the starting canvas, so a layer of another size would land off the image
+        canvas_size=first["background"].shape[1::-1],
+        label="paint the prompt mask (brush colour = class; eraser un-labels)",
+        type="numpy",
+        image_mode="RGBA",
+        format="png",
+        height=620,
+        sources=(),
+        transforms=(),
+        layers=False,
+        brush=gr.Brush(
+            colors=colours, default_color=colours[1], color_mode="fixed", default_size=24
+        ),
+        eraser=gr.Eraser(default_size=24),
+        elem_id="editor",
+    )
+
+
+def _depth_inputs(gr, model: PageModel, name: str) -> list:
+    """The image, its prompt depth map (if any) and the depth map upload (depth)."""
+    with gr.Row():
+        image = gr.Image(label="image", interactive=False, height=360, elem_id="depth-image")
+        prompt = gr.Image(
+            label="its prompt depth map", interactive=False, height=360, elem_id="prompt-depth"
+        )
+    upload = gr.File(
+        label=DEPTH_UPLOAD + " (the image's size; 0 = no depth)",
+        file_types=[".png", ".npy"],
+        type="binary",
+        elem_id="depth-upload",
+    )
+    return [image, prompt, upload]
+
+
 def build_page(workspace: Workspace, demo: bool = False, export_url: str | None = None):
     """The Gradio ``Blocks`` over ``workspace`` (element ids are what the browser test uses)."""
     gr = require("gradio", "the hbird serve web page")
     model = PageModel(workspace)
     names = workspace.image_names
-    colours = [hex_colour(c) for c in class_colours(len(workspace.classes))]
-    first = model.editor_value(names[0])
-    # the canvas starts at the first image's size: Gradio places value layers relative
-    # to the starting canvas, so a layer of another size would land off the image
-    canvas = first["background"].shape[1::-1]
+    depth = workspace.task == "depth"
 
     def guarded(fn: Callable) -> Callable:
         """Show an InputError's message on the page instead of failing the request."""
@@ -236,8 +343,20 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
 
         return call
 
+    def input_values(name: str) -> tuple:
+        """What the prompt inputs show for ``name``: the editor with its confirmed mask, or
+        the image, its prompt depth map and an empty upload."""
+        if not depth:
+            return (model.editor_value(name),)
+        s = model.scale(name)
+        prompt_depth = model.prompt_depth(name)
+        prompt_depth = None if prompt_depth is None else enlarge(prompt_depth, s)
+        return enlarge(model.image(name), s), prompt_depth, None
+
+    title = "see every other image's depth" if depth else "see every other image segmented"
     with gr.Blocks(title="hbird serve", analytics_enabled=False) as page:
-        gr.Markdown("# hbird serve: paint a few masks, see every other image segmented")
+        todo = "upload a few depth maps" if depth else "paint a few masks"
+        gr.Markdown(f"# hbird serve: {todo}, {title}")
         if demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
         shown = gr.State(set())  # images whose prediction this session shows
@@ -245,35 +364,26 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
         with gr.Row():
             with gr.Column(scale=3):
                 current = gr.Dropdown(names, value=names[0], label="image", elem_id="image")
-                gr.HTML(legend_html(workspace.classes))
-                editor = gr.ImageEditor(
-                    value=first,
-                    canvas_size=canvas,
-                    label="paint the prompt mask (brush colour = class; eraser un-labels)",
-                    type="numpy",
-                    image_mode="RGBA",
-                    format="png",
-                    height=620,
-                    sources=(),
-                    transforms=(),
-                    layers=False,
-                    brush=gr.Brush(
-                        colors=colours,
-                        default_color=colours[1],
-                        color_mode="fixed",
-                        default_size=24,
-                    ),
-                    eraser=gr.Eraser(default_size=24),
-                    elem_id="editor",
-                )
+                if depth:
+                    inputs = _depth_inputs(gr, model, names[0])
+                else:
+                    inputs = [_class_editor(gr, model, names[0], workspace.classes)]
                 with gr.Row():
                     add = gr.Button("add to prompt", variant="primary", elem_id="add-prompt")
                     remove = gr.Button("remove from prompt", elem_id="remove-prompt")
-                    correct = gr.Button("correct the prediction", elem_id="correct")
+                    if not depth:
+                        correct = gr.Button("correct the prediction", elem_id="correct")
                 status = gr.Markdown(model.status(), elem_id="status")
             with gr.Column(scale=2):
                 prediction = gr.Image(
                     label="prediction", interactive=False, height=360, elem_id="prediction"
+                )
+                bar = gr.Image(
+                    label="colour scale",
+                    interactive=False,
+                    visible=False,
+                    show_label=False,
+                    elem_id="colour-bar",
                 )
                 with gr.Row():
                     predict = gr.Button("predict", elem_id="predict")
@@ -281,43 +391,52 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
                 with gr.Row():
                     confidence = gr.Checkbox(label="show confidence", elem_id="confidence")
                     order = gr.Radio(list(ORDERS), value=ORDERS[0], label="order", elem_id="order")
+                if depth:
+                    gr.Markdown(DEPTH_CONFIDENCE)
                 if export_url:
                     gr.Markdown(f"[export masks, bank and settings (zip)]({export_url})")
         gallery = gr.Gallery(
             value=model.gallery(set(), False, ORDERS[0])[0],
-            label="the folder (click an image to paint it)",
+            label="the folder (click an image to " + ("give it depth)" if depth else "paint it)"),
             columns=6,
             format="png",
             allow_preview=False,
             elem_id="gallery",
         )
 
-        views = [prediction, gallery, order_names, status]
+        views = [prediction, bar, gallery, order_names, status]
 
         def refresh(name, shown_now, conf, order_now):
-            """The prediction of ``name`` (if shown), the gallery, its order, the status."""
+            """The prediction of ``name`` (if shown) and its colour bar, the gallery, its
+            order, the status."""
             items, in_order = model.gallery(shown_now, conf, order_now)
-            view = None
-            if workspace.prompt and name in shown_now:
-                view = enlarge(model.view(name, conf), model.scale(name))
-            return view, items, in_order, model.status()
+            view = key = None
+            if workspace.prompt:
+                key = model.colour_bar(conf)
+                if name in shown_now:
+                    view = enlarge(model.view(name, conf), model.scale(name))
+            bar_now = gr.Image(value=key, visible=key is not None)
+            return view, bar_now, items, in_order, model.status()
 
         @guarded
         def on_select(name, shown_now, conf, order_now):
-            return model.editor_value(name), *refresh(name, shown_now, conf, order_now)
+            return *input_values(name), *refresh(name, shown_now, conf, order_now)
 
         def on_gallery_select(in_order, evt: gr.SelectData):
             return in_order[evt.index]
 
         @guarded
         def on_add(name, value, shown_now, conf, order_now):
-            model.save_prompt(name, value)
+            if depth:  # the upload's bytes
+                model.save_depth(name, value)
+                return *input_values(name), *refresh(name, shown_now, conf, order_now)
+            model.save_prompt(name, value)  # the editor's layers
             return refresh(name, shown_now, conf, order_now)
 
         @guarded
         def on_remove(name, shown_now, conf, order_now):
             workspace.remove_prompt(name)
-            return model.editor_value(name), *refresh(name, shown_now, conf, order_now)
+            return *input_values(name), *refresh(name, shown_now, conf, order_now)
 
         @guarded
         def on_predict(name, shown_now, conf, order_now):
@@ -333,12 +452,14 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
             return shown_now, *refresh(name, shown_now, conf, order_now)
 
         state = [current, shown, confidence, order]
-        page.load(on_select, state, [editor, *views])  # a reload shows the current prompt
-        current.change(on_select, state, [editor, *views])
+        page.load(on_select, state, [*inputs, *views])  # a reload shows the current prompt
+        current.change(on_select, state, [*inputs, *views])
         gallery.select(on_gallery_select, [order_names], [current])
-        add.click(on_add, [current, editor, shown, confidence, order], views)
-        remove.click(on_remove, state, [editor, *views])
-        correct.click(guarded(model.prediction_as_layer), [current], [editor])
+        added = [*inputs, *views] if depth else views
+        add.click(on_add, [current, inputs[-1], shown, confidence, order], added)
+        remove.click(on_remove, state, [*inputs, *views])
+        if not depth:
+            correct.click(guarded(model.prediction_as_layer), [current], inputs)
         predict.click(on_predict, state, [shown, *views])
         predict_all.click(on_predict_all, [current, confidence, order], [shown, *views])
         for control in (confidence, order):
