@@ -67,10 +67,20 @@ def test_normalisation_from_processor_config_or_family_default(tmp_path: Path) -
 
 def test_pretrained_false_builds_random_weights_from_the_config(tmp_path: Path) -> None:
     model = save_tiny(tmp_path, "dinov2")
-    enc = create_encoder(f"hf:{tmp_path}")
-    assert enc.weights_source == "random"
+    enc = create_encoder(f"hf:{tmp_path}", seed=5)  # save_tiny built its model at seed 0
+    assert enc.weights_source == "random:seed=5"
     saved = model.embeddings.patch_embeddings.projection.weight
-    assert not torch.equal(enc.model.embeddings.patch_embeddings.projection.weight, saved)
+    weight = lambda e: e.model.embeddings.patch_embeddings.projection.weight  # noqa: E731
+    assert not torch.equal(weight(enc), saved)
+    # seeded like timm names: the same weights again, whatever the global RNG did before,
+    # and the global RNG is left where it was
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    again = create_encoder(f"hf:{tmp_path}", seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(weight(again), weight(enc))
+    other = create_encoder(f"hf:{tmp_path}")
+    assert other.weights_source == "random:seed=0" and not torch.equal(weight(other), weight(enc))
 
 
 def test_clear_errors(tmp_path: Path, monkeypatch) -> None:

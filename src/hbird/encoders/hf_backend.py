@@ -133,6 +133,7 @@ def create_hf_encoder(
     name: str,
     weights: str | Path | None = None,
     pretrained: bool = False,
+    seed: int = 0,
     **kwargs: Any,
 ) -> HFEncoder:
     """Build ``hf:<model id or folder>`` as an :class:`HFEncoder`.
@@ -141,6 +142,9 @@ def create_hf_encoder(
         name: ``"hf:facebook/dinov2-small"``, ``"hf:/path/to/saved_model"``, ...
         weights: not supported; the weights live at the model id or folder.
         pretrained: load the stored weights (otherwise random weights from the config).
+        seed: fixes those random weights, as for timm names: the same name gives the same
+            weights in every process (and a bank built on them loads again); the global
+            RNG is neither read nor advanced.
         **kwargs: passed to ``from_pretrained`` / ``AutoConfig.from_pretrained``
             (e.g. ``revision``, ``cache_dir``).
     """
@@ -172,12 +176,15 @@ def create_hf_encoder(
             )
             model = model_class.from_pretrained(model_id, **kwargs)
             source = f"hf:{model_id}"
-        elif family.vision_tower:
-            model = transformers.CLIPVisionModel(getattr(config, "vision_config", config))
-            source = "random"
         else:
-            model = transformers.AutoModel.from_config(config)
-            source = "random"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = (
+                    transformers.CLIPVisionModel(getattr(config, "vision_config", config))
+                    if family.vision_tower
+                    else transformers.AutoModel.from_config(config)
+                )
+            source = f"random:seed={seed}"
         mean_std = _processor_mean_std(transformers, model_id) or (family.mean, family.std)
     return HFEncoder(model, name, family, *mean_std, weights_source=source)
 
