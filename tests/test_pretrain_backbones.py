@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from hbird.cli import main
@@ -187,24 +186,13 @@ def run_hummingbird(root: Path, arch: str, dist=None) -> None:
         torch.set_default_dtype(torch.float32)
 
 
-def _worker(rank: int, world_size: int, init_file: str, root: str, arch: str) -> None:
-    from hbird.pretrain.distributed import cleanup_distributed, init_distributed
-
-    torch.set_num_threads(1)
-    info = init_distributed("cpu", "gloo", f"file://{init_file}", rank, world_size)
-    try:
-        run_hummingbird(Path(root), arch, dist=info)
-    finally:
-        cleanup_distributed()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_two_processes_match_one_process(tmp_path, arch):
-    from test_pretrain_ddp import check_same_run
+    from test_pretrain_ddp import check_same_run, run_in_two_processes
 
     run_hummingbird(tmp_path / "single", arch)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "double"), arch), nprocs=2)
+    run_in_two_processes(tmp_path / "init", run_hummingbird, tmp_path / "double", arch)
     check_same_run(tmp_path, "hummingbird")
 
 

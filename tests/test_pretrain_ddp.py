@@ -52,7 +52,7 @@ def run_all(root: Path, objectives: list[str], dist=None) -> None:
     torch.set_default_dtype(torch.float32)
 
 
-def _worker(rank: int, world_size: int, init_file: str, root: str, objectives: list[str]) -> None:
+def _worker(rank: int, world_size: int, init_file: str, run, args: tuple) -> None:
     from hbird.pretrain.distributed import cleanup_distributed, init_distributed
 
     torch.set_num_threads(1)
@@ -64,15 +64,20 @@ def _worker(rank: int, world_size: int, init_file: str, root: str, objectives: l
         world_size=world_size,
     )
     try:
-        run_all(Path(root), objectives, dist=info)
+        run(*args, dist=info)
     finally:
         cleanup_distributed()
 
 
+def run_in_two_processes(init_file: Path, run, *args) -> None:
+    """``run(*args, dist=...)`` in two CPU processes joined by gloo through ``init_file``
+    (``run`` is a module-level function of an importable module, for ``mp.spawn``)."""
+    mp.spawn(_worker, args=(2, str(init_file), run, args), nprocs=2, join=True)
+
+
 def launch(root: Path, objectives: list[str]) -> Path:
     run_all(root / "single", objectives)
-    args = (2, str(root / "init"), str(root / "double"), objectives)
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    run_in_two_processes(root / "init", run_all, root / "double", objectives)
     return root
 
 
@@ -91,16 +96,20 @@ def read_records(folder: Path) -> list[dict[str, float]]:
     return [{k: v for k, v in json.loads(x).items() if k != "step_time"} for x in lines]
 
 
-def check_same_run(runs: Path, name: str) -> None:
+def check_same_run(
+    runs: Path, name: str, weights: str = "checkpoint.safetensors", steps: int = STEPS
+) -> None:
+    """``runs/single/name`` and ``runs/double/name`` logged the same ``steps`` records and
+    wrote the same ``weights``."""
     single = read_records(runs / "single" / name)
     double = read_records(runs / "double" / name)
-    assert len(single) == len(double) == STEPS
+    assert len(single) == len(double) == steps
     for a, b in zip(single, double):
         assert a.keys() == b.keys() and {"loss", "grad_norm"} <= a.keys()
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-7, abs=1e-9), (a["step"], key)
-    weights_a = load_file(str(runs / "single" / name / "checkpoint.safetensors"))
-    weights_b = load_file(str(runs / "double" / name / "checkpoint.safetensors"))
+    weights_a = load_file(str(runs / "single" / name / weights))
+    weights_b = load_file(str(runs / "double" / name / weights))
     assert weights_a.keys() == weights_b.keys()
     for key in weights_a:
         torch.testing.assert_close(weights_b[key], weights_a[key], rtol=1e-6, atol=1e-6)
