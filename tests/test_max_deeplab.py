@@ -129,7 +129,7 @@ def test_mask_head_is_batch_normalised_f_dot_g() -> None:
     captured at its norm, g = the returned mask features; masks = softmax over slots."""
     model = tiny().eval()
     seen = {}
-    model.memory_norm.register_forward_hook(lambda m, i, o: seen.update(f=o.transpose(1, 2)))
+    model.memory_norm.register_forward_hook(lambda m, i, o: seen.update(f=o))  # (B, N, D)
     with torch.no_grad():
         out = model(torch.randn(1, 3, 32, 32))
     f, g = seen["f"][0], out["mask_features"][0]  # (N, D), (D, 8, 8)

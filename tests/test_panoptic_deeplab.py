@@ -58,6 +58,30 @@ def test_hard_pixel_cross_entropy_averages_the_hardest_fifth_of_labelled_pixels(
     assert float(hard_pixel_cross_entropy(logits, torch.full_like(labels, 255), 255)) == 0.0
 
 
+def test_each_image_keeps_its_own_hardest_fifth_and_images_weigh_the_same():
+    """deeplab2's per-sample losses: image 1 has 10 labelled pixels (a = 0..9, keeps the
+    2 hardest, a = 9 and 8), image 2 has 5 (a = 10..14, keeps its 1 hardest, a = 14);
+    the loss is the mean of the two images' means. (Pooled over the batch the top 3 of
+    15 would all come from image 2.) Weighted maps follow the same rule: image 1's MSE
+    over its 2 weighted pixels, image 2's over 1, averaged; an image without weight
+    counts 0."""
+    a = torch.tensor([list(range(10)), list(range(10, 20))], dtype=torch.float64)
+    logits = torch.stack([a, torch.zeros_like(a)], 1).view(2, 2, 1, 10)
+    labels = torch.ones(2, 1, 10, dtype=torch.int64)
+    labels[1, 0, 5:] = 255
+    expected = ((softplus(9.0) + softplus(8.0)) / 2 + softplus(14.0)) / 2
+    got = hard_pixel_cross_entropy(logits, labels, 255)
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+    pred = torch.tensor([[[1.0, 2.0, 3.0]], [[4.0, 5.0, 6.0]], [[1.0, 1.0, 1.0]]])
+    weight = torch.tensor([[[1.0, 1.0, 0.0]], [[0.0, 0.0, 1.0]], [[0.0, 0.0, 0.0]]])
+    mse = heatmap_mse(pred, torch.zeros_like(pred), weight)
+    assert float(mse) == pytest.approx(((1 + 4) / 2 + 36 + 0) / 3)
+    offsets = torch.stack([pred, pred], 1)  # (3, 2, 1, 3): |dy| + |dx| = 2 · pred
+    assert float(offset_l1(offsets, torch.zeros_like(offsets), weight > 0)) == pytest.approx(
+        2 * ((1 + 2) / 2 + 6 + 0) / 3
+    )
+
+
 def test_heatmap_mse_and_offset_l1_on_hand_values():
     pred = torch.tensor([[[0.5, 0.0], [1.0, 0.2]]])
     target = torch.tensor([[[1.0, 0.0], [0.0, 0.2]]])

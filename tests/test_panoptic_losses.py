@@ -182,3 +182,30 @@ def test_mask_id_cross_entropy_on_hand_tensors() -> None:
     first = -(1.0 - math.log(math.exp(0.0) + math.exp(1.0)))
     second = -(2.0 - math.log(math.exp(2.0) + math.exp(0.0)))
     assert got.item() == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+def test_float64_predictions_are_scored_in_float64() -> None:
+    """ground_truth_masks builds float32 masks; float64 predictions (a float64 training
+    run) are scored in float64 (the Dice and instance-discrimination products mixed the
+    two dtypes and failed), with the values the float32 computation gives."""
+    target = toy_target()
+    gen = torch.Generator().manual_seed(0)
+    inputs64 = {
+        "mask_logits": torch.randn(5, 4, 4, generator=gen, dtype=torch.float64),
+        "class_logits": torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        "features": torch.randn(8, 4, 4, generator=gen, dtype=torch.float64),
+    }
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        x = {k: v.to(dtype) for k, v in inputs64.items()}
+        pq = pq_style_loss(x["mask_logits"], x["class_logits"], target)
+        results[dtype] = {
+            "pq": pq.loss,
+            "dice": dice(target.masks, x["mask_logits"].softmax(0), target.void),
+            "instance_discrimination": instance_discrimination(x["features"], target),
+            "mask_id": mask_id_cross_entropy(x["mask_logits"], target, pq.gt_index, pq.slot_index),
+        }
+    for key, value in results[torch.float64].items():
+        assert value.dtype == torch.float64, key
+        want = results[torch.float32][key].double()
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-6, msg=key)

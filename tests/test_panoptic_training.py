@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -187,3 +188,25 @@ def test_every_specialist_trains_a_step_and_predicts_maps(name, scenes, tmp_path
     assert maps[0].instance.dtype == torch.int64
     labels = set(torch.unique(maps[0].semantic).tolist())
     assert labels <= set(range(4)) | {255}
+
+
+@pytest.mark.parametrize("name", sorted(builtin_specialists()))
+def test_every_specialist_trains_in_float64(name, scenes, tmp_path):
+    """A model built in float64 (default dtype float64) trains: the trainer casts the
+    float32 images to the parameters' dtype and the losses compute in float64 (both
+    failed before: a conv of float32 images, then the MaX-DeepLab losses' float32 masks)."""
+    cfg = config(tmp_path / name, specialist=name, steps=1, log_every=1)
+    cfg = SpecialistConfig(**{**cfg.to_dict(), "specialist_options": TINY_SPECIALIST_OPTIONS[name]})
+    torch.set_default_dtype(torch.float64)
+    try:
+        trainer = SpecialistTrainer(cfg, dataset=scenes, log=lambda _: None)
+        assert scenes[0].image.dtype == torch.float32  # the cast is the trainer's
+        batch = next(iter(trainer.batches()))
+        record = trainer.fit()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert batch.images.dtype == torch.float64
+    assert math.isfinite(record["loss"]) and record["step"] == 1
+    assert all(p.dtype == torch.float64 for p in trainer.module.parameters())
+    saved = load_file(str(tmp_path / name / MODEL_NAME))
+    assert all(v.dtype == torch.float64 for v in saved.values() if v.is_floating_point())

@@ -19,6 +19,16 @@
   that are neither void nor crowd (:func:`heatmap_mse`); offsets L1, ``|dy| + |dx|``
   averaged over the pixels of thing instances (:func:`offset_l1`). Targets come from
   the instance map at the input size (:mod:`hbird.panoptic.targets`, σ = 8 px).
+* **Normalisation**: each term is normalised within its image (its hardest 20 % of
+  pixels, its non-void pixels, its thing pixels) and averaged over the images, as
+  google-research/deeplab2 (the authors' code) does: its losses return one value per
+  sample, averaged over the global batch. So on ``W`` processes with ``B / W`` images
+  each, DDP's average of the local batch means is the one-process loss on all ``B``
+  images, with nothing to share across processes; top-k over the pooled pixels of the
+  batch would not split that way. (deeplab2 takes 20 % of all of an image's pixels, void
+  included, and averages the non-zero ones; hbird takes 20 % of the labelled ones. Its
+  offset L1 is the mean over ``(dy, dx)``, half of hbird's ``|dy| + |dx|`` at the same
+  weight 0.01.)
 * **Inference** (:mod:`hbird.panoptic.grouping`): centres are the heatmap's 7×7
   max-pool peaks above 0.1; each pixel of a predicted thing class goes to the centre
   nearest to ``p + offset(p)``; an instance takes the majority class of its pixels'
@@ -69,40 +79,52 @@ stage, span 9) and half-width decoders and heads."""
 # -- losses ---------------------------------------------------------------------------------
 
 
+def per_image_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``mean_b (Σ w_b v_b / Σ w_b)`` over the batch of ``(B, ...)`` values and weights
+    (an image with ``Σ w_b = 0`` counts 0)."""
+    dims = tuple(range(1, values.ndim))
+    total = weight.sum(dims)
+    loss = (weight * values).sum(dims)
+    return torch.where(total > 0, loss / total.clamp_min(1e-12), loss * 0.0).mean()
+
+
 def hard_pixel_cross_entropy(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, top_k: float = TOP_K_PIXELS
 ) -> torch.Tensor:
-    """Cross-entropy averaged over the ``top_k`` fraction of labelled pixels with the largest
-    loss (DeepLab's hard pixel mining), over the whole batch.
+    """Cross-entropy averaged over the ``top_k`` fraction of each image's labelled pixels
+    with the largest loss (DeepLab's hard pixel mining), then over the images.
 
     Args:
         logits: ``(B, C, H, W)``. labels: ``(B, H, W)`` int64, ``ignore_index`` = void.
-        top_k: the fraction kept: ``max(1, int(top_k · labelled pixels))`` pixels.
+        top_k: the fraction kept: ``max(1, int(top_k · labelled pixels))`` pixels of an
+            image; an image without labelled pixels counts 0.
     """
     pixels = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
-    pixels = pixels[labels != ignore_index]
-    if pixels.numel() == 0:
-        return logits.sum() * 0.0
-    keep = max(1, int(top_k * pixels.numel()))
-    return torch.topk(pixels, keep, sorted=False).values.mean()
+    per_image = []
+    for image_pixels, image_labels in zip(pixels, labels):
+        kept = image_pixels[image_labels != ignore_index]
+        if kept.numel() == 0:
+            per_image.append(image_pixels.sum() * 0.0)
+            continue
+        keep = max(1, int(top_k * kept.numel()))
+        per_image.append(torch.topk(kept, keep, sorted=False).values.mean())
+    return torch.stack(per_image).mean()
 
 
 def heatmap_mse(
     prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 ) -> torch.Tensor:
-    """``Σ w (pred − target)² / Σ w`` over ``(B, H, W)`` maps (0 when ``Σ w = 0``)."""
-    total = weight.sum()
-    loss = (weight * (prediction - target) ** 2).sum()
-    return loss / total if total > 0 else loss * 0.0
+    """``Σ w (pred − target)² / Σ w`` of each image's ``(H, W)`` maps, averaged over the
+    ``B`` images of ``(B, H, W)`` (an image with ``Σ w = 0`` counts 0)."""
+    return per_image_mean((prediction - target) ** 2, weight.to(prediction.dtype))
 
 
 def offset_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``Σ_mask (|dy − dŷ| + |dx − dx̂|) / |mask|`` over ``(B, 2, H, W)`` offsets and a
-    ``(B, H, W)`` mask (0 without masked pixels)."""
-    weight = mask.to(prediction.dtype)[:, None]
-    loss = (weight * (prediction - target).abs()).sum()
-    count = weight.sum()
-    return loss / count if count > 0 else loss * 0.0
+    """``Σ_mask (|dy − dŷ| + |dx − dx̂|) / |mask|`` of each image's ``(2, H, W)`` offsets and
+    ``(H, W)`` mask, averaged over the ``B`` images (an image without masked pixels
+    counts 0)."""
+    l1 = (prediction - target).abs().sum(dim=1)  # (B, H, W)
+    return per_image_mean(l1, mask.to(prediction.dtype))
 
 
 # -- layers -------------------------------------------------------------------------------
@@ -290,16 +312,20 @@ class AxialDeepLab(PanopticSpecialist):
     ) -> dict[str, torch.Tensor]:
         """``semantic``, ``centre`` and ``offset`` terms (unweighted) and ``loss`` =
         ``1 · semantic + 200 · centre + 0.01 · offset``."""
-        device = outputs["semantic"].device
-        gt = {k: v.to(device) for k, v in self.targets(targets).items()}
+        from hbird.pretrain.distributed import full_precision  # hbird.pretrain is heavy
+
+        out = {k: full_precision(v) for k, v in outputs.items()}
+        device, dtype = out["semantic"].device, out["semantic"].dtype
+        gt = {
+            k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+            for k, v in self.targets(targets).items()
+        }
         terms = {
             "semantic": hard_pixel_cross_entropy(
-                outputs["semantic"].float(), gt["semantic"], self.ignore_index
+                out["semantic"], gt["semantic"], self.ignore_index
             ),
-            "centre": heatmap_mse(
-                outputs["centre"][:, 0].float(), gt["centre"], gt["centre_weight"]
-            ),
-            "offset": offset_l1(outputs["offset"].float(), gt["offset"], gt["offset_mask"]),
+            "centre": heatmap_mse(out["centre"][:, 0], gt["centre"], gt["centre_weight"]),
+            "offset": offset_l1(out["offset"], gt["offset"], gt["offset_mask"]),
         }
         terms["loss"] = sum(LOSS_WEIGHTS[k] * v for k, v in terms.items())
         return terms

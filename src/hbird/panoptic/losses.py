@@ -19,6 +19,26 @@ the void pixels.
   the slot matched to its mask), weight 0.3; semantic cross-entropy, weight 1.
 
 Crowd regions (thing pixels of instance 0) are treated as void.
+
+**Normalisation** (what makes a DDP run the one-process run): every term is normalised
+within its image, and the model's loss is the mean of the per-image terms over the batch,
+as google-research/deeplab2 (the authors' code) does: its losses return one value per
+sample and are averaged over the global batch. Per term:
+
+* L_PQ: divided by the image's ``N`` slots (eq. 4.12; a constant, so per image and
+  global agree);
+* instance discrimination: the mean over the image's thing-instance pixels (eq. 4.17
+  sums per pixel; deeplab2 averages per sample);
+* mask-ID cross-entropy: the mean over the image's pixels of matched masks;
+* semantic cross-entropy: the mean over the image's labelled pixels.
+
+An image without pixels for a term contributes 0 to that term's batch mean (deeplab2's
+``divide_no_nan``). So on ``W`` processes with ``B / W`` images each, DDP's average of
+the local batch means is the mean over all ``B`` images: no count has to be shared
+across processes. (Global pixel counts would weight images by their size of thing
+area instead; the paper does not ask for that.)
+
+The functions compute in the predictions' dtype (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -80,7 +100,7 @@ def dice(gt: torch.Tensor, pred: torch.Tensor, void: torch.Tensor) -> torch.Tens
     """``(K, N)`` Dice of ground-truth masks ``(K, H, W)`` and soft masks ``(N, H, W)``,
     void pixels zeroed in both, smoothing 1."""
     keep = (~void).to(pred.dtype).reshape(1, -1)
-    g = gt.reshape(gt.shape[0], -1) * keep
+    g = gt.reshape(gt.shape[0], -1).to(pred.dtype) * keep
     p = pred.reshape(pred.shape[0], -1) * keep
     inter = g @ p.T
     return (2 * inter + DICE_SMOOTH) / (g.sum(1)[:, None] + p.sum(1)[None, :] + DICE_SMOOTH)
@@ -143,7 +163,7 @@ def instance_discrimination(
     its own mask's normalised mean feature among the K masks' (softmax at τ); mean over
     those pixels (0 if there are none)."""
     g = features.reshape(features.shape[0], -1)  # (D, HW)
-    m = target.masks.reshape(target.masks.shape[0], -1)  # (K, HW)
+    m = target.masks.reshape(target.masks.shape[0], -1).to(g.dtype)  # (K, HW)
     t = F.normalize(m @ g.T, dim=-1)  # (K, D)
     logits = (t @ g) / tau  # (K, HW)
     pixels = (m[target.is_thing].sum(0) > 0) & ~target.void.reshape(-1)

@@ -44,6 +44,7 @@ from torch import nn
 
 from hbird.data.panoptic import PanopticMap
 from hbird.errors import InputError
+from hbird.nn.axial import ChannelsLastBatchNorm
 from hbird.nn.axial_resnet import AxialResNet
 from hbird.nn.dual_path import DualPathBlock
 from hbird.panoptic.grouping import merge_semantic_and_instances
@@ -286,7 +287,7 @@ class MaXDeepLab(PanopticSpecialist):
             nn.BatchNorm2d(cfg.mask_dim),
         )
         self.memory_feature = _two_fc(cfg.memory_dim, cfg.memory_dim, cfg.mask_dim)  # 2FC → f
-        self.memory_norm = nn.BatchNorm1d(cfg.mask_dim)
+        self.memory_norm = ChannelsLastBatchNorm(cfg.mask_dim)  # BN of f over (batch, slots)
         self.mask_norm = nn.BatchNorm2d(1)  # BN on f · g
         self.class_head = _two_fc(cfg.memory_dim, cfg.memory_dim, num_classes + 1)
         self.semantic_decoder = Decoder((c16, c8, c4), cfg.decoder_dim)
@@ -312,7 +313,7 @@ class MaXDeepLab(PanopticSpecialist):
         decoded, memory = self.decoder(pixels.permute(0, 3, 1, 2), x8, x4, memory)
         g = self.mask_feature(decoded)  # (B, D, h4, w4)
         f = self.memory_feature(memory)  # (B, N, D)
-        f = self.memory_norm(f.transpose(1, 2)).transpose(1, 2)
+        f = self.memory_norm(f)
         b, _, h, w = g.shape
         logits = torch.einsum("bnd,bdp->bnp", f, g.flatten(2))[:, None]  # (B, 1, N, h·w)
         return {
@@ -325,7 +326,15 @@ class MaXDeepLab(PanopticSpecialist):
     def loss(
         self, outputs: dict[str, torch.Tensor], targets: Sequence[PanopticTarget]
     ) -> dict[str, torch.Tensor]:
-        """The mean over images of each term, and ``loss`` = their ``LOSS_WEIGHTS`` sum."""
+        """The mean over images of each term, and ``loss`` = their ``LOSS_WEIGHTS`` sum.
+
+        Every term is normalised within its image (:mod:`hbird.panoptic.losses`), so the
+        batch mean on ``W`` processes of ``B / W`` images each, averaged by DDP, is the
+        one-process loss on all ``B``. Outputs in half precision are upcast to float32
+        (float64 stays float64)."""
+        from hbird.pretrain.distributed import full_precision  # hbird.pretrain is heavy
+
+        outputs = {k: full_precision(v) for k, v in outputs.items()}
         features = outputs["mask_features"]
         device = features.device
         stride = self.config.loss_stride

@@ -6,7 +6,10 @@
 
 It is :class:`hbird.pretrain.loop.TrainingLoop` (DDP under ``torchrun``, checkpoints,
 ``resume``, ``metrics.jsonl`` and log lines with the time left, bf16 autocast on GPU
-only) around a :class:`~hbird.panoptic.specialist.PanopticSpecialist`:
+only) around a :class:`~hbird.panoptic.specialist.PanopticSpecialist`. A run on ``W``
+processes with ``B / W`` images each is the one-process run on ``B``: every batch norm
+is a global-batch one (:func:`hbird.pretrain.backbone.globalize_norms`) and every loss
+term is a per-image value averaged over the batch (the specialists' ``loss``).
 
 * **Data**: a panoptic dataset (``config.data``, its ``train`` split unless the spec
   names one) through :class:`PanopticCrops`: Panoptic-DeepLab's augmentation, a random
@@ -51,8 +54,9 @@ from hbird.panoptic.specialist import (
     builtin_specialists,
     create_specialist,
 )
+from hbird.pretrain.backbone import globalize_norms
 from hbird.pretrain.data import sample_generator
-from hbird.pretrain.distributed import DistInfo, GlobalBatchNorm2d, barrier
+from hbird.pretrain.distributed import DistInfo, barrier
 from hbird.pretrain.loop import LoopSettings, TrainingLoop
 from hbird.pretrain.schedule import poly
 
@@ -388,7 +392,7 @@ class SpecialistTrainer(TrainingLoop):
             from hbird.encoders.conv_backbone import load_backbone_weights
 
             load_backbone_weights(model.backbone, config.init_weights, arch=config.specialist)
-        self.module: PanopticSpecialist = GlobalBatchNorm2d.convert(model).to(self.device)
+        self.module: PanopticSpecialist = globalize_norms(model).to(self.device)
         step = self.module.size_multiple
         if config.crop_size % step:
             raise InputError(
@@ -427,9 +431,11 @@ class SpecialistTrainer(TrainingLoop):
         return warmup_poly(step, self.total_steps, cfg.lr, self.warmup_steps, cfg.poly_power)
 
     def batches(self) -> Iterator[SpecialistBatch]:
+        """This process's share of each global batch, images in the parameters' dtype."""
+        dtype = next(self.module.parameters()).dtype
         for images, targets in self.epoch_batches():
-            images = self.module.normalize(images.to(self.device, non_blocking=True))
-            yield SpecialistBatch(images, targets)
+            images = images.to(self.device, dtype, non_blocking=True)
+            yield SpecialistBatch(self.module.normalize(images), targets)
 
     def train_step(self, batch: SpecialistBatch) -> dict[str, float]:
         """One optimizer step on this process's share of the global batch."""

@@ -33,7 +33,12 @@ from torch import nn
 from hbird.encoders.timm_backend import build_timm_model, timm_mean_std
 from hbird.io.checkpoints import architecture_metadata
 from hbird.nn.axial import AxialAttention, ChannelsLastBatchNorm, local_batch_norm_slice
-from hbird.pretrain.distributed import GlobalBatchNorm2d, global_batch_norm, is_distributed
+from hbird.pretrain.distributed import (
+    GlobalBatchNorm1d,
+    GlobalBatchNorm2d,
+    global_batch_norm,
+    is_distributed,
+)
 
 
 @dataclass
@@ -196,14 +201,35 @@ def globalize_axial_norms(module: nn.Module) -> nn.Module:
     return module
 
 
+GLOBAL_NORMS = (GlobalBatchNorm1d, GlobalBatchNorm2d, GlobalChannelsLastBatchNorm)
+"""The norm classes whose training statistics cover the global batch under DDP
+(:class:`GlobalSlicedBatchNorm2d` is a :class:`GlobalBatchNorm2d`)."""
+
+
+def globalize_norms(module: nn.Module) -> nn.Module:
+    """Every ``BatchNorm2d`` and axial-layer norm of ``module`` made a global-batch one
+    (:func:`globalize_axial_norms`, then :meth:`GlobalBatchNorm2d.convert`; same state
+    dict). Returns the converted module (a bare ``BatchNorm2d`` is replaced, not edited)."""
+    return GlobalBatchNorm2d.convert(globalize_axial_norms(module))
+
+
+def local_norms(module: nn.Module) -> list[str]:
+    """Names of the batch norms of ``module`` that would use this process's batch alone
+    under DDP (none after :func:`globalize_norms` on the networks hbird builds)."""
+    return [
+        name
+        for name, sub in module.named_modules()
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not isinstance(sub, GLOBAL_NORMS)
+    ]
+
+
 class FeatureMapBackbone(nn.Module):
     """A registered feature-map encoder (``forward_patches`` at its output stride), trainable.
 
     Args:
         encoder: an :class:`~hbird.encoders.Encoder` from ``create_encoder(arch, ...)``;
             its parameters are unfrozen and its batch norms made global-batch ones in
-            place (``BatchNorm2d`` → :class:`GlobalBatchNorm2d`, the axial layers' by
-            :func:`globalize_axial_norms`).
+            place (:func:`globalize_norms`).
         arch: its registry name (``test_elastic``); model_kwargs: the factory options.
     """
 
@@ -211,7 +237,7 @@ class FeatureMapBackbone(nn.Module):
 
     def __init__(self, encoder: nn.Module, arch: str, model_kwargs: dict[str, Any] | None = None):
         super().__init__()
-        encoder = GlobalBatchNorm2d.convert(globalize_axial_norms(encoder))
+        encoder = globalize_norms(encoder)
         self.encoder = encoder.requires_grad_(True)
         self.arch = arch
         self.model_kwargs = dict(model_kwargs or {})
