@@ -79,6 +79,8 @@ def test_the_protocol_trains_scores_pq_and_draws_instance_outlines(
         (["--encoder", "test_axial"], "--specialist-option backbone=NAME"),
         (["--specialist-checkpoint", "missing.safetensors"], "no specialist checkpoint"),
         (["--fractions", "1/2"], "--fractions"),
+        (["--lr", "0.005", "--train", "lr=0.01"], "--lr 0.005 and --train lr=0.01 disagree"),
+        (["--epochs", "0"], "epochs must be >= 1"),
     ],
 )
 def test_bad_flags_are_one_line_errors(
@@ -89,6 +91,24 @@ def test_bad_flags_are_one_line_errors(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_epochs_and_lr_flags_reach_the_training(panoptic_folder: Path, tmp_path: Path) -> None:
+    """``--epochs 1`` on the 4 train images in batches of 2 is 2 steps (not --train's
+    steps=2000 default example nor SpecialistConfig's 1000); ``--lr 0.005`` is the base
+    rate: without warm-up (5 % of 2 steps rounds to 0) the second step's rate is DeepLab's
+    poly 0.005 · (1 - 1/2)^0.9."""
+    out = tmp_path / "run"
+    argv = ["--epochs", "1", "--lr", "0.005", "--train", "batch_size=2", "--train", "crop_size=32"]
+    assert run(panoptic_folder, out, *argv, *TINY) == 0
+    records = [
+        json.loads(x) for x in (out / "specialist" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in records] == [2]
+    assert records[0]["lr"] == pytest.approx(0.005 * 0.5**0.9)
+    training = json.loads((out / "metrics.json").read_text())["config"]["training"]
+    assert training["epochs"] == 1 and training["lr"] == 0.005
+    assert "trained 1 epoch on the prompt split" in (out / "summary.md").read_text()
 
 
 def test_a_semantic_dataset_is_refused(tmp_path: Path, capsys) -> None:

@@ -97,9 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epochs",
         type=int,
-        help="linear probe: training epochs (default 10; fast-adaptation: 1, 2, 5 and 10)",
+        help="linear probe: training epochs (default 10; fast-adaptation: 1, 2, 5 and 10); "
+        "panoptic-deeplab/max-deeplab: passes over the train split (instead of --train steps)",
     )
-    parser.add_argument("--lr", type=float, default=0.01, help="linear probe: SGD learning rate")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help="linear probe: SGD learning rate (default 0.01); panoptic-deeplab/max-deeplab: "
+        "the specialist's learning rate (default 0.001)",
+    )
     parser.add_argument(
         "--patch-batch-size", type=int, default=1024, help="linear probe: patches per SGD step"
     )
@@ -160,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             encoder,
             args.dataset,
             epochs=10 if args.epochs is None else args.epochs,
-            lr=args.lr,
+            **({} if args.lr is None else {"lr": args.lr}),
             patch_batch_size=args.patch_batch_size,
             **common,
         )
@@ -174,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             encoder,
             args.dataset,
             fractions=fractions,
-            lr=args.lr,
+            **({} if args.lr is None else {"lr": args.lr}),
             linear_epochs=DEFAULT_LINEAR_EPOCHS if args.epochs is None else [args.epochs],
             patch_batch_size=args.patch_batch_size,
             **common,

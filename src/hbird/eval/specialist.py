@@ -64,7 +64,7 @@ class SpecialistReport(PanopticReport):
         how = (
             f"loaded from {cfg['checkpoint']}"
             if cfg.get("checkpoint")
-            else f"trained {train.get('steps')} steps on the prompt split (batch "
+            else f"trained {how_long(train)} on the prompt split (batch "
             f"{train.get('batch_size')}, crop {train.get('crop_size')}, {train.get('optimizer')} "
             f"lr {train.get('lr')}, backbone ×{train.get('backbone_lr_scale')}, backbone weights "
             f"{train.get('init_weights') or 'random'})"
@@ -77,6 +77,29 @@ class SpecialistReport(PanopticReport):
             f"Train images: {self.counts.get('prompt_images')}; queries scored: "
             f"{self.counts.get('queries')} at their original resolution.",
         ]
+
+
+def how_long(train: dict[str, Any]) -> str:
+    """``"2 epochs"`` or ``"2000 steps"`` of a run's training settings."""
+    key = "epochs" if train.get("epochs") is not None else "steps"
+    count = train.get(key)
+    return f"{count} {key if count != 1 else key[:-1]}"
+
+
+def training_flags(args: Any, train: dict[str, Any]) -> dict[str, Any]:
+    """``--train`` items with ``--epochs`` and ``--lr`` added when given (they must agree
+    with a ``--train`` item of the same key)."""
+    train = dict(train)
+    for key in ("epochs", "lr"):
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key in train and train[key] != value:
+            raise InputError(
+                f"--{key} {value} and --train {key}={train[key]} disagree; give one of them"
+            )
+        train[key] = value
+    return train
 
 
 def predictor(model: Any, device: torch.device | str, timings: Timings):
@@ -256,7 +279,7 @@ def run_from_args(args: Any, common: dict[str, Any], print: Any) -> int:
     report = evaluate_specialist(
         args.protocol,
         args.dataset,
-        train=parse_pairs(args.train, "--train", "steps=2000"),
+        train=training_flags(args, parse_pairs(args.train, "--train", "steps=2000")),
         options=parse_pairs(args.specialist_option, "--specialist-option", "backbone=test_axial"),
         checkpoint=args.specialist_checkpoint,
         **common,

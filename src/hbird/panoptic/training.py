@@ -92,7 +92,8 @@ class SpecialistConfig(LoopSettings):
         specialist_options: its builder's options (e.g. ``{"backbone": "test_axial"}``).
         init_weights: a weights file for ``model.backbone`` (module docstring).
         data: a panoptic dataset spec (its train split by default).
-        out: run folder. steps: optimizer steps. batch_size: global batch.
+        out: run folder. steps: optimizer steps; ``epochs`` (passes over the data)
+            overrides it when given. batch_size: global batch.
         crop_size: training crop side (a multiple of the model's ``size_multiple``).
         min_scale, max_scale: the random rescale before cropping (Panoptic-DeepLab: 0.5-2).
         flip: random horizontal flips.
@@ -110,6 +111,7 @@ class SpecialistConfig(LoopSettings):
     data: str | None = None
     out: str = "runs/specialist"
     steps: int = 1000
+    epochs: int | None = None
     batch_size: int = 8
     crop_size: int = 512
     min_scale: float = 0.5
@@ -132,6 +134,7 @@ class SpecialistConfig(LoopSettings):
             )
         checks = [
             (self.steps >= 1, "steps must be >= 1"),
+            (self.epochs is None or self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.crop_size >= 1, "crop_size must be >= 1"),
             (0 < self.min_scale <= self.max_scale, "need 0 < min_scale <= max_scale"),
@@ -414,8 +417,20 @@ class SpecialistTrainer(TrainingLoop):
         self.loader, self.sampler = self.epoch_loader(
             crops, config.batch_size, config.num_workers, config.seed, collate
         )
-        self.total_steps = config.steps
+        self.total_steps = self._total_steps(len(crops))
         self.use_amp = config.amp and self.device.type == "cuda"
+
+    def _total_steps(self, images: int) -> int:
+        """``steps``, or ``epochs`` times the global batches in an epoch of ``images``."""
+        cfg = self.config
+        if cfg.epochs is None:
+            return cfg.steps
+        if self.sampler.batches_per_epoch == 0:
+            raise InputError(
+                f"specialist training: the training data has {images} images, fewer than "
+                f"batch_size {cfg.batch_size}, so an epoch has no batch; lower batch_size"
+            )
+        return cfg.epochs * self.sampler.batches_per_epoch
 
     @property
     def log_name(self) -> str:
