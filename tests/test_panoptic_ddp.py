@@ -123,27 +123,20 @@ def test_the_batch_loss_is_the_mean_of_the_images_losses(name):
 # -- two CPU processes (gloo) against one ------------------------------------------------------
 
 STEPS = 2
+RUN = {"steps": STEPS, "batch_size": 4, "crop_size": 32, "num_workers": 0, "log_every": 1}
+"""Two steps on a global batch of 4 32-px crops (2 images per process), every step logged."""
 
 
 def run_specialist(root: Path, name: str, dist=None) -> None:
-    """Two steps of ``name`` on a global batch of 4 (float64, as test_pretrain_ddp: rounding
-    stays far below the optimiser's eps, so both runs' updates agree to many digits)."""
-    torch.set_default_dtype(torch.float64)
-    try:
+    """:data:`RUN` of ``name`` in float64 (test_pretrain_ddp.default_float64)."""
+    from test_pretrain_ddp import default_float64
+
+    with default_float64():
         config = SpecialistConfig(
-            specialist=name,
-            specialist_options=TINY[name],
-            out=str(root / name),
-            steps=STEPS,
-            batch_size=4,
-            crop_size=32,
-            num_workers=0,
-            log_every=1,
+            specialist=name, specialist_options=TINY[name], out=str(root / name), **RUN
         )
-        dataset = SyntheticPanopticDataset(n=8, seed=3, size=32)
-        SpecialistTrainer(config, dist=dist, dataset=dataset, log=lambda _: None).fit()
-    finally:
-        torch.set_default_dtype(torch.float32)
+        scenes = SyntheticPanopticDataset(n=8, seed=3, size=32)
+        SpecialistTrainer(config, dist=dist, dataset=scenes, log=lambda _: None).fit()
 
 
 @pytest.mark.slow

@@ -197,14 +197,13 @@ def test_every_specialist_trains_in_float64(name, scenes, tmp_path):
     failed before: a conv of float32 images, then the MaX-DeepLab losses' float32 masks)."""
     cfg = config(tmp_path / name, specialist=name, steps=1, log_every=1)
     cfg = SpecialistConfig(**{**cfg.to_dict(), "specialist_options": TINY_SPECIALIST_OPTIONS[name]})
-    torch.set_default_dtype(torch.float64)
-    try:
+    from test_pretrain_ddp import default_float64
+
+    with default_float64():
         trainer = SpecialistTrainer(cfg, dataset=scenes, log=lambda _: None)
         assert scenes[0].image.dtype == torch.float32  # the cast is the trainer's
         batch = next(iter(trainer.batches()))
         record = trainer.fit()
-    finally:
-        torch.set_default_dtype(torch.float32)
     assert batch.images.dtype == torch.float64
     assert math.isfinite(record["loss"]) and record["step"] == 1
     assert all(p.dtype == torch.float64 for p in trainer.module.parameters())

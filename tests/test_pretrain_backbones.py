@@ -170,8 +170,9 @@ def test_axial_norms_become_global_and_match_the_local_ones(monkeypatch):
 
 
 def run_hummingbird(root: Path, arch: str, dist=None) -> None:
-    torch.set_default_dtype(torch.float64)  # as in test_pretrain_ddp: updates agree to many digits
-    try:
+    from test_pretrain_ddp import default_float64
+
+    with default_float64():
         config = short_config(
             root / "hummingbird",
             arch,
@@ -182,8 +183,6 @@ def run_hummingbird(root: Path, arch: str, dist=None) -> None:
         )
         images = SyntheticImages(n=16, seed=5, size=48)
         Trainer(config, dist=dist, images=images, log=lambda _: None).fit()
-    finally:
-        torch.set_default_dtype(torch.float32)
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ every step and the exported weights must agree.
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,28 @@ SLOW = ["hummingbird++", "ibot", "co2"]
 STEPS = 3
 
 
+@contextmanager
+def default_float64() -> Iterator[None]:
+    """torch's default dtype float64 inside the block. Two runs compared in float64 keep
+    their rounding noise far below AdamW's eps, so their updates agree to many digits (in
+    float32 Adam turns noise on near-zero gradients into ±lr steps)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def run_all(root: Path, objectives: list[str], dist=None) -> None:
     """Train each objective for a few steps; write metrics and checkpoints under ``root``."""
+    with default_float64():
+        _run_all(root, objectives, dist)
+
+
+def _run_all(root: Path, objectives: list[str], dist=None) -> None:
     from hbird.pretrain import PretrainConfig, Trainer
     from hbird.pretrain.data import SyntheticImages
 
-    # float64: rounding noise stays far below AdamW's eps, so the two runs' updates agree
-    # to many digits (in float32 Adam turns noise on near-zero gradients into ±lr steps).
-    torch.set_default_dtype(torch.float64)
     images = SyntheticImages(n=16, seed=5, size=48)
     for name in objectives:
         # small queues so they wrap around within the run
@@ -49,7 +65,6 @@ def run_all(root: Path, objectives: list[str], dist=None) -> None:
             out=str(root / name),
         )
         Trainer(config, dist=dist, images=images, log=lambda _: None).fit()
-    torch.set_default_dtype(torch.float32)
 
 
 def _worker(rank: int, world_size: int, init_file: str, run, args: tuple) -> None:
