@@ -397,3 +397,36 @@ def test_cli_serve_depth_demo_writes_depth_maps_to_upload(tmp_path, monkeypatch,
     assert main(argv) == 0
     assert len(list((tmp_path / "s" / "demo-data" / "depth").glob("*.png"))) == 12
     assert TestClient(started[-1]).get("/api/workspaces/demo").json()["task"] == "depth"
+
+
+def test_a_restart_resumes_without_encoding_any_image_again(photos, scenes, tmp_path, monkeypatch):
+    """The feature cache lives under the workspace's state folder (``features/``), so a
+    restart with the same state refits the bank from the prompt and predicts with no
+    encoder call: across both runs each of the 6 images reaches the encoder exactly once
+    (counted by the bytes of every image the encoder's forward pass sees)."""
+    import hashlib
+
+    from hbird.encoders.base import Encoder
+
+    encoded = []
+    forward = Encoder.forward_patches
+
+    def counted(self, x, layers=None):
+        encoded.extend(hashlib.sha256(image.numpy().tobytes()).hexdigest() for image in x)
+        return forward(self, x, layers)
+
+    monkeypatch.setattr(Encoder, "forward_patches", counted)
+    ws = Workspace(photos, tmp_path / "ws", CLASSES, SETTINGS)
+    ws.add_prompt("img0.png", png(scenes[0].mask))
+    ws.add_prompt("img1.png", png(scenes[1].mask))
+    before = {name: ws.predict(name).labels for name in ws.image_names}
+    assert len(encoded) == len(set(encoded)) == 6  # the first run encodes each image once
+    del ws
+
+    again = Workspace(photos, tmp_path / "ws")  # a restart: nothing kept in memory
+    after = {name: again.predict(name).labels for name in again.image_names}
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    again.add_prompt("img2.png", png(scenes[2].mask))  # a prompt change after the restart
+    again.predict_all()
+    assert len(encoded) == 6, "an image was encoded again after the restart"
+    assert len(list((tmp_path / "ws" / "features").glob("*.safetensors"))) == 6
