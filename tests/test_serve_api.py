@@ -430,3 +430,33 @@ def test_a_restart_resumes_without_encoding_any_image_again(photos, scenes, tmp_
     again.predict_all()
     assert len(encoded) == 6, "an image was encoded again after the restart"
     assert len(list((tmp_path / "ws" / "features").glob("*.safetensors"))) == 6
+
+
+def test_a_bank_that_cannot_remove_is_rebuilt_and_serve_refuses_shard_bank(
+    client, photos, scenes, monkeypatch, tmp_path, capsys
+):
+    """A workspace's bank is always fitted in its process, so every index kind removes
+    (tested above with the exact index); should the live predictor still refuse (here it
+    raises what a bank sharded across torchrun processes raises), the confirmed removal
+    stands, answered with a 200 rather than a 500, and the predictor is refitted on the
+    remaining prompt: its prediction equals a fresh fit on that prompt. ``hbird serve
+    --shard-bank`` is refused up front with a message naming the flag."""
+    from hbird.cli import main
+    from hbird.errors import InputError
+
+    for i in (0, 1):
+        client.post(f"/api/workspaces/w/prompt/img{i}.png", files={"mask": png(scenes[i].mask)})
+    assert client.get("/api/workspaces/w/prediction/img3.png.png").status_code == 200
+
+    def refuse(self, image_ids):
+        raise InputError("a bank sharded across processes (shard_bank) cannot remove images")
+
+    monkeypatch.setattr(InContextPredictor, "remove", refuse)
+    r = client.delete("/api/workspaces/w/prompt/img0.png")
+    assert r.status_code == 200 and r.json() == ["img1.png"]
+    got = read_png(client.get("/api/workspaces/w/prediction/img3.png.png").content)
+    assert np.array_equal(got, fresh_prediction(photos, scenes, [1])[3].numpy())
+
+    argv = ["serve", "--demo", "--api-only", "--shard-bank", "--state", str(tmp_path / "s")]
+    assert main(argv) == 2
+    assert "drop --shard-bank" in capsys.readouterr().err

@@ -58,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
 
     settings = {**given_settings(args, BankSpec), **given_settings(args, SearchConfig)}
     settings = {k: v for k, v in settings.items() if v is not None}
+    if settings.get("shard_bank"):
+        raise InputError(
+            "--shard-bank splits a saved bank across torchrun processes; hbird serve fits "
+            "each workspace's bank in its own process, so drop --shard-bank"
+        )
     classes = args.classes.split(",") if args.classes else None
     images = args.images
     if args.demo:
