@@ -130,11 +130,28 @@ def load_page(url: str) -> tuple[float, int, int]:
     return time.perf_counter() - start, len(assets), size
 
 
+GALLERY_OBSERVER = """
+new MutationObserver(() => {
+  const img = document.querySelector('#gallery img');
+  if (img && window.hbirdGalleryImg === undefined) {
+    window.hbirdGalleryImg = performance.now();
+    const shown = () => { window.hbirdGalleryShown ??= performance.now(); };
+    if (img.complete && img.naturalWidth) shown(); else img.addEventListener('load', shown);
+  }
+}).observe(document, {childList: true, subtree: true});
+"""
+"""Installed before each navigation: notes (page clock, ms) when the gallery's first
+``<img>`` enters the page and when its picture has loaded."""
+
+
 def browser_loads(url: str, repeats: int) -> dict | None:
-    """Seconds from navigation until the gallery's first picture is in the page, in
-    headless Chromium with its cache disabled (every load is a first load), and the
-    navigation timings (HTML received, DOMContentLoaded, load event); ``None`` without
-    Selenium, Chromium or chromedriver."""
+    """First loads in headless Chromium with its cache disabled (every load is a first
+    load), on the page's own clock from navigation: the HTML received, DOMContentLoaded,
+    the load event, the gallery's first ``<img>`` in the page and its picture loaded, and
+    the page settled (the page's load event handler answered: its ``queue/data`` stream
+    ended); also seconds until WebDriver saw the picture (this adds its polling, which
+    waits while the page's main thread is busy). ``None`` without Selenium, Chromium or
+    chromedriver."""
     import shutil
 
     from hbird._optional import is_available
@@ -150,27 +167,48 @@ def browser_loads(url: str, repeats: int) -> dict | None:
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    seconds: list[float] = []
-    phases: dict[str, list[float]] = {"html": [], "dom_content_loaded": [], "load_event": []}
+    keys = ("html", "dom_content_loaded", "load_event", "gallery_img", "gallery_shown")
+    phases: dict[str, list[float]] = {key: [] for key in (*keys, "settled", "webdriver_saw")}
     try:
         driver.execute_cdp_cmd("Network.enable", {})
         driver.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": True})
+        driver.execute_cdp_cmd(
+            "Page.addScriptToEvaluateOnNewDocument", {"source": GALLERY_OBSERVER}
+        )
         for _ in range(repeats):
             driver.get("about:blank")
             start = time.perf_counter()
             driver.get(url + "/")
-            while not driver.execute_script("return !!document.querySelector('#gallery img')"):
+            while not driver.execute_script("return window.hbirdGalleryShown !== undefined"):
                 time.sleep(0.01)
-            seconds.append(time.perf_counter() - start)
+            phases["webdriver_saw"].append(time.perf_counter() - start)
             timing = driver.execute_script(
                 "const t = performance.getEntriesByType('navigation')[0];"
-                "return [t.responseEnd, t.domContentLoadedEventEnd, t.loadEventEnd];"
+                "return [t.responseEnd, t.domContentLoadedEventEnd, t.loadEventEnd,"
+                " window.hbirdGalleryImg, window.hbirdGalleryShown];"
             )
-            for key, ms in zip(phases, timing):
+            for key, ms in zip(keys, timing):
                 phases[key].append(ms / 1000)
+            phases["settled"].append(settled(driver) / 1000)
     finally:
         driver.quit()
-    return {"until_gallery": summary(seconds), **{k: summary(v) for k, v in phases.items()}}
+    return {key: summary(values) for key, values in phases.items()}
+
+
+def settled(driver, timeout: float = 60.0) -> float:
+    """Page-clock ms when the page's load event handler had answered (the end of its
+    ``queue/data`` event stream)."""
+    deadline = time.monotonic() + timeout
+    ends: list[float] = []
+    while time.monotonic() < deadline:
+        ends = driver.execute_script(
+            "return performance.getEntriesByType('resource')"
+            ".filter(e => e.name.includes('/queue/data')).map(e => e.responseEnd);"
+        )
+        if ends and all(end > 0 for end in ends):
+            break
+        time.sleep(0.05)
+    return max(ends, default=float("nan"))
 
 
 def page_case(args, folder: Path, tmp: Path, options, classes) -> dict:

@@ -225,3 +225,44 @@ def test_depth_page_uploads_depth_maps_and_colour_maps_predictions(tmp_path):
     assert np.abs(bar[0, [0, -1]] - turbo_ends).max() <= 1
     grey = model.colour_bar(confidence=True)
     assert grey[0, 0].tolist() == [0, 0, 0] and grey[0, -1].tolist() == [255, 255, 255]
+
+
+def test_gallery_files_are_drawn_once_per_revision_and_big_pictures_shrunk(workspace, tmp_path):
+    """The page's gallery sends files: pictures equal :meth:`PageModel.gallery`'s (lossless
+    PNG at their size), each drawn once per workspace revision (plain images once for
+    good); a picture over THUMBNAIL_SIZE is sent as a JPEG shrunk by area averaging (the
+    oracle: 2 x 2 block means of a 640 px picture, by numpy)."""
+    from hbird.serve import page
+
+    model = PageModel(workspace)
+    painted = np.full((32, 48), 255, dtype=np.uint8)
+    painted[:16] = 1
+    workspace.add_prompt("img0.png", page.png_bytes(painted))
+    shown = {"img1.png", "img2.png"}
+    files, names = model.gallery_files(shown, False, ORDERS[1])
+    arrays, same_names = model.gallery(shown, False, ORDERS[1])
+    assert names == same_names and [c for _, c in files] == [c for _, c in arrays]
+    for (path, _), (picture, _) in zip(files, arrays):
+        assert path.endswith(".png") and np.array_equal(np.asarray(Image.open(path)), picture)
+
+    drawn = []
+    for method in ("view", "image"):
+        original = getattr(model, method)
+        setattr(
+            model, method, lambda *a, _f=original, _m=method, **k: drawn.append(_m) or _f(*a, **k)
+        )
+    assert model.gallery_files(shown, False, ORDERS[1])[0] == files and drawn == []
+    workspace.add_prompt("img3.png", page.png_bytes(painted))  # a new revision
+    again, _ = model.gallery_files(shown, False, ORDERS[1])
+    # the two predictions (each overlay reads its image), not the two plain images
+    assert sorted(drawn) == ["image", "image", "view", "view"]
+    assert {p for p, _ in again} & {p for p, _ in files} == {p for p, _ in files if "-image-" in p}
+
+    rng = np.random.default_rng(0)
+    big = np.kron(rng.integers(0, 256, size=(40, 30, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+    path = page.thumbnail_file(big, tmp_path / "big")
+    assert path.suffix == ".jpg" and Image.open(path).size == (240, 320)
+    blocks = big.reshape(320, 2, 240, 2, 3).mean(axis=(1, 3))
+    assert np.abs(np.asarray(Image.open(path)).astype(float) - blocks).mean() < 3
+    small = page.thumbnail_file(big[:320, :200], tmp_path / "small")
+    assert np.array_equal(np.asarray(Image.open(small)), big[:320, :200])

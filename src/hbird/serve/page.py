@@ -22,7 +22,11 @@ image pixel is an ``s × s`` block of canvas pixels and the mask reads the block
 
 import functools
 import io
+import shutil
+import tempfile
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +49,10 @@ DEMO_BANNER = (
 )
 ORDERS = ("name", "least confident first")
 BAR_WIDTH = 360
+THUMBNAIL_SIZE = 320
+"""Gallery pictures larger than this (long side, px) are sent shrunk: the gallery shows
+them at about 180 px, and a 4000 x 3000 photo's overlay would be tens of MB as a PNG."""
+THUMBNAIL_QUALITY = 90
 CONFIDENCE_CMAP = "gray"  # the confidence maps are grey: black = unsure, white = sure
 CONFIDENCE_MEANING = {
     "segmentation": "winning class weight",
@@ -133,6 +141,21 @@ def depth_picture(depth: np.ndarray, scale: Scale) -> np.ndarray:
     return colorize_depth(depth, scale.vmin, scale.vmax, scale.cmap)
 
 
+def thumbnail_file(picture: np.ndarray, path: Path) -> Path:
+    """Write ``picture`` (``(H, W, 3)`` or ``(H, W)`` uint8) for the gallery: as it is in
+    a PNG (lossless) when it fits :data:`THUMBNAIL_SIZE`, else shrunk to it on the long
+    side by area averaging (``BOX``) in a JPEG without chroma subsampling (class colours
+    keep their edges), already an approximation. Returns the file written (``path`` with
+    its suffix)."""
+    image = Image.fromarray(np.asarray(picture, dtype=np.uint8))
+    if max(image.size) <= THUMBNAIL_SIZE:
+        image.save(path.with_suffix(".png"), format="PNG")
+        return path.with_suffix(".png")
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BOX)
+    image.save(path.with_suffix(".jpg"), format="JPEG", quality=THUMBNAIL_QUALITY, subsampling=0)
+    return path.with_suffix(".jpg")
+
+
 def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(image).repeat(scale, axis=0).repeat(scale, axis=1)
 
@@ -148,6 +171,8 @@ class PageModel:
 
     def __init__(self, workspace: Workspace) -> None:
         self.ws = workspace
+        self._pictures: Path | None = None
+        self._files: dict[tuple[str, str], tuple[int, Path]] = {}  # (name, kind) -> file
 
     def image(self, name: str) -> np.ndarray:
         return rgb_array(self.ws.image_path(name))
@@ -225,6 +250,22 @@ class PageModel:
             return depth_picture(prediction.labels.numpy(), scale or self.depth_scale())
         return overlay_array(self.image(name), prediction.labels.numpy())
 
+    def gallery_entries(self, shown: set[str], order: str) -> list[tuple[str, bool, str]]:
+        """``(name, predicted, caption)`` of every image, in ``order``: predicted images
+        (those in ``shown``, while the prompt is not empty) carry their mean confidence."""
+        shown = shown if self.ws.prompt else set()
+        scores = {n: float(self.ws.predict(n).confidence.mean()) for n in sorted(shown)}
+        names = self.ws.image_names
+        if order == ORDERS[1]:
+            names = sorted(names, key=lambda n: (n not in scores, scores.get(n, 0.0), n))
+        entries = []
+        for name in names:
+            caption = name + (f" · {scores[name]:.2f}" if name in scores else "")
+            if name in self.ws.prompt:
+                caption += " · prompt"
+            entries.append((name, name in scores, caption))
+        return entries
+
     def gallery(
         self, shown: set[str], confidence: bool, order: str
     ) -> tuple[list[tuple[np.ndarray, str]], list[str]]:
@@ -232,24 +273,52 @@ class PageModel:
 
         Predicted images show their overlay (or confidence) and mean confidence; the
         others show the plain image."""
-        shown = shown if self.ws.prompt else set()
-        scores = {n: float(self.ws.predict(n).confidence.mean()) for n in sorted(shown)}
-        scale = self.depth_scale() if self.ws.task == "depth" and scores else None
-        names = self.ws.image_names
-        if order == ORDERS[1]:
-            names = sorted(names, key=lambda n: (n not in scores, scores.get(n, 0.0), n))
-        items = []
-        for name in names:
-            caption = name
-            if name in scores:
-                picture = self.view(name, confidence, scale)
-                caption += f" · {scores[name]:.2f}"
-            else:
-                picture = self.image(name)
-            if name in self.ws.prompt:
-                caption += " · prompt"
-            items.append((picture, caption))
-        return items, names
+        with self.ws.lock:
+            entries = self.gallery_entries(shown, order)
+            scale = self._page_scale(entries)
+            items = [
+                (self.view(n, confidence, scale) if predicted else self.image(n), caption)
+                for n, predicted, caption in entries
+            ]
+        return items, [n for n, _, _ in entries]
+
+    def gallery_files(
+        self, shown: set[str], confidence: bool, order: str
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """:meth:`gallery` as picture files, what the page sends: each picture is drawn
+        and encoded once per workspace revision (a plain image once for good), and shrunk
+        to :data:`THUMBNAIL_SIZE` when larger (see :func:`thumbnail_file`)."""
+        with self.ws.lock:  # no prompt change between a picture and its revision
+            entries = self.gallery_entries(shown, order)
+            scale = functools.cache(lambda: self._page_scale(entries))
+            items = []
+            for name, predicted, caption in entries:
+                kind = ("confidence" if confidence else "prediction") if predicted else "image"
+                revision = self.ws.revision if predicted else 0
+                cached = self._files.get((name, kind))
+                if cached is None or cached[0] != revision:
+                    if predicted:
+                        picture = self.view(name, confidence, scale())
+                    else:
+                        picture = self.image(name)
+                    path = self._folder() / f"{Path(name).stem}-{kind}-{revision}"
+                    path = thumbnail_file(picture, path)
+                    if cached is not None:
+                        cached[1].unlink(missing_ok=True)
+                    cached = self._files[(name, kind)] = (revision, path)
+                items.append((str(cached[1]), caption))
+        return items, [n for n, _, _ in entries]
+
+    def _page_scale(self, entries) -> Scale | None:
+        predicted = any(p for _, p, _ in entries)
+        return self.depth_scale() if self.ws.task == "depth" and predicted else None
+
+    def _folder(self) -> Path:
+        """The temporary folder of the gallery's picture files (removed with the model)."""
+        if self._pictures is None:
+            self._pictures = Path(tempfile.mkdtemp(prefix="hbird-serve-gallery-"))
+            weakref.finalize(self, shutil.rmtree, self._pictures, ignore_errors=True)
+        return self._pictures
 
     def status(self) -> str:
         todo = "upload a depth map for" if self.ws.task == "depth" else "paint a mask on"
@@ -396,10 +465,9 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
                 if export_url:
                     gr.Markdown(f"[export masks, bank and settings (zip)]({export_url})")
         gallery = gr.Gallery(
-            value=model.gallery(set(), False, ORDERS[0])[0],
+            value=model.gallery_files(set(), False, ORDERS[0])[0],
             label="the folder (click an image to " + ("give it depth)" if depth else "paint it)"),
             columns=6,
-            format="png",
             allow_preview=False,
             elem_id="gallery",
         )
@@ -409,7 +477,7 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
         def refresh(name, shown_now, conf, order_now):
             """The prediction of ``name`` (if shown) and its colour bar, the gallery, its
             order, the status."""
-            items, in_order = model.gallery(shown_now, conf, order_now)
+            items, in_order = model.gallery_files(shown_now, conf, order_now)
             view = key = None
             if workspace.prompt:
                 key = model.colour_bar(conf)

@@ -109,6 +109,9 @@ class Workspace:
         self.lock = threading.RLock()
         self._predictor: Any = None
         self._predictions: dict[str, DensePrediction] = {}
+        self.revision = 0
+        """Counts the changes that can change a prediction (prompt, classes): pictures drawn
+        from predictions at one revision stay valid until it moves."""
         if (self.state / STATE_FILE).is_file():
             self._resume()
         else:
@@ -279,6 +282,7 @@ class Workspace:
         """Apply a confirmed prompt change to the live predictor, if there is one; if that
         fails (e.g. the memory would be empty) it is rebuilt from disk on next use."""
         self._predictions.clear()
+        self.revision += 1
         if self._predictor is None:
             return
         try:
@@ -292,6 +296,7 @@ class Workspace:
     def _forget(self) -> None:
         self._predictor = None
         self._predictions.clear()
+        self.revision += 1
 
     # -- predictions ------------------------------------------------------------------
     def predictor(self) -> Any:
