@@ -520,7 +520,16 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
             return shown_now, *refresh(name, shown_now, conf, order_now)
 
         state = [current, shown, confidence, order]
-        page.load(on_select, state, [*inputs, *views])  # a reload shows the current prompt
+        # a reload shows the current prompt; it leaves the depth upload alone (its answer can
+        # come after the user picked a file, on a loaded machine)
+        shown_inputs = inputs[:-1] if depth else inputs
+
+        @guarded
+        def on_load(name, shown_now, conf, order_now):
+            values = input_values(name)[: len(shown_inputs)]
+            return *values, *refresh(name, shown_now, conf, order_now)
+
+        page.load(on_load, state, [*shown_inputs, *views])
         current.change(on_select, state, [*inputs, *views])
         gallery.select(on_gallery_select, [order_names], [current])
         added = [*inputs, *views] if depth else views
