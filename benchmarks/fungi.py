@@ -38,46 +38,74 @@ With ``--text-cosines`` it reports the same cosines for texts (FUNGI Table 19 ag
 over seeded random sentences of made-up words, one setting at a time set back to
 ``fast``'s, and the paper preset with other negative texts as the noise floor.
 
+With ``--peer`` it instead times fungivision (the FUNGI authors' package, in its own
+process: ``_fungivision_peer.py``, run by ``--peer-python``) against hbird rows on the
+same work (timm ViT with the same random weights, the paper's views, the same heads,
+projection, DINO crop boxes and 256 × 49 SimCLR negative embeddings), each row in its
+own process, rows interleaved over ``--rounds``: seconds and CPU seconds per image (min,
+median), images per second, peak RSS, the speed-up over fungivision, and each row's
+feature cosines per part to hbird's default row. ``--rows`` lists ``peer`` and
+``hbird[:KEY=VALUE...]`` rows (``FungiExtractor`` arguments, e.g. ``preset=paper_bf16``,
+``batch_size=1``; ``separate_embedding=true`` adds the embedding's own forward,
+``class_token_tail=false`` runs the ViT's whole last block). If
+fungivision cannot be imported it says so and runs the hbird rows alone.
+
     python benchmarks/fungi.py --threads 1                 # test_vit at 224 and 64
+    python benchmarks/fungi.py --peer --images 2 --batch-size 2 --threads 1 \
+        --peer-python /tmp/fungivision-venv/bin/python    # docs/performance.md
     python benchmarks/fungi.py --image-sizes 64 --images 4 --repeats 1 --cosines
     python benchmarks/fungi.py --encoder vit_small_patch16_224 --image-sizes 224 --images 8
     python benchmarks/fungi.py --no-timing --image-sizes --text-cosines --threads 1
 
-Writes JSON to ``benchmarks/results/fungi.json`` unless ``--out`` says otherwise.
+Writes JSON to ``benchmarks/results/fungi.json`` (``fungi_peer.json`` and ``.md`` with
+``--peer``) unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import rss_bytes, write_report
+from _common import child_row, peak_rss_bytes, rss_bytes, write_report
+from PIL import Image
 
 from hbird.encoders import create_encoder
+from hbird.encoders.precision import autocast_context
 from hbird.fungi import PRESETS, FungiExtractor
 from hbird.fungi.data import synthetic_classification
 from hbird.fungi.gradients import PASS_ELEMENTS, flatten_linear_grads
 from hbird.fungi.heads import RandomHead
-from hbird.fungi.presets import FAST_NEGATIVE_INPUTS, preset_loss_options
-from hbird.fungi.views import snap_to_patch
+from hbird.fungi.presets import FAST_NEGATIVE_INPUTS, preset_loss_options, preset_resize
+from hbird.fungi.views import canvas_side, snap_to_patch
+from hbird.io.images import load_image
+from hbird.io.options import parse_pairs
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "fungi.json"
+DEFAULT_PEER_OUT = Path(__file__).parent / "results" / "fungi_peer.json"
 LOSSES = ("kl", "dino", "simclr")
 PAPER_NEGATIVE_INPUTS = 256
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--encoder", default="test_vit", help="encoder name (random weights)")
+    parser.add_argument(
+        "--encoder", help="encoder (random weights; default test_vit, with --peer ViT-S/16)"
+    )
     parser.add_argument("--image-sizes", type=int, nargs="*", default=[224, 64])
     parser.add_argument("--images", type=int, default=32, help="images timed per run")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -99,8 +127,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest counts")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}")
+    peer = parser.add_argument_group("against fungivision (--peer)")
+    peer.add_argument("--peer", action="store_true", help="time fungivision and hbird rows")
+    peer.add_argument("--peer-python", default=sys.executable, help="a Python with fungivision")
+    peer.add_argument("--peer-path", type=Path, help="put first on the peer's PYTHONPATH")
+    peer.add_argument("--rows", default=PEER_ROWS, help="peer and hbird[:OPTION=VALUE...] rows")
+    peer.add_argument("--rounds", type=int, default=2, help="interleaved rounds (min, median)")
+    peer.add_argument(
+        "--negative-images",
+        type=int,
+        default=2,
+        help="images whose patches are tiled to the negatives",
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.encoder is None:
+        args.encoder = "vit_small_patch16_224" if args.peer else "test_vit"
+    if args.out is None:
+        args.out = DEFAULT_PEER_OUT if args.peer else DEFAULT_OUT
+    return args
 
 
 def return_freed_memory_to_the_os() -> bool:
@@ -388,9 +434,22 @@ def text_preset_cosines(args: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    rss_is_exact = return_freed_memory_to_the_os()
+    if args.child:
+        work, row, out = args.child
+        run_hbird_row(Path(work), row, Path(out))
+        return {}
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.peer:
+        args.negatives = args.negatives or PAPER_NEGATIVE_INPUTS
+        report = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                              "load_average_at_start": os.getloadavg()},
+                  **against_peer(args)}  # fmt: skip
+        write_report(report, args.out)
+        args.out.with_suffix(".md").write_text(report["markdown"] + "\n")
+        return report
+    rss_is_exact = return_freed_memory_to_the_os()
     device = torch.device(args.device)
     encoder = create_encoder(args.encoder, device=device)
     results: dict[str, Any] = {}
@@ -463,6 +522,257 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     write_report(report, args.out)
     return report
+
+
+# -- against fungivision (--peer) ----------------------------------------------------------
+
+PEER_CHILD = Path(__file__).with_name("_fungivision_peer.py")
+PEER_ROWS = "peer,hbird,hbird:autocast=bf16"
+PEER_INSTALL = (
+    "python -m venv --system-site-packages /tmp/fungivision-venv && "
+    "/tmp/fungivision-venv/bin/pip install --no-deps fungivision, then "
+    "--peer-python /tmp/fungivision-venv/bin/python (or pip install --no-deps --target DIR "
+    "fungivision and --peer-path DIR)"
+)
+
+
+def peer_env(args: argparse.Namespace) -> dict[str, str]:
+    """The peer child's environment: ours, with ``--peer-path`` first on ``PYTHONPATH``."""
+    env = dict(os.environ)
+    if args.peer_path:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(args.peer_path), *filter(None, [env.get("PYTHONPATH")])]
+        )
+    return env
+
+
+def peer_problem(args: argparse.Namespace) -> str | None:
+    """Why fungivision cannot run with ``--peer-python`` (None if it imports)."""
+    probe = [args.peer_python, "-c", "import fungivision.wrapper"]
+    done = subprocess.run(probe, env=peer_env(args), capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return f"{args.peer_python} cannot import fungivision ({last}); install it with {PEER_INSTALL}"
+
+
+def write_peer_inputs(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Images (8-bit PNGs at the canvas side, so neither side resizes them before its
+    views), the random weights, and what both sides are given: heads, projection, DINO
+    crop boxes and the SimCLR negative embeddings (``given.pt``)."""
+    size = args.image_sizes[0]
+    torch.manual_seed(args.seed)  # the same random weights for every row
+    encoder = create_encoder(args.encoder)
+    torch.save(encoder.model.state_dict(), work / "model.pt")
+    canvas = canvas_side(snap_to_patch(size, encoder.patch_size), preset_resize("paper"))
+    data = synthetic_classification(args.images + args.negative_images, args.seed, size=canvas)
+    names = []
+    for i, image in enumerate(data.images):
+        names.append(f"image_{i:03d}.png")
+        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(work / names[-1])
+    images = [load_image(work / n) for n in names]
+    fx = FungiExtractor(
+        encoder, seed=args.seed, image_size=size, negatives=torch.zeros(1, encoder.embed_dim)
+    )
+    fx._build()
+    simclr, dino = fx.losses_["simclr"], fx.losses_["dino"]
+    with torch.no_grad(), autocast_context(torch.device("cpu"), torch.bfloat16):  # inputs only
+        views = simclr.make_negative_views(fx.backbone_.prepare(images[args.images :]))[0].views
+        embedded = torch.cat([fx.backbone_.embed(v) for v in views.split(16)]).float()
+    rows = args.negatives * simclr.views.num_patches  # the paper's 256 × 49 negative views
+    negatives = embedded.repeat(-(-rows // len(embedded)), 1)[:rows]  # whole images, tiled
+    heads = {
+        f"{name}.{head}" if len(loss.head_names) > 1 else name: getattr(loss, head)
+        for name, loss in fx.losses_.items()
+        for head in loss.head_names
+    }
+    given = {f"{key}.{p}": getattr(h, p) for key, h in heads.items() for p in ("weight", "bias")}
+    given["projection"] = fx.projection_.matrix().to(torch.int8)  # (d, m) ±1
+    given["negatives"] = negatives
+    torch.save(given, work / "given.pt")
+    boxes = [
+        [list(astuple(b)) for b in dino.crops.boxes_for(fx.backbone_.prepare([x])[0])]
+        for x in images[: args.images]
+    ]
+    settings = {name: loss.settings for name, loss in fx.losses_.items()}
+    setup = {
+        "timm_model": args.encoder,
+        "image_size": size,
+        "images": names[: args.images],
+        "negative_inputs": args.negatives,
+        "batch_size": args.batch_size,
+        "threads": args.threads or 1,
+        "seed": args.seed,
+        "losses": list(LOSSES),
+        "layer": fx.layer_name_,
+        "mean": list(encoder.mean),
+        "std": list(encoder.std),
+        "head_dims": {name: s["head_dim"] for name, s in settings.items()},
+        "temperatures": {
+            "kl": settings["kl"]["temperature"],
+            "dino_teacher": settings["dino"]["teacher_temperature"],
+            "dino_student": settings["dino"]["student_temperature"],
+            "simclr": settings["simclr"]["temperature"],
+        },
+        "boxes": boxes,
+    }
+    (work / "setup.json").write_text(json.dumps(setup))
+    return setup
+
+
+def run_hbird_row(work: Path, row: str, out: Path) -> None:
+    """Child process: hbird's FUNGI on the images in ``work``, with ``row``'s options."""
+    setup = json.loads((work / "setup.json").read_text())
+    torch.set_num_threads(setup["threads"])
+    encoder = create_encoder(setup["timm_model"])
+    encoder.model.load_state_dict(torch.load(work / "model.pt"))
+    options = parse_pairs(row.split(":")[1:], "an hbird row", "autocast=bf16")
+    separate_embedding = options.pop("separate_embedding", False)  # the KL-reuse lever, off
+    class_token_tail = options.pop("class_token_tail", True)  # hbird.fungi.class_token
+    given = torch.load(work / "given.pt")
+    images = [load_image(work / p) for p in setup["images"]]
+    fx = FungiExtractor(
+        encoder,
+        losses=setup["losses"],
+        seed=setup["seed"],
+        image_size=setup["image_size"],
+        batch_size=options.pop("batch_size", setup["batch_size"]),
+        negatives=given["negatives"],
+        **options,
+    ).fit(images[:1])
+    fx.backbone_.class_token_tail = class_token_tail
+    with torch.no_grad():  # warm-up, as the peer's child
+        fx.backbone_.embed(fx.backbone_.input_view(fx.backbone_.prepare(images[:1])))
+    start, cpu_start = time.perf_counter(), time.process_time()
+    parts = fx.extract_parts(images)
+    if separate_embedding:  # what not reusing the KL view's forward for the embedding costs
+        with torch.no_grad(), autocast_context(fx.backbone_.device, fx.autocast_dtype_):
+            for first in range(0, len(images), fx.batch_size):
+                batch = fx.backbone_.prepare(images[first : first + fx.batch_size])
+                fx.backbone_.embed(fx.backbone_.input_view(batch))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    torch.save(parts, out)
+    row_out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "images": len(images),
+               "peak_rss_bytes": peak_rss_bytes()}  # fmt: skip
+    print(json.dumps(row_out))
+
+
+def run_peer_row(work: Path, row: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """One row in its own process (``out``: where its features go); its JSON row."""
+    setup = json.loads((work / "setup.json").read_text())
+    if row == "peer":
+        (work / "setup.json").write_text(json.dumps({**setup, "features_out": out.name}))
+        argv, env = [args.peer_python, str(PEER_CHILD), str(work)], peer_env(args)
+    else:
+        argv, env = [sys.executable, __file__, "--child", str(work), row, str(out)], None
+    start = time.perf_counter()
+    result = child_row(argv, env)
+    return {**result, "process_seconds": time.perf_counter() - start}
+
+
+def part_cosines(parts: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict:
+    """Per part: mean and min cosine, and the largest absolute difference."""
+    out = cosines(parts, reference)
+    for name, ref in reference.items():
+        out[name]["max_abs_difference"] = float((parts[name] - ref).abs().max())
+    return out
+
+
+def summarise_rows(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Min and median seconds per image, images per second, peak RSS, per row."""
+    table: dict[str, dict[str, Any]] = {}
+    for row, results in runs.items():
+        ok = [r for r in results if "error" not in r]
+        if not ok:
+            table[row] = {"error": results[-1]["error"]}
+            continue
+        table[row] = {"rounds": len(ok)}
+        for key in ("seconds", "cpu_seconds"):
+            per_image = [r[key] / r["images"] for r in ok]
+            table[row][f"{key}_per_image"] = {
+                "min": min(per_image),
+                "median": statistics.median(per_image),
+            }
+        table[row]["images_per_second"] = 1.0 / table[row]["seconds_per_image"]["min"]
+        table[row]["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
+        if "stage_seconds" in ok[-1]:
+            table[row]["stage_seconds"] = ok[-1]["stage_seconds"]
+    if "peer" in table and "error" not in table["peer"]:
+        peer = table["peer"]
+        for row in table.values():
+            for key in ("seconds", "cpu_seconds") if "error" not in row else ():
+                row[f"speedup_over_peer_{key}"] = {
+                    k: peer[f"{key}_per_image"][k] / row[f"{key}_per_image"][k]
+                    for k in ("min", "median")
+                }
+    return table
+
+
+def peer_markdown(table: dict[str, dict[str, Any]], cos: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| row | s / image | CPU s / image | images / s | × fungivision | × fungivision, CPU "
+        "| peak RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def span(s: dict[str, float] | None) -> str:
+        return f"{s['min']:.2f} ({s['median']:.2f})" if s else "–"
+
+    for row, r in table.items():
+        if "error" in r:
+            lines.append(f"| {row} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {row} | {span(r['seconds_per_image'])} | {span(r['cpu_seconds_per_image'])} | "
+            f"{r['images_per_second']:.3f} | {span(r.get('speedup_over_peer_seconds'))} | "
+            f"{span(r.get('speedup_over_peer_cpu_seconds'))} | "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB |"
+        )
+    if cos:
+        parts = list(next(iter(cos.values())))
+        lines += ["", "| features | " + " | ".join(parts) + " |", "|---" * (len(parts) + 1) + "|"]
+        for name, c in cos.items():
+            cells = [f"{c[p]['mean']:.5f} ({c[p]['min']:.5f})" for p in parts]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def against_peer(args: argparse.Namespace) -> dict[str, Any]:
+    """fungivision and hbird rows on the same work, each in its own process, interleaved."""
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    problem = peer_problem(args) if "peer" in rows else None
+    if problem:
+        print(f"the peer cannot run: {problem}; running hbird alone", flush=True)
+        rows = [r for r in rows if r != "peer"]
+    runs: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+    cos: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        setup = write_peer_inputs(work, args)
+        outs = {row: work / f"features_{i}.pt" for i, row in enumerate(rows)}
+        for round_ in range(args.rounds):
+            for row in rows if round_ % 2 == 0 else rows[::-1]:
+                if runs[row] and "error" in runs[row][-1]:
+                    continue  # it failed once; it will fail again
+                runs[row].append(run_peer_row(work, row, args, outs[row]))
+                r = runs[row][-1]
+                brief = r.get("error") or (
+                    f"{r['seconds'] / r['images']:.2f} s / image, "
+                    f"{r['cpu_seconds'] / r['images']:.2f} CPU s / image"
+                )
+                print(f"round {round_ + 1} {row}: {brief}", flush=True)
+        features = {row: torch.load(p) for row, p in outs.items() if p.exists()}
+        if "hbird" in features:
+            reference = features["hbird"]
+            for row, parts in features.items():
+                if row != "hbird":
+                    cos[f"{row} vs hbird"] = part_cosines(parts, reference)
+    table = summarise_rows(runs)
+    text = peer_markdown(table, cos)
+    print(text)
+    return {"setup": {k: v for k, v in setup.items() if k != "boxes"}, "rows": table,
+            "cosines": cos, "runs": runs, "markdown": text}  # fmt: skip
 
 
 if __name__ == "__main__":

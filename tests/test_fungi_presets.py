@@ -81,6 +81,30 @@ def test_extractor_defaults_to_the_paper_preset(encoder, images):
     )
 
 
+def test_paper_bf16_preset_is_the_paper_preset_under_bf16_autocast(encoder, images):
+    """``paper_bf16``: the paper's views and losses, the model's forward passes under bf16
+    autocast. It equals ``paper`` with ``autocast="bf16"`` bit for bit, and its features
+    stay within bf16 rounding of the float32 ones (the oracle: ``paper``, float32)."""
+    base = dict(seed=0, image_size=32, batch_size=4, loss_options=SMALL)
+    half = FungiExtractor(encoder, preset="paper_bf16", **base).fit(images[:4])
+    config = half.config()
+    assert config["autocast"] == "bf16" and config["resize"] == "square"
+    paper = FungiExtractor(encoder, **base).fit(images[:4])
+    assert {k: v.settings for k, v in half.losses_.items()} == {
+        k: v.settings for k, v in paper.losses_.items()
+    }
+    explicit = FungiExtractor(encoder, autocast="bf16", **base).fit(images[:4])
+    got, full = half.extract_parts(images[4:]), paper.extract_parts(images[4:])
+    same = explicit.extract_parts(images[4:])
+    for name, part in got.items():
+        assert torch.equal(part, same[name]), name
+        assert float((part * full[name]).sum(1).min()) > 0.999, name
+    assert not torch.equal(got["embedding"], full["embedding"])  # autocast is on
+    overridden = FungiExtractor(encoder, preset="paper_bf16", autocast="fp16", **base)
+    overridden._build()
+    assert overridden.autocast_dtype_ == torch.float16
+
+
 # -- fast: hbird's older settings ------------------------------------------------------------
 
 

@@ -46,7 +46,12 @@ from hbird.fungi.gradients import (
 )
 from hbird.fungi.losses import LOSSES, create_loss
 from hbird.fungi.pca import PCA
-from hbird.fungi.presets import check_preset, preset_loss_options, preset_resize
+from hbird.fungi.presets import (
+    check_preset,
+    preset_autocast,
+    preset_loss_options,
+    preset_resize,
+)
 from hbird.fungi.projection import MatrixProjection, RandomProjection, aligned_block_rows
 from hbird.io.files import atomic_folder, has_file, save_tensors, write_json
 
@@ -83,8 +88,9 @@ class FungiExtractor:
         layer: module path of the gradient layer under the model (default: the last
             block's attention output projection, e.g. ``"blocks.11.attn.proj"``).
         seed: seeds the heads, the crops, the projection and the choice of negatives.
-        preset: ``"paper"`` (FUNGI Table 17 and the authors' code) or ``"fast"`` (hbird's
-            older, cheaper views); see :mod:`hbird.fungi.presets`. ``loss_options``
+        preset: ``"paper"`` (FUNGI Table 17 and the authors' code), ``"paper_bf16"`` (the
+            same under bf16 autocast) or ``"fast"`` (hbird's older, cheaper views); see
+            :mod:`hbird.fungi.presets`. ``loss_options``
             override it.
         pca_dim: reduce the concatenated features to this many dimensions with a PCA
             fitted on the training features; ``None`` keeps them whole.
@@ -107,7 +113,8 @@ class FungiExtractor:
         negatives: SimCLR's negative batch instead of a seeded choice of training inputs:
             ``(N, D)`` embeddings, or inputs whose views are embedded.
         autocast: ``"bf16"`` or ``"fp16"`` to run forward passes under autocast (where the
-            device supports it), ``None`` for full precision.
+            device supports it), ``None`` for the preset's (full precision but under
+            ``"paper_bf16"``).
         progress: show a progress bar.
         projection_cache_bytes: keep the random projection in memory when it is at most
             this large (it is regenerated block by block otherwise).
@@ -191,7 +198,9 @@ class FungiExtractor:
     def _build(self) -> None:
         """Everything that depends only on the constructor arguments."""
         self._validate()
-        self.autocast_dtype_ = parse_autocast(self.autocast)
+        self.autocast_dtype_ = parse_autocast(
+            preset_autocast(self.preset) if self.autocast is None else self.autocast
+        )
         resize = self.resize or preset_resize(self.preset)
         backbone = as_backbone(self.encoder, image_size=self.image_size, resize=resize)
         self.backbone_ = backbone
