@@ -39,7 +39,7 @@ from _common import environment, peak_rss_bytes, rss_bytes, set_threads, setting
 
 from hbird import InContextPredictor, LabelSpec
 from hbird.data.transforms import resize_for_encoder
-from hbird.decode import aggregate, decode_dense
+from hbird.decode import aggregate, decode_dense, softmax_over_neighbours
 from hbird.encoders import create_encoder, encode_batches
 from hbird.index import choose_kind, create_index, recall_at_k
 from hbird.index.synthetic import clustered_unit_vectors
@@ -122,7 +122,36 @@ def measure(
     return {
         "search_s": round(best["search"], 5),
         "decode_s": round(best["decode"], 5),
+        **decode_breakdown(args, predictor, queries[0], size),
         f"recall@{args.k}": round(recall, 4),
+    }
+
+
+def decode_breakdown(
+    args: argparse.Namespace, predictor: InContextPredictor, q: torch.Tensor, size: tuple[int, int]
+) -> dict[str, float]:
+    """Seconds of each decode step for one query image ``q (P, D)``, best of
+    ``--repeats``: eq.-1 weights from the scores, the gather of the neighbours' values,
+    their weighted sum, and upsampling + argmax to the image."""
+    grid = args.image_size // predictor.encoder_.patch_size
+    sims, ids = predictor.index_.search(q, args.k)
+    safe = ids.clamp_min(0)
+    q_norms = torch.linalg.vector_norm(q.float(), dim=-1)
+    key_norms = predictor._key_norms()
+
+    def weights() -> torch.Tensor:
+        cosines = sims / (q_norms[:, None] * key_norms[safe]).clamp_min(1e-12)
+        return softmax_over_neighbours(cosines, args.temperature, ids >= 0)
+
+    w, values = weights(), predictor.bank_.values[safe]
+    soft = aggregate(w, values).reshape(grid, grid, -1)
+    return {
+        "weights_s": round(best_seconds(weights, args.repeats), 5),
+        "gather_values_s": round(
+            best_seconds(lambda: predictor.bank_.values[safe], args.repeats), 5
+        ),
+        "aggregate_s": round(best_seconds(lambda: aggregate(w, values), args.repeats), 5),
+        "upsample_s": round(best_seconds(lambda: decode_dense(soft, size, True), args.repeats), 5),
     }
 
 
@@ -162,6 +191,8 @@ def bench_size(args: argparse.Namespace, n: int, encoder: Any, encode_s: float) 
         print(
             f"  N={n:>9,} {name:14s} build {build_s:7.1f} s | search {numbers['search_s']:.3f} s "
             f"+ decode {numbers['decode_s']:.3f} s per image = {ratio:.1%} of encode "
+            f"(decode: weights {numbers['weights_s']:.3f}, values {numbers['gather_values_s']:.3f}, "
+            f"sum {numbers['aggregate_s']:.3f}, upsample {numbers['upsample_s']:.3f} s) "
             f"| recall@{args.k} {numbers[f'recall@{args.k}']}",
             flush=True,
         )

@@ -119,9 +119,9 @@ def test_ivfpq_first_pass_alone_is_worse(data, ivfpq) -> None:
 def test_ivfpq_training_defaults(ivfpq) -> None:
     assert ivfpq.is_trained and ivfpq.ntotal == N
     assert ivfpq.nlist == default_nlist(N) == round(4 * N**0.5)
-    assert ivfpq.m == default_pq_m(DIM) == 32
+    assert ivfpq.m == default_pq_m(DIM) == DIM  # one 4-bit codebook per dimension
     info = ivfpq.describe()
-    assert info["kind"] == "ivfpq" and info["factory"] == f"IVF{ivfpq.nlist},PQ32x4fs,RFlat"
+    assert info["kind"] == "ivfpq" and info["factory"] == f"IVF{ivfpq.nlist},PQ64x4fs,RFlat"
     assert default_nlist(1000) == 1000 // 39  # small sets: >= 39 points per centroid
 
 
@@ -337,9 +337,9 @@ def test_exact_faiss_backend_pads_saves_and_checks_options(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("options", "factory"),
     [
-        ({"rotation": "rr"}, "RR64,IVF64,PQ32x4fs,RFlat"),
-        ({"rotation": "pcar"}, "PCAR64,IVF64,PQ32x4fs,RFlat"),
-        ({"coarse": "hnsw"}, "IVF64_HNSW32,PQ32x4fs,RFlat"),
+        ({"rotation": "rr"}, "RR64,IVF64,PQ64x4fs,RFlat"),
+        ({"rotation": "pcar"}, "PCAR64,IVF64,PQ64x4fs,RFlat"),
+        ({"coarse": "hnsw"}, "IVF64_HNSW32,PQ64x4fs,RFlat"),
     ],
 )
 def test_ivfpq_rotations_and_hnsw_coarse_against_exact(data, options, factory) -> None:
