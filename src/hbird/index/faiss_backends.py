@@ -195,7 +195,7 @@ class FaissIVFPQIndex(_FaissIndex):
         k_factor: candidates re-ranked per wanted neighbour. May be changed between searches.
             4-bit codes rank close neighbours coarsely, and the denser the bank the more
             keys fall within that error, so re-ranking is generous by default (cheap:
-            ``k · k_factor`` exact dot products). Measured recall@30 on clustered 128-d
+            ``k · k_factor`` exact dot products). Measured recall@30 with m = D/2 on 128-d
             keys: k_factor 16 → 0.96 (100k) / 0.90 (200k); 32 → 0.997 / 0.97. Raise it,
             or ``m``, for larger banks.
         train_size: most training rows used; default ``64 · nlist`` (k-means wants >= 39
