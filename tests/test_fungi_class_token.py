@@ -18,11 +18,6 @@ def encoder():
     return create_encoder("test_vit")
 
 
-@pytest.fixture(scope="module")
-def images():
-    return [s.image for s in make_scenes(6, seed=5, size=(40, 48))]
-
-
 def test_class_token_embedding_equals_the_whole_forward(encoder):
     model = encoder.model
     assert class_token_tail_applies(model)
@@ -39,9 +34,10 @@ def test_class_token_embedding_equals_the_whole_forward(encoder):
     assert "forward" not in vars(model.blocks[-1])  # the block's own forward is back
 
 
-def test_gradients_with_the_tail_equal_autograd_through_the_whole_model(encoder, images):
+def test_gradients_with_the_tail_equal_autograd_through_the_whole_model(encoder):
     """Every FUNGI part with the tail (batched) against plain autograd of the whole
     forward (``gradients="naive"``, tail off), and against the batched path without it."""
+    images = [s.image for s in make_scenes(6, seed=5, size=(40, 48))]
     fx = FungiExtractor(encoder, seed=0, image_size=32, batch_size=3, loss_options=OPTIONS)
     fx.fit(images[:3])
     assert fx.backbone_.class_token_tail
