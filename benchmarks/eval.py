@@ -14,12 +14,15 @@ Reports, for the retrieval protocol (and the linear probe next to it):
   storing the pixels would take;
 - with ``--bank-images N``: the RSS growth of a streamed bank build
   (``InContextPredictor.build_bank`` of N synthetic scenes into a folder, in a fresh
-  process) against the bank's size plus the growth of encoding one batch alone (another
-  fresh process): a build that streams stays under their sum.
+  process) against the bank's size (its shard files) plus the growth of the same build
+  of one batch of scenes (another fresh process): a build that streams stays under their
+  sum. ``--bank-rounds R`` repeats both R times (interleaved) and reports min and median;
+  ``--bank-only`` skips the other measurements.
 
     python benchmarks/eval.py                      # ~1 min on 2 cores
     python benchmarks/eval.py --prompt 100 --queries 50 --scene-size 480 640
     python benchmarks/eval.py --bank-images 400 --bank-encoder vit_small_patch16_224
+    python benchmarks/eval.py --bank-only --bank-images 300 --bank-rounds 3 --classes 150
 
 Writes JSON to ``benchmarks/results/eval.json`` unless ``--out`` says otherwise.
 """
@@ -30,6 +33,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +53,7 @@ from hbird.encoders import create_encoder
 from hbird.encoders.inference import encode_batches
 from hbird.eval import evaluate, linear_probe
 from hbird.labelspec import LabelSpec
+from hbird.memory.bank import MemoryBank
 from hbird.metrics import ConfusionMatrix, DepthMetrics
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "eval.json"
@@ -74,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also measure a streamed bank build of this many scenes")  # fmt: skip
     parser.add_argument("--bank-encoder", default="test_vit")
     parser.add_argument("--bank-image-size", type=int, default=224)
+    parser.add_argument("--bank-rounds", type=int, default=1)
+    parser.add_argument("--bank-only", action="store_true",
+                        help="measure only the bank build (needs --bank-images)")  # fmt: skip
     parser.add_argument("--bank-child", nargs=2, metavar=("MODE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -202,9 +210,11 @@ def bench_metrics(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bank_child(mode: str, out: Path, args: argparse.Namespace) -> None:
-    """Fresh process: RSS growth of one batch's encoding (``batch``) or of a bank build."""
+    """Fresh process: RSS growth of a bank build of one batch of scenes (``batch``) or of
+    all ``--bank-images`` (``build``)."""
     side, classes, batch = args.bank_image_size, args.classes, 16
-    scenes = make_scenes(args.bank_images, seed=0, num_classes=classes, size=(side, side))
+    count = batch if mode == "batch" else args.bank_images
+    scenes = make_scenes(count, seed=0, num_classes=classes, size=(side, side))
     torch.manual_seed(0)
     encoder = create_encoder(args.bank_encoder)
     images = [s.image for s in scenes]
@@ -212,42 +222,64 @@ def bank_child(mode: str, out: Path, args: argparse.Namespace) -> None:
     gc.collect()
     before = rss_bytes()
     result: dict[str, Any] = {"rss_bytes_before": before}
-    if mode == "batch":
-        encode_batches(encoder, images[:batch], batch_size=batch)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            predictor = InContextPredictor(encoder=encoder, image_size=side, aug_epochs=1,
-                                           memory_size=None, batch_size=batch, progress=False)  # fmt: skip
-            spec = LabelSpec(task="segmentation", num_classes=classes)
-            pairs = PromptPairs(images, [s.mask for s in scenes], spec)
-            predictor.build_bank(pairs, spec, Path(tmp) / "bank")
-            entries = args.bank_images * (side // encoder.patch_size) ** 2
-            result["entries"] = entries
-            result["bank_bytes"] = entries * (2 * encoder.embed_dim + 4 * classes)
-    result["peak_growth_bytes"] = peak_rss_bytes() - before
+    with tempfile.TemporaryDirectory() as tmp:
+        predictor = InContextPredictor(encoder=encoder, image_size=side, aug_epochs=1,
+                                       memory_size=None, batch_size=batch, progress=False)  # fmt: skip
+        spec = LabelSpec(task="segmentation", num_classes=classes)
+        pairs = PromptPairs(images, [s.mask for s in scenes], spec)
+        bank = predictor.build_bank(pairs, spec, Path(tmp) / "bank")
+        result["peak_growth_bytes"] = peak_rss_bytes() - before
+        result["entries"] = MemoryBank.read_manifest(bank)["counts"]["entries"]
+        result["bank_bytes"] = sum(f.stat().st_size for f in bank.glob("shard_*"))
     out.write_text(json.dumps(result))
 
 
 def bench_bank_build(args: argparse.Namespace) -> dict[str, Any]:
-    """A streamed bank build's RSS growth against the bank's size plus one batch's growth."""
-    results = {}
+    """A streamed bank build's RSS growth against the bank's size plus one batch's growth
+    (``--bank-rounds`` interleaved repeats: every run, and min / median of each)."""
+    runs: dict[str, list[dict[str, Any]]] = {"batch": [], "build": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("batch", "build"):
-            out = Path(tmp) / f"{mode}.json"
-            argv = [sys.executable, __file__, "--bank-child", mode, str(out),
-                    "--bank-images", str(args.bank_images), "--bank-encoder", args.bank_encoder,
-                    "--bank-image-size", str(args.bank_image_size), "--classes", str(args.classes)]  # fmt: skip
-            if args.threads:
-                argv += ["--threads", str(args.threads)]
-            subprocess.run(argv, check=True)
-            results[mode] = json.loads(out.read_text())
-    build, batch = results["build"], results["batch"]
-    bound = build["bank_bytes"] + batch["peak_growth_bytes"]
+        for _ in range(args.bank_rounds):
+            for mode in runs:
+                out = Path(tmp) / f"{mode}.json"
+                argv = [sys.executable, __file__, "--bank-child", mode, str(out),
+                        "--bank-images", str(args.bank_images), "--bank-encoder", args.bank_encoder,
+                        "--bank-image-size", str(args.bank_image_size), "--classes", str(args.classes)]  # fmt: skip
+                if args.threads:
+                    argv += ["--threads", str(args.threads)]
+                subprocess.run(argv, check=True)
+                runs[mode].append(json.loads(out.read_text()))
+
+    def spread(mode: str) -> dict[str, float]:
+        growth = [r["peak_growth_bytes"] for r in runs[mode]]
+        return {"min": min(growth), "median": statistics.median(growth)}
+
+    build, batch = spread("build"), spread("batch")
+    bank_bytes = runs["build"][0]["bank_bytes"]
+    bound = {s: bank_bytes + batch[s] for s in ("min", "median")}
     return {
-        **results,
+        "runs": runs,
+        "bank_bytes": bank_bytes,
+        "entries": runs["build"][0]["entries"],
+        "build_growth_bytes": build,
+        "batch_growth_bytes": batch,
         "bound_bytes": bound,
-        "growth_over_bound": build["peak_growth_bytes"] / bound,
+        "growth_over_bound": {s: build[s] / bound[s] for s in ("min", "median")},
     }
+
+
+def print_bank(bank: dict[str, Any], args: argparse.Namespace) -> None:
+    mib = 2**20
+    build, batch, ratio = (
+        bank["build_growth_bytes"],
+        bank["batch_growth_bytes"],
+        bank["growth_over_bound"],
+    )
+    print(f"bank build of {args.bank_images} scenes ({bank['entries']} entries, "
+          f"{bank['bank_bytes'] / mib:.1f} MiB bank), min (median) over {args.bank_rounds} "
+          f"round(s): RSS +{build['min'] / mib:.1f} ({build['median'] / mib:.1f}) MiB; one batch "
+          f"+{batch['min'] / mib:.1f} ({batch['median'] / mib:.1f}) MiB; growth / (bank + batch) "
+          f"= {ratio['min']:.2f} ({ratio['median']:.2f})", flush=True)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -263,6 +295,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "encoder": "test_vit (patch 8, dim 32, depth 2; random weights)",
         },
     }
+    if args.bank_only:
+        report["bank_build_memory"] = bank = bench_bank_build(args)
+        print_bank(bank, args)
+        write_report(report, args.out)
+        return report
     with tempfile.TemporaryDirectory() as tmp:
         spec = make_fixture(Path(tmp), args)
         print(
@@ -276,10 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.bank_images:
         print(f"bank build memory: {args.bank_images} scenes, {args.bank_encoder}", flush=True)
         report["bank_build_memory"] = bank = bench_bank_build(args)
-        print(f"bank build: RSS +{bank['build']['peak_growth_bytes'] / 2**20:.0f} MiB for a "
-              f"{bank['build']['bank_bytes'] / 2**20:.0f} MiB bank; one batch alone "
-              f"+{bank['batch']['peak_growth_bytes'] / 2**20:.0f} MiB; "
-              f"growth / (bank + batch) = {bank['growth_over_bound']:.2f}")  # fmt: skip
+        print_bank(bank, args)
     report["environment"]["load_average_at_end"] = os.getloadavg()
     for name, r in report["protocols"].items():
         split = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in r["per_query_seconds"].items())

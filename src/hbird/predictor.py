@@ -103,6 +103,8 @@ class InContextPredictor:
         index: ``auto``, ``exact``, ``flat``, ``ivfpq``, ``hnsw`` (``scann`` if installed).
         index_params: options of the index backend (e.g. ``{"k_factor": 16}`` for IVF-PQ).
         key_dtype: ``float16`` or ``float32`` storage of the keys.
+        value_storage: ``dense`` or ``sparse`` values (class banks; lossless, 12 bytes an
+            entry instead of ``4 C``: :mod:`hbird.memory.values`).
         batch_size: images per encoder forward.
         device: where the encoder runs and the exact index keeps and scores its keys (on a
             GPU ``auto`` stays exact up to ``AUTO_EXACT_MAX_GPU`` keys).
@@ -158,6 +160,7 @@ class InContextPredictor:
         index: str = _SEARCH.index,
         index_params: dict[str, Any] | None = _SEARCH.index_params,
         key_dtype: str = _BANK.key_dtype,
+        value_storage: str = _BANK.value_storage,
         batch_size: int = _SEARCH.batch_size,
         device: str | torch.device = _SEARCH.device,
         feature_cache: str | Path | None = _SEARCH.feature_cache,
@@ -186,6 +189,7 @@ class InContextPredictor:
         self.index = index
         self.index_params = index_params
         self.key_dtype = key_dtype
+        self.value_storage = value_storage
         self.batch_size = batch_size
         self.device = device
         self.feature_cache = feature_cache
@@ -293,6 +297,7 @@ class InContextPredictor:
             self.encoder_.identity(),
             self.spec_.key_dtype,
             config,
+            self.spec_.value_storage,
         )
         bank.search = {n: v for n, v in self.search.to_dict().items() if n in RECORDED_SEARCH}
         bank.attachments = self.extractor_.state()
@@ -590,7 +595,7 @@ class InContextPredictor:
             else:
                 keys = self.bank_.read_keys()[safe]  # (Q, k, D)
                 weights = neighbour_attention(queries, keys, beta, valid)
-            return weights, self.bank_.values[safe]
+            return weights, self.bank_.gather_values(safe)
 
     def _attend_sharded(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`attend` over a bank split across ranks (collective): each neighbour's

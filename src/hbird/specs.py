@@ -235,6 +235,12 @@ class BankSpec(Settings):
         choices=("exclude_ignore", "ignore_as_class0"),
     )
     key_dtype: str = setting("float16", "storage of the keys", choices=("float16", "float32"))
+    value_storage: str = setting(
+        "dense",
+        "storage of the values: dense rows, or sparse (class banks: a few (class, weight) "
+        "pairs per entry, the dense row only where a patch holds more classes; lossless)",
+        choices=("dense", "sparse"),
+    )
     seed: int = setting(0, "seed of augmentation, sampling and feature extractors", kind=int)
     features: str = setting(
         "patch",

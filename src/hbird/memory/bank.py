@@ -5,7 +5,9 @@ On disk a bank is a folder::
     manifest.json            format version, encoder identity, feature dim and dtype,
                              label spec, sampling/prompt config, counts, shard checksums
     shard_00000.safetensors  {"keys": (n, D) float16|float32, "values": (n, C) float32,
-                              "image_ids": (n,) int64}
+                              "image_ids": (n,) int64}; sparse values (format 2) hold
+                              value_classes / value_weights / value_overflow* instead
+                              (hbird.memory.values)
     shard_00001.safetensors  ...
 
 Each entry records the prompt image it came from (``image_ids``, ``-1`` when unknown:
@@ -40,12 +42,18 @@ from hbird.io.files import (
     write_json,
 )
 from hbird.labelspec import LabelSpec
+from hbird.memory.rows import MIN_BLOCK_ROWS, Rows
+from hbird.memory.values import PER_ENTRY, STORAGES, create_values, extend_column
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 adds sparse values (``value_storage``); a dense bank is still written as 1,
+so an older hbird reads it."""
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 ATTACHMENTS = "attachments.safetensors"
 KEY_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+ENTRY_TENSORS = ("keys", "image_ids", *PER_ENTRY)
+"""Shard tensors with one row per entry."""
 UNKNOWN_IMAGE = -1
 """The image id of entries whose prompt image was not recorded (older banks)."""
 
@@ -94,6 +102,8 @@ class MemoryBank:
         label_spec: what the values mean (``C = label_spec.value_dim``).
         encoder: the encoder's ``identity()`` dict.
         key_dtype: ``"float16"`` (default, half the memory) or ``"float32"``.
+        value_storage: ``"dense"`` (default) or ``"sparse"`` (class banks: per entry a few
+            (class, weight) pairs, lossless; :mod:`hbird.memory.values`).
         config: free-form settings to record (sampling, image size, layers...).
 
     Attributes:
@@ -110,9 +120,17 @@ class MemoryBank:
         encoder: dict[str, str],
         key_dtype: str = "float16",
         config: dict[str, Any] | None = None,
+        value_storage: str = "dense",
     ) -> None:
         if key_dtype not in KEY_DTYPES:
             raise ValueError(f"key_dtype must be one of {sorted(KEY_DTYPES)}, not {key_dtype!r}")
+        if value_storage not in STORAGES:
+            raise ValueError(f"value_storage must be one of {STORAGES}, not {value_storage!r}")
+        if value_storage == "sparse" and not label_spec.is_classification:
+            raise BankError(
+                f"sparse values store class fractions; this bank's labels are "
+                f"{label_spec.task}: use value_storage=dense"
+            )
         self.feature_dim = int(feature_dim)
         self.label_spec = label_spec
         self.encoder = dict(encoder)
@@ -121,15 +139,15 @@ class MemoryBank:
         self.search: dict[str, Any] = {}
         self.num_images = 0
         self.attachments: dict[str, torch.Tensor] = {}
-        self._keys: list[torch.Tensor] = []
-        self._values: list[torch.Tensor] = []
-        self._image_ids: list[torch.Tensor] = []
+        self._keys = Rows((self.feature_dim,), KEY_DTYPES[key_dtype])
+        self._values = create_values(value_storage, label_spec.value_dim)
+        self._image_ids = Rows((), torch.int64)
         self._source: tuple[Path, dict[str, Any]] | None = None  # folder + manifest it came from
         self._keys_on_disk = False
 
     # -- contents ---------------------------------------------------------------------
     def __len__(self) -> int:
-        return sum(v.shape[0] for v in self._values)
+        return len(self._image_ids)
 
     @property
     def keys(self) -> torch.Tensor:
@@ -139,12 +157,7 @@ class MemoryBank:
                 f"this bank's keys are still in {self._source[0]}; call read_keys() to read "
                 "them into memory, or iter_keys() to stream them"
             )
-        self._consolidate()
-        return (
-            self._keys[0]
-            if self._keys
-            else torch.empty(0, self.feature_dim, dtype=KEY_DTYPES[self.key_dtype])
-        )
+        return self._keys.tensor()
 
     def read_keys(self) -> torch.Tensor:
         """:attr:`keys`, read from the bank's folder first if they are still on disk."""
@@ -152,16 +165,24 @@ class MemoryBank:
         return self.keys
 
     @property
+    def value_storage(self) -> str:
+        """``"dense"`` or ``"sparse"`` (:mod:`hbird.memory.values`)."""
+        return self._values.storage
+
+    @property
     def values(self) -> torch.Tensor:
-        """``(N, C)`` float32 patch labels."""
-        self._consolidate()
-        return self._values[0] if self._values else torch.empty(0, self.label_spec.value_dim)
+        """``(N, C)`` float32 patch labels (built here for sparse values: prefer
+        :meth:`gather_values`)."""
+        return self._values.dense()
+
+    def gather_values(self, ids: torch.Tensor) -> torch.Tensor:
+        """The values of entries ``ids (...)`` (valid ids) → ``(..., C)`` float32."""
+        return self._values.gather(ids)
 
     @property
     def image_ids(self) -> torch.Tensor:
         """``(N,)`` int64: the prompt image each entry came from (``-1``: not recorded)."""
-        self._consolidate()
-        return self._image_ids[0] if self._image_ids else torch.empty(0, dtype=torch.int64)
+        return self._image_ids.tensor()
 
     @property
     def keys_in_memory(self) -> bool:
@@ -187,8 +208,10 @@ class MemoryBank:
         if not self._keys_on_disk:
             return
         path, manifest = self._source
+        keys = Rows(self._keys.row_shape, self._keys.dtype)
         try:
-            keys = [k for k, _ in iter_shards(path, manifest)]
+            for shard_keys, _ in iter_shards(path, manifest):
+                extend_column(keys, shard_keys, len(self))
         except BankError as err:
             raise BankError(
                 f"this bank's keys are read from {path} on demand, and that folder changed "
@@ -196,13 +219,10 @@ class MemoryBank:
             ) from err
         self._keys, self._keys_on_disk = keys, False
 
-    def _consolidate(self) -> None:
-        if len(self._keys) > 1:
-            self._keys = [torch.cat(self._keys)]
-        if len(self._values) > 1:
-            self._values = [torch.cat(self._values)]
-        if len(self._image_ids) > 1:
-            self._image_ids = [torch.cat(self._image_ids)]
+    def reserve(self, entries: int) -> None:
+        """Allocate room for the next ``entries`` entries at once (written in place)."""
+        for column in (self._keys, self._values, self._image_ids):
+            column.reserve(entries)
 
     def append(
         self,
@@ -227,9 +247,10 @@ class MemoryBank:
         if ids.shape != (keys.shape[0],):
             raise BankError(f"{ids.shape[0]} image ids do not match {keys.shape[0]} keys")
         self._restore_keys()
-        self._keys.append(normalize_keys(keys, KEY_DTYPES[self.key_dtype]))
-        self._values.append(values.to(torch.float32).contiguous())
-        self._image_ids.append(ids.clone())
+        for chunk in keys.split(MIN_BLOCK_ROWS):  # a float32 copy of one chunk at a time
+            self._keys.append(normalize_keys(chunk, self._keys.dtype))
+        self._values.append(values)
+        self._image_ids.append(ids)
         self.num_images += num_images
 
     def remove(self, image_ids: int | list[int]) -> int:
@@ -256,18 +277,21 @@ class MemoryBank:
             )
         keep = ~torch.isin(ids, wanted)
         self._restore_keys()
-        self._keys, self._values = [self.keys[keep]], [self.values[keep]]
-        self._image_ids = [ids[keep]]
+        self._keys.replace(self.keys[keep])
+        self._values.select(keep)
+        self._image_ids.replace(ids[keep])
         self.num_images = max(self.num_images - wanted.numel(), 0)
         return int((~keep).sum())
 
     # -- identity ---------------------------------------------------------------------
     def manifest(self, shards: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        sparse = {"value_storage": self.value_storage} if self.value_storage != "dense" else {}
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if sparse else 1,
             "encoder": self.encoder,
             "feature_dim": self.feature_dim,
             "key_dtype": self.key_dtype,
+            **sparse,
             "label_spec": self.label_spec.to_dict(),
             "config": self.config,
             "search": self.search,
@@ -309,10 +333,13 @@ class MemoryBank:
         )
         writer.bank.attachments = dict(self.attachments)
         writer.bank.search = dict(self.search)
-        keys, values, ids = self.read_keys(), self.values, self.image_ids
-        for start in range(0, max(len(self), 1), shard_size):
-            rows = slice(start, start + shard_size)
-            writer.add(keys[rows], values[rows], image_ids=ids[rows])
+        keys, ids = self.read_keys(), self.image_ids
+        for shard in range(0, max(len(self), 1), shard_size):  # chunks: sparse values stay sparse
+            for start in range(shard, max(min(shard + shard_size, len(self)), 1), MIN_BLOCK_ROWS):
+                rows = torch.arange(
+                    start, min(start + MIN_BLOCK_ROWS, shard + shard_size, len(self))
+                )
+                writer.add(keys[rows], self.gather_values(rows), image_ids=ids[rows])
         writer.num_images = self.num_images
         return writer.finalize()
 
@@ -364,6 +391,7 @@ class MemoryBank:
             encoder=manifest["encoder"],
             key_dtype=manifest["key_dtype"],
             config=manifest.get("config", {}),
+            value_storage=manifest.get("value_storage", "dense"),
         )
         if encoder is not None:
             bank.check_encoder(
@@ -371,19 +399,20 @@ class MemoryBank:
             )
         if rows is not None:
             keys = True  # a slice is kept whole: its keys cannot be re-read on demand
-        for shard in _read_shards(path, manifest, verify=verify, rows=rows):
+        expected = manifest["counts"]["entries"] if rows is None else rows[1] - rows[0]
+        for shard, first in _read_shards(path, manifest, verify=verify, rows=rows):
             if keys:
-                bank._keys.append(shard["keys"])
-            bank._values.append(shard["values"])
+                extend_column(bank._keys, shard["keys"], expected)
+            bank._values.extend(shard, expected, first)
             ids = shard.get("image_ids")  # absent from banks of older hbirds
-            n = shard["values"].shape[0]
-            bank._image_ids.append(ids if ids is not None else torch.full((n,), UNKNOWN_IMAGE))
+            n = shard["keys"].shape[0]
+            ids = ids if ids is not None else torch.full((n,), UNKNOWN_IMAGE)
+            extend_column(bank._image_ids, ids, expected)
         bank.num_images = manifest["counts"]["images"]
         bank.search = manifest.get("search", {})
         bank.attachments = read_attachments(path, manifest, verify=verify)
         bank._source = (path, manifest)
         bank._keys_on_disk = not keys
-        expected = manifest["counts"]["entries"] if rows is None else rows[1] - rows[0]
         if len(bank) != expected:
             raise BankError(f"{path}: shards hold {len(bank)} entries, manifest says {expected}")
         return bank
@@ -417,9 +446,19 @@ def iter_shards(
     rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(keys (n, D), values (n, C))`` shard by shard, checking each checksum
-    (``rows=(start, stop)``: only the entries in that range, from the shards holding them)."""
-    for shard in _read_shards(path, manifest, verify, rows):
-        yield shard["keys"], shard["values"]
+    (``rows=(start, stop)``: only the entries in that range, from the shards holding them).
+    Sparse values are made dense per shard."""
+    manifest = manifest or MemoryBank.read_manifest(path)
+    storage, value_dim = manifest.get("value_storage", "dense"), None
+    if storage != "dense":
+        value_dim = LabelSpec.from_dict(manifest["label_spec"]).value_dim
+    for shard, first in _read_shards(path, manifest, verify, rows):
+        if storage == "dense":
+            yield shard["keys"], shard["values"]
+            continue
+        values = create_values(storage, value_dim)
+        values.extend(shard, shard["keys"].shape[0], first)
+        yield shard["keys"], values.dense()
 
 
 def _read_shards(
@@ -427,8 +466,9 @@ def _read_shards(
     manifest: dict[str, Any] | None = None,
     verify: bool = True,
     rows: tuple[int, int] | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """:func:`iter_shards`, each shard as its dict of tensors (``image_ids`` if saved)."""
+) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    """:func:`iter_shards`, each shard as its dict of tensors (``image_ids`` if saved) and
+    the shard row its per-entry tensors start at (0 unless ``rows`` cuts the shard)."""
     path = Path(path)
     manifest = manifest or MemoryBank.read_manifest(path)
     stop = 0
@@ -444,18 +484,22 @@ def _read_shards(
                 f"bank shard {file} does not match its checksum in {path / MANIFEST}: the file was "
                 "truncated or modified; rebuild the bank"
             )
+        lo = 0
         try:
             if rows is None:
                 tensors = load_file(str(file))
             else:  # only the rows in range are read into memory
                 lo, hi = max(rows[0] - start, 0), min(rows[1], stop) - start
                 with safe_open(str(file), "pt") as f:
-                    tensors = {n: f.get_slice(n)[lo:hi] for n in f.keys()}
+                    tensors = {
+                        n: f.get_slice(n)[lo:hi] if n in ENTRY_TENSORS else f.get_tensor(n)
+                        for n in f.keys()
+                    }
         except (SafetensorError, OSError) as err:
             raise BankError(
                 f"bank shard {file} could not be read ({err}); rebuild the bank"
             ) from err
-        yield tensors
+        yield tensors, lo
 
 
 class BankWriter:
@@ -482,6 +526,7 @@ class BankWriter:
         encoder: dict[str, str],
         key_dtype: str = "float16",
         config: dict[str, Any] | None = None,
+        value_storage: str = "dense",
         shard_size: int = 1_000_000,
         overwrite: bool = False,
         resume: bool = True,
@@ -489,8 +534,9 @@ class BankWriter:
         self.path = Path(path)
         self.overwrite = overwrite
         check_bank_path(self.path, overwrite)
-        self.bank = MemoryBank(feature_dim, label_spec, encoder, key_dtype, config)
+        self.bank = MemoryBank(feature_dim, label_spec, encoder, key_dtype, config, value_storage)
         self.shard_size = int(shard_size)
+        self.bank.reserve(self.shard_size + MIN_BLOCK_ROWS)  # a shard overshoots by one add
         self.staging = self.path.with_name(self.path.name + ".partial")
         self.num_images = 0
         self.shards: list[dict[str, Any]] = []
@@ -519,6 +565,7 @@ class BankWriter:
             encoder=bank.encoder,
             key_dtype=bank.key_dtype,
             config=bank.config,
+            value_storage=bank.value_storage,
             **options,
         )
 
@@ -577,11 +624,12 @@ class BankWriter:
             return
         if len(self.bank):
             name = f"shard_{len(self.shards):05d}.safetensors"
-            tensors = {"keys": self.bank.keys, "values": self.bank.values}
+            tensors = {"keys": self.bank.keys, **self.bank._values.tensors()}
             file = save_tensors(self.staging / name, {**tensors, "image_ids": self.bank.image_ids})
             self.shards.append({"file": name, "entries": len(self.bank), "sha256": _sha256(file)})
-            for pieces in (self.bank._keys, self.bank._values, self.bank._image_ids):
-                pieces.clear()
+            for column in (self.bank._keys, self.bank._values, self.bank._image_ids):
+                column.clear()  # the next shard is written over the same block
+            self.bank.reserve(self.shard_size + MIN_BLOCK_ROWS)
         self.done.update(self._pending_items)
         self.num_images += self._pending_images
         self._pending_items.clear()
