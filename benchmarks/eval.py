@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bank-encoder", default="test_vit")
     parser.add_argument("--bank-image-size", type=int, default=224)
     parser.add_argument("--bank-rounds", type=int, default=1)
+    parser.add_argument("--bank-values", default="dense", choices=("dense", "sparse"),
+                        help="value storage of the measured bank")  # fmt: skip
     parser.add_argument("--bank-only", action="store_true",
                         help="measure only the bank build (needs --bank-images)")  # fmt: skip
     parser.add_argument("--bank-child", nargs=2, metavar=("MODE", "OUT"), help=argparse.SUPPRESS)
@@ -222,9 +224,11 @@ def bank_child(mode: str, out: Path, args: argparse.Namespace) -> None:
     gc.collect()
     before = rss_bytes()
     result: dict[str, Any] = {"rss_bytes_before": before}
+    values = {"value_storage": args.bank_values} if args.bank_values != "dense" else {}
     with tempfile.TemporaryDirectory() as tmp:
         predictor = InContextPredictor(encoder=encoder, image_size=side, aug_epochs=1,
-                                       memory_size=None, batch_size=batch, progress=False)  # fmt: skip
+                                       memory_size=None, batch_size=batch, progress=False,
+                                       **values)  # fmt: skip
         spec = LabelSpec(task="segmentation", num_classes=classes)
         pairs = PromptPairs(images, [s.mask for s in scenes], spec)
         bank = predictor.build_bank(pairs, spec, Path(tmp) / "bank")
@@ -244,7 +248,8 @@ def bench_bank_build(args: argparse.Namespace) -> dict[str, Any]:
                 out = Path(tmp) / f"{mode}.json"
                 argv = [sys.executable, __file__, "--bank-child", mode, str(out),
                         "--bank-images", str(args.bank_images), "--bank-encoder", args.bank_encoder,
-                        "--bank-image-size", str(args.bank_image_size), "--classes", str(args.classes)]  # fmt: skip
+                        "--bank-image-size", str(args.bank_image_size), "--classes", str(args.classes),
+                        "--bank-values", args.bank_values]  # fmt: skip
                 if args.threads:
                     argv += ["--threads", str(args.threads)]
                 subprocess.run(argv, check=True)

@@ -129,3 +129,22 @@ def test_a_predictor_with_sparse_values_predicts_exactly_as_with_dense(scenes, t
     reloaded = InContextPredictor.load(sparse.save(tmp_path / "bank"), progress=False)
     assert reloaded.bank_.value_storage == "sparse"
     assert all(torch.equal(a, b) for a, b in zip(dense.predict(q), reloaded.predict(q)))
+
+
+def test_bank_build_with_sparse_values_from_the_cli(scenes, tmp_path, capsys):
+    from hbird.cli import main
+    from hbird.data.synthetic import write_scene_folder
+
+    write_scene_folder(tmp_path / "prompt", scenes[0][:4])
+    fast = "--task segmentation --encoder test_vit --layers 0 --image-size 64 --quiet".split()
+    built = {}
+    for storage in ("dense", "sparse"):
+        out = tmp_path / storage
+        argv = ["bank", "build", "--prompt", str(tmp_path / "prompt"), "--out", str(out)]
+        assert main([*argv, *fast, "--value-storage", storage]) == 0
+        built[storage] = MemoryBank.load(out)
+    assert built["sparse"].value_storage == "sparse"
+    assert torch.equal(built["sparse"].values, built["dense"].values)
+    capsys.readouterr()
+    assert main(["bank", "info", str(tmp_path / "sparse")]) == 0
+    assert "values      sparse" in capsys.readouterr().out

@@ -46,12 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def format_sharding(path: Path, manifest: dict, world: int) -> str:
     """How ``--shard-bank`` splits the bank over ``world`` ranks: rows, MiB, shard files."""
     from hbird.index.sharded import slice_bounds
+    from hbird.memory.values import SLOTS
 
     if world < 1:
         raise InputError(f"--shards must be >= 1, got {world}")
     total = manifest["counts"]["entries"]
     row_bytes = manifest["feature_dim"] * (2 if manifest["key_dtype"] == "float16" else 4)
-    row_bytes += 4 * LabelSpec.from_dict(manifest["label_spec"]).value_dim
+    value_dim = LabelSpec.from_dict(manifest["label_spec"]).value_dim
+    sparse = manifest.get("value_storage") == "sparse"  # its slots; mixed rows add theirs
+    row_bytes += 6 * min(SLOTS, value_dim) if sparse else 4 * value_dim
     bounds, stop = [], 0
     for shard in manifest["shards"]:
         bounds.append((stop, stop + shard["entries"], shard["file"]))
@@ -82,6 +85,7 @@ def format_info(path: Path, manifest: dict) -> str:
         f"bank        {path}",
         f"entries     {manifest['counts']['entries']:,} from {manifest['counts']['images']:,} prompt images",
         f"keys        {manifest['feature_dim']}-d {manifest['key_dtype']}, {len(manifest['shards'])} shard(s), {size / 2**20:.1f} MiB",
+        f"values      {manifest.get('value_storage', 'dense')}",
         f"encoder     {enc['name']} (config {enc['config_hash']}, weights {enc['weights_hash']})",
         f"task        {spec['task']}"
         + (

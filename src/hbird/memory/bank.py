@@ -129,7 +129,7 @@ class MemoryBank:
         if value_storage == "sparse" and not label_spec.is_classification:
             raise BankError(
                 f"sparse values store class fractions; this bank's labels are "
-                f"{label_spec.task}: use value_storage=dense"
+                f"{label_spec.task}: use value_storage=dense (--value-storage dense)"
             )
         self.feature_dim = int(feature_dim)
         self.label_spec = label_spec
