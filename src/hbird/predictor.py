@@ -49,6 +49,7 @@ from hbird.labelspec import LabelSpec
 from hbird.memory.augment import image_generator
 from hbird.memory.bank import UNKNOWN_IMAGE, BankWriter, MemoryBank, content_id
 from hbird.memory.prompt import encode_prompt
+from hbird.memory.rows import release_freed_memory
 from hbird.memory.sampling import default_sampler, per_image_budget, sample_patches
 from hbird.specs import RECORDED_SEARCH, BankSpec, SearchConfig, split_stored_config
 
@@ -470,6 +471,7 @@ class InContextPredictor:
         )
         budget, sampler = bank.config["budget_per_image"], bank.config["sampling"]
         for batch in batches:
+            release_freed_memory()  # the last batch's temporaries: RSS stays bank + batch
             for p in batch:
                 gen = image_generator(spec.seed + 1, p.epoch, p.image)
                 keep = sample_patches(sampler, p.values, p.valid, budget, gen)

@@ -11,6 +11,11 @@ pages cost nothing, so memory grows with the rows written, not with the capacity
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
+from collections.abc import Callable
+
 import torch
 
 MIN_BLOCK_ROWS = 1 << 16
@@ -76,3 +81,25 @@ class Rows:
         """Forget every row; a first block allocated here is kept to be written over."""
         keep = self._blocks[:1] if self._own_first else []
         self._blocks, self._filled = keep, [0] * len(keep)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where there is none (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the allocator's free pages back to the OS (glibc's ``malloc_trim``; a no-op
+    elsewhere). Called between a bank build's batches: glibc serves a batch's medium-size
+    temporaries from its heap and keeps the freed pages, and over a few hundred images
+    that heap grows past one batch's need; trimmed, a build holds the bank's rows plus
+    one batch (``benchmarks/eval.py --bank-only``)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
