@@ -31,7 +31,7 @@ class Rows:
 
     :meth:`tensor` returns the filled rows as one contiguous ``(N, *row_shape)`` tensor:
     a view of the block when they fit in one (the usual case after :meth:`reserve`),
-    else the blocks concatenated once into one.
+    else the blocks copied once into one (each freed as soon as it is copied).
     """
 
     def __init__(self, row_shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -67,8 +67,14 @@ class Rows:
 
     def tensor(self) -> torch.Tensor:
         """The ``(N, *row_shape)`` rows written so far, contiguous."""
-        if len(self._blocks) > 1:
-            self.replace(torch.cat([b[:n] for b, n in zip(self._blocks, self._filled)]))
+        if len(self._blocks) > 1:  # into one, each block freed once copied
+            out = torch.empty((len(self), *self.row_shape), dtype=self.dtype)
+            start = 0
+            while self._blocks:
+                n = self._filled.pop(0)
+                out[start : start + n] = self._blocks.pop(0)[:n]
+                start += n
+            self.replace(out)
         if not self._blocks:
             return torch.empty((0, *self.row_shape), dtype=self.dtype)
         return self._blocks[0][: self._filled[0]]
