@@ -99,6 +99,8 @@ def _two_rank_jobs(rank: int, port: int, root: str, dataset: str) -> None:
     assert main(eval_argv(dataset, root / "eval2")) == 0
     assert main(eval_argv(dataset, root / "eval_resumed")) == 0  # a 1-rank run, resumed on 2
     assert main(eval_argv(dataset, root / "eval_sharded", "--shard-bank", "--index", "exact")) == 0
+    sparse = ("--shard-bank", "--index", "exact", "--value-storage", "sparse")
+    assert main(eval_argv(dataset, root / "eval_sharded_sparse", *sparse)) == 0
     _sharded_search(root)
 
 
@@ -216,6 +218,14 @@ def test_sharded_exact_eval_gives_the_one_process_metrics_and_says_so(runs):
         and sum(sharded["search"]["entries_per_shard"]) == sharded["counts"]["memory_entries"]
     )
     assert "shards 2" in (runs / "eval_sharded" / "summary.md").read_text()
+
+
+def test_sharded_eval_with_sparse_values_gives_the_dense_metrics(runs):
+    """Sparse values are lossless: each rank gathers its neighbours' rows bit for bit."""
+    sparse = metrics(runs / "eval_sharded_sparse")
+    assert sparse["config"]["value_storage"] == "sparse"
+    assert sparse["metrics"] == metrics(runs / "eval_sharded")["metrics"]
+    assert sparse["metrics"] == metrics(runs / "eval1")["metrics"]
 
 
 def test_sharded_exact_search_equals_one_process_exact_search_on_ties(runs):

@@ -605,12 +605,12 @@ class InContextPredictor:
         search, index = self.search, self.index_
         with self.timings.measure("search"):
             sims, ids = index.search(queries, search.k)  # (Q, k), global ids
-            values = self.bank_.values
             extra = self._key_norms()[:, None] if index.exact_scores else self.bank_.keys
-            fetched = index.fetch(ids, torch.cat([values, extra.to(torch.float32)], dim=1))
+            fetched = index.fetch(ids, _EntryRows(self.bank_, extra))
         with self.timings.measure("decode"):
             valid, beta = ids >= 0, search.temperature
-            values, extra = fetched[..., : values.shape[1]], fetched[..., values.shape[1] :]
+            width = self.bank_.label_spec.value_dim
+            values, extra = fetched[..., :width], fetched[..., width:]
             if index.exact_scores:
                 q_norms = torch.linalg.vector_norm(queries.to(torch.float32), dim=-1)  # (Q,)
                 cosines = sims / (q_norms[:, None] * extra[..., 0]).clamp_min(1e-12)
@@ -733,6 +733,20 @@ class InContextPredictor:
 def item_image(item: str) -> int:
     """The prompt image of a ``"epoch:image"`` memory item (:attr:`PromptPatches.item`)."""
     return int(item.rsplit(":", 1)[1])
+
+
+class _EntryRows:
+    """This rank's rows for :meth:`ShardedIndex.fetch`, read only where asked: entry
+    ``j`` is its values (``(C,)``, gathered: sparse values stay sparse) then
+    ``extra[j]`` (a key norm, or the key), float32."""
+
+    def __init__(self, bank: MemoryBank, extra: torch.Tensor) -> None:
+        self.bank, self.extra = bank, extra
+        self.shape = (len(bank), bank.label_spec.value_dim + extra.shape[1])
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        values = self.bank.gather_values(ids)
+        return torch.cat([values, self.extra[ids].to(torch.float32)], dim=-1)
 
 
 def _check_search_overrides(overrides: dict[str, Any], spec: BankSpec, source: Any) -> None:

@@ -133,7 +133,8 @@ class ShardedIndex(VectorIndex):
     def fetch(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Collective: the rows of the ranks' tables for global ``ids (M, k)`` → ``(M, k, C)``.
 
-        ``rows (n, C)`` is this rank's table (row ``j`` belongs to id ``offset + j``); each
+        ``rows (n, C)`` is this rank's table (row ``j`` belongs to id ``offset + j``): a
+        tensor, or anything with ``shape`` whose ``rows[ids]`` gives those rows; each
         owner sends only the rows asked for (id ``-1`` gives zeros).
         """
         world, me = len(self.ranges), distributed.rank()
