@@ -7,7 +7,7 @@ import torch
 
 from hbird.errors import BankError
 from hbird.labelspec import LabelSpec
-from hbird.memory.bank import BankWriter, MemoryBank
+from hbird.memory.bank import BankWriter, MemoryBank, normalize_keys
 
 SPEC = LabelSpec(task="segmentation", num_classes=3, ignore_index=255)
 ENC = {"name": "test_vit", "config_hash": "abc", "weights_hash": "123"}
@@ -45,6 +45,16 @@ def test_save_load_round_trip_in_shards(tmp_path):
     assert torch.equal(loaded.keys, bank.keys) and torch.equal(loaded.values, bank.values)
     assert loaded.label_spec == SPEC and loaded.config["k"] == 30
     assert not (tmp_path / "bank.partial").exists()
+
+
+def test_save_keeps_float16_keys_bit_for_bit(tmp_path):
+    """Saving stores the bank's own keys: normalising float16 rows a second time is not
+    idempotent (some move by a rounding step), so a loaded bank would differ from the saved."""
+    bank = make_bank(n=300, dim=8)  # 2 of these rows move when normalised again
+    renormalised = normalize_keys(bank.keys, torch.float16)
+    assert not torch.equal(renormalised, bank.keys)  # the case this test guards exists here
+    loaded = MemoryBank.load(bank.save(tmp_path / "bank", shard_size=128), encoder=ENC)
+    assert torch.equal(loaded.keys, bank.keys)
 
 
 def test_refuses_other_encoder_and_dimension(tmp_path):

@@ -230,9 +230,12 @@ class MemoryBank:
         values: torch.Tensor,
         num_images: int = 0,
         image_ids: int | torch.Tensor | None = None,
+        normalized: bool = False,
     ) -> None:
         """Add ``keys (n, D)`` (normalised here) and ``values (n, C)``; ``image_ids``: the
-        prompt image they came from (one int, or ``(n,)`` ints; None: not recorded)."""
+        prompt image they came from (one int, or ``(n,)`` ints; None: not recorded);
+        ``normalized``: the keys are a bank's own, stored as they are (normalising float16
+        rows again is not idempotent: it moves some by a rounding step)."""
         if keys.ndim != 2 or keys.shape[1] != self.feature_dim:
             raise BankError(
                 f"keys of shape {tuple(keys.shape)} do not fit this bank's feature dim {self.feature_dim}"
@@ -248,7 +251,8 @@ class MemoryBank:
             raise BankError(f"{ids.shape[0]} image ids do not match {keys.shape[0]} keys")
         self._restore_keys()
         for chunk in keys.split(MIN_BLOCK_ROWS):  # a float32 copy of one chunk at a time
-            self._keys.append(normalize_keys(chunk, self._keys.dtype))
+            dtype = self._keys.dtype
+            self._keys.append(chunk.to(dtype) if normalized else normalize_keys(chunk, dtype))
         self._values.append(values)
         self._image_ids.append(ids)
         self.num_images += num_images
@@ -339,7 +343,9 @@ class MemoryBank:
                 rows = torch.arange(
                     start, min(start + MIN_BLOCK_ROWS, shard + shard_size, len(self))
                 )
-                writer.add(keys[rows], self.gather_values(rows), image_ids=ids[rows])
+                writer.add(
+                    keys[rows], self.gather_values(rows), image_ids=ids[rows], normalized=True
+                )
         writer.num_images = self.num_images
         return writer.finalize()
 
@@ -608,10 +614,12 @@ class BankWriter:
         item: str | None = None,
         images: int = 0,
         image_ids: int | torch.Tensor | None = None,
+        normalized: bool = False,
     ) -> None:
         """Buffer entries; ``item`` marks a finished unit of work (recorded at the next
-        flush); ``image_ids``: the prompt image(s) the entries came from."""
-        self.bank.append(keys, values, image_ids=image_ids)
+        flush); ``image_ids``: the prompt image(s) the entries came from; ``normalized``:
+        as for :meth:`MemoryBank.append`."""
+        self.bank.append(keys, values, image_ids=image_ids, normalized=normalized)
         if item is not None:
             self._pending_items.append(item)
         self._pending_images += images
