@@ -197,3 +197,67 @@ def test_paper_preset_settings() -> None:
     """The default preset carries the thesis' N = 128, D = 128 and 8 heads (§4.4, §C.6)."""
     cfg = PRESETS["s"]
     assert (cfg.slots, cfg.mask_dim, cfg.heads, cfg.pixel_block) == (128, 128, 8, "axial")
+
+
+def test_the_stacked_decoder_passes_4_8_16_8_4_after_the_first_pass() -> None:
+    """Thesis §4.3.3 (Fig. 4.3, Table 4.4's L): an L = 2 decoder runs the L = 0 decoder's
+    pass (16 → 8 → 4), then visits strides 8, 16, 8, 4 twice, each stage a 3×3 conv of
+    the resized feature plus the latest feature at that stride. §4.3.4: the semantic head
+    then reads the first stride-4 output, and there is no separate semantic decoder.
+
+    Oracle: the L = 0 model with the L = 2 model's shared weights gives the first pass
+    (its decoder output is the L = 2 semantic head's input), and the extra stages'
+    inputs are rebuilt from the captured stage outputs by resize-and-add."""
+    import torch.nn.functional as F
+
+    stacked = tiny(decoder_stacks=2).eval()
+    assert stacked.semantic_decoder is None and len(stacked.decoder.stacked) == 2
+    plain = tiny().eval()
+    shared = {k: v for k, v in stacked.state_dict().items() if k in plain.state_dict()}
+    missing = plain.load_state_dict(shared, strict=False).missing_keys
+    assert missing and all(k.startswith("semantic_decoder.") for k in missing)
+    seen = {"semantic": [], "inputs": [], "outputs": []}
+    stacked.semantic_head.register_forward_pre_hook(lambda m, a: seen["semantic"].append(a[0]))
+    first_pass = {}
+    plain.decoder.register_forward_hook(lambda m, a, out: first_pass.update(y=out.features))
+    plain.decoder.proj16.register_forward_hook(lambda m, a, out: first_pass.update(y16=out))
+    plain.decoder.blocks8[-1].register_forward_hook(
+        lambda m, a, out: first_pass.update(y8=out[0].permute(0, 3, 1, 2))
+    )
+    for convs in stacked.decoder.stacked:
+        for conv in convs:
+            conv.register_forward_pre_hook(lambda m, a: seen["inputs"].append(a[0]))
+            conv.register_forward_hook(lambda m, a, out: seen["outputs"].append(out))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, _ = stacked(images), plain(images)
+    (semantic,) = seen["semantic"]
+    torch.testing.assert_close(semantic, first_pass["y"])
+    # strides 8, 16, 8, 4 twice: 8×8, 4×4, 8×8, 16×16 cells of a 64-px image
+    assert [tuple(x.shape[-2:]) for x in seen["inputs"]] == [(8, 8), (4, 4), (8, 8), (16, 16)] * 2
+    latest = {8: first_pass["y8"], 16: first_pass["y16"], 4: first_pass["y"]}
+    y = first_pass["y"]
+    for stride, given, produced in zip((8, 16, 8, 4) * 2, seen["inputs"], seen["outputs"]):
+        size = latest[stride].shape[-2:]
+        resized = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(given, resized + latest[stride])
+        y = latest[stride] = produced
+    assert out["mask_logits"].shape == (2, 8, 16, 16)
+    with pytest.raises(InputError, match="decoder_stacks must be >= 0"):
+        tiny(decoder_stacks=-1)
+
+
+def test_a_stacked_model_trains_and_rebuilds_from_its_options() -> None:
+    model = tiny(decoder_stacks=1).train()
+    again = create_specialist("max-deeplab", 4, (1, 2, 3), **model.options())
+    assert again.config.decoder_stacks == 1
+    assert again.state_dict().keys() == model.state_dict().keys()
+    semantic = torch.zeros(1, 32, 32, dtype=torch.int64)
+    semantic[:, 4:20, 4:20] = 1
+    instance = (semantic == 1).long()
+    losses = model.loss(
+        model(torch.randn(1, 3, 32, 32)), [PanopticTarget(semantic[0], instance[0])]
+    )
+    losses["loss"].backward()
+    for part in (model.decoder.stacked, model.semantic_head, model.mask_feature):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())

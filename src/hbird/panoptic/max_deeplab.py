@@ -10,13 +10,19 @@ The model (registered ``"max-deeplab"`` in :data:`~hbird.panoptic.specialist.SPE
   M2P + M2M eq. 4.14, FFN; 8 heads), ``blocks = (b16, b8, b4)`` of them at strides 16,
   8 and 4: after the backbone at stride 16, and in the decoder at strides 8 and 4
   (Table 4.5: transformer blocks at stride 8 too add 1.0% PQ);
-* **decoder** (L = 0, not stacked): stride 16 → 8 → 4, features fused by summation
-  after bilinear resizing, then a convolution and that stride's dual-path blocks
-  (§4.3.3);
+* **decoder**: stride 16 → 8 → 4, features fused by summation after bilinear resizing,
+  then a convolution and that stride's dual-path blocks (§4.3.3). Stacked ``L`` times
+  (``decoder_stacks``, hourglass-style, §4.3.3 and Table 4.4), it then traverses
+  4 → 8 → 16 → 8 → 4 ``L`` more times: at each stride the resized feature is added to
+  the latest feature at that stride and a 3×3 convolution block follows (the thesis
+  allows "convolutional blocks or transformer blocks"; these are convolutional, the
+  dual-path blocks stay in the first pass). ``L = 0`` (not stacked) is MaX-DeepLab-S's;
+  MaX-DeepLab-L's ``L = 2`` also adds shortcuts from the two previous outputs of each
+  stride (§C.6), which are not built;
 * **heads** (eq. 4.15): classes ``p̂ = softmax(2FC(memory))`` over ``C + 1`` (the last
   is ∅); masks ``m̂ = softmax_N(BN(f · g))`` with ``f = BN(2FC(memory)) (N, D)`` and
   ``g = BN(2Conv(decoder)) (D, H/4, W/4)``; a semantic head on its own decoder from the
-  backbone (the L = 0 case of §4.3.4).
+  backbone when ``L = 0``, otherwise on the first decoder output at stride 4 (§4.3.4).
 
 Training (:meth:`MaXDeepLab.loss`) is :mod:`hbird.panoptic.losses`: 3 · L_PQ + 1 ·
 instance discrimination + 0.3 · mask-ID cross-entropy + 1 · semantic cross-entropy
@@ -36,7 +42,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +94,8 @@ class MaXDeepLabConfig:
         pixel_block: P2P of the dual-path blocks, ``"axial"`` or ``"conv"``.
         span: P2P axial span.
         decoder_dim: channels of both decoders.
+        decoder_stacks: ``L``, the decoder's extra 4 → 8 → 16 → 8 → 4 passes (0 = not
+            stacked, MaX-DeepLab-S; Table 4.4 has 1 and 2).
         slots: ``N``, the memory length and number of predicted masks.
         mask_dim: ``D``, channels of ``f`` and ``g``.
         loss_stride: the PQ-style, mask-ID and semantic losses compare the logits,
@@ -109,6 +117,7 @@ class MaXDeepLabConfig:
     pixel_block: str = "axial"
     span: int = 65
     decoder_dim: int = 256
+    decoder_stacks: int = 0
     slots: int = 128
     mask_dim: int = 128
     loss_stride: int = 4
@@ -153,12 +162,28 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 3) -> nn.Sequential:
     )
 
 
+STACKED_STRIDES = (8, 16, 8, 4)
+"""The strides one extra pass of the stacked decoder visits, from stride 4."""
+
+
+class DecoderOutput(NamedTuple):
+    """``features`` ``(B, dim, H/4, W/4)`` (the last stride-4 output), the ``memory``
+    ``(B, N, M)`` (None without blocks) and ``first`` ``(B, dim, H/4, W/4)``, the first
+    pass's stride-4 output (``features`` itself when not stacked)."""
+
+    features: torch.Tensor
+    memory: torch.Tensor | None
+    first: torch.Tensor
+
+
 class Decoder(nn.Module):
     """Stride 16 → 8 → 4: resize, add the projected skip feature, one 3×3 convolution,
-    then that stride's dual-path blocks (if any; they carry the memory along).
+    then that stride's dual-path blocks (if any; they carry the memory along); then
+    ``stacks`` passes over :data:`STACKED_STRIDES`, each stage a 3×3 convolution of the
+    resized feature plus the latest feature at its stride.
 
     ``forward(x16, x8, x4, memory)`` with ``(B, C_i, ·, ·)`` maps and ``memory (B, N, M)``
-    (or None without blocks) → ``(B, dim, H/4, W/4)`` and the memory.
+    (or None without blocks) → :class:`DecoderOutput`.
     """
 
     def __init__(
@@ -166,6 +191,7 @@ class Decoder(nn.Module):
         in_dims: Sequence[int],
         dim: int,
         blocks: Sequence[Sequence[DualPathBlock]] = ((), ()),
+        stacks: int = 0,
     ) -> None:
         super().__init__()
         c16, c8, c4 = in_dims
@@ -173,6 +199,9 @@ class Decoder(nn.Module):
         self.skip8, self.skip4 = _conv_bn_relu(c8, dim, 1), _conv_bn_relu(c4, dim, 1)
         self.fuse8, self.fuse4 = _conv_bn_relu(dim, dim), _conv_bn_relu(dim, dim)
         self.blocks8, self.blocks4 = (nn.ModuleList(b) for b in blocks)
+        self.stacked = nn.ModuleList(
+            nn.ModuleList(_conv_bn_relu(dim, dim) for _ in STACKED_STRIDES) for _ in range(stacks)
+        )
 
     def forward(
         self,
@@ -180,13 +209,14 @@ class Decoder(nn.Module):
         x8: torch.Tensor,
         x4: torch.Tensor,
         memory: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> DecoderOutput:
         y = self.proj16(x16)
+        latest = {16: y}
         stages = (
-            (self.skip8, self.fuse8, self.blocks8, x8),
-            (self.skip4, self.fuse4, self.blocks4, x4),
+            (8, self.skip8, self.fuse8, self.blocks8, x8),
+            (4, self.skip4, self.fuse4, self.blocks4, x4),
         )
-        for skip, fuse, blocks, x in stages:
+        for stride, skip, fuse, blocks, x in stages:
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
             y = fuse(y + skip(x))
             if len(blocks):
@@ -194,7 +224,14 @@ class Decoder(nn.Module):
                 for block in blocks:
                     pixels, memory = block(pixels, memory)
                 y = pixels.permute(0, 3, 1, 2)
-        return y, memory
+            latest[stride] = y
+        first = y
+        for convs in self.stacked:
+            for stride, conv in zip(STACKED_STRIDES, convs):
+                same = latest[stride]
+                y = F.interpolate(y, size=same.shape[-2:], mode="bilinear", align_corners=False)
+                y = latest[stride] = conv(y + same)
+        return DecoderOutput(y, memory, first)
 
 
 def _two_fc(cin: int, hidden: int, cout: int) -> nn.Sequential:
@@ -276,10 +313,13 @@ class MaXDeepLab(PanopticSpecialist):
 
         b16, b8, b4 = cfg.blocks
         self.blocks = nn.ModuleList(dual_path(cfg.pixel_dim, b16))
+        if cfg.decoder_stacks < 0:
+            raise InputError(f"max-deeplab: decoder_stacks must be >= 0, got {cfg.decoder_stacks}")
         self.decoder = Decoder(
             (cfg.pixel_dim, c8, c4),
             cfg.decoder_dim,
             (dual_path(cfg.decoder_dim, b8), dual_path(cfg.decoder_dim, b4)),
+            stacks=cfg.decoder_stacks,
         )
         self.mask_feature = nn.Sequential(  # 2Conv → g, batch-normalised
             _conv_bn_relu(cfg.decoder_dim, cfg.decoder_dim),
@@ -290,7 +330,9 @@ class MaXDeepLab(PanopticSpecialist):
         self.memory_norm = ChannelsLastBatchNorm(cfg.mask_dim)  # BN of f over (batch, slots)
         self.mask_norm = nn.BatchNorm2d(1)  # BN on f · g
         self.class_head = _two_fc(cfg.memory_dim, cfg.memory_dim, num_classes + 1)
-        self.semantic_decoder = Decoder((c16, c8, c4), cfg.decoder_dim)
+        self.semantic_decoder = (  # stacked: the semantic head reads the first stride-4 output
+            Decoder((c16, c8, c4), cfg.decoder_dim) if cfg.decoder_stacks == 0 else None
+        )
         self.semantic_head = nn.Sequential(
             _conv_bn_relu(cfg.decoder_dim, cfg.decoder_dim),
             nn.Conv2d(cfg.decoder_dim, num_classes, 1),
@@ -310,7 +352,10 @@ class MaXDeepLab(PanopticSpecialist):
         memory = self.memory.expand(images.shape[0], -1, -1)  # (B, N, M)
         for block in self.blocks:
             pixels, memory = block(pixels, memory)
-        decoded, memory = self.decoder(pixels.permute(0, 3, 1, 2), x8, x4, memory)
+        decoded, memory, first = self.decoder(pixels.permute(0, 3, 1, 2), x8, x4, memory)
+        semantic = (
+            first if self.semantic_decoder is None else self.semantic_decoder(x16, x8, x4).features
+        )
         g = self.mask_feature(decoded)  # (B, D, h4, w4)
         f = self.memory_feature(memory)  # (B, N, D)
         f = self.memory_norm(f)
@@ -320,7 +365,7 @@ class MaXDeepLab(PanopticSpecialist):
             "mask_logits": self.mask_norm(logits).view(b, -1, h, w),
             "class_logits": self.class_head(memory),
             "mask_features": g,
-            "semantic_logits": self.semantic_head(self.semantic_decoder(x16, x8, x4)[0]),
+            "semantic_logits": self.semantic_head(semantic),
         }
 
     def loss(
