@@ -261,3 +261,58 @@ def test_a_stacked_model_trains_and_rebuilds_from_its_options() -> None:
     losses["loss"].backward()
     for part in (model.decoder.stacked, model.semantic_head, model.mask_feature):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def save_axial_checkpoint(path, **options):
+    """An ``hbird pretrain``-style export of ``test_axial`` (4 stages) with ``options``."""
+    from hbird.io.checkpoints import FORMAT, architecture_metadata
+    from hbird.io.files import save_tensors
+    from hbird.nn.axial_resnet import test_axial
+
+    torch.manual_seed(3)
+    model = test_axial(**options)
+    meta = {
+        "format": FORMAT,
+        **architecture_metadata("test_axial", options, (0.5,) * 3, (0.2,) * 3),
+    }
+    save_tensors(path, dict(model.state_dict()), meta)
+    return model.state_dict()
+
+
+def test_a_4_stage_axial_resnet_checkpoint_fills_the_3_stage_backbone(tmp_path) -> None:
+    """The tiny preset's backbone is test_axial without its last stage (depths 1, 1, 1,
+    width 1/16, 2 heads, span 9, stem 8). A test_axial export loads: the stem and stages
+    0-2 take the file's tensors, its stage 3 is left out; through the trainer too. A
+    file of another width is refused, naming a tensor's two shapes and the options."""
+    from hbird.data.panoptic_synthetic import SyntheticPanopticDataset
+    from hbird.panoptic.training import SpecialistConfig, SpecialistTrainer
+
+    source = save_axial_checkpoint(tmp_path / "axial.safetensors")
+    assert any(k.startswith("stages.3.") for k in source)
+    model = tiny()
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model.load_backbone(str(tmp_path / "axial.safetensors"))
+    loaded = model.backbone.state_dict()
+    assert loaded.keys() == {k for k in source if not k.startswith("stages.3.")}
+    for key, value in loaded.items():
+        assert torch.equal(value, source[key]), key
+    assert not torch.equal(before["conv1.weight"], loaded["conv1.weight"])  # it changed
+    config = SpecialistConfig(
+        specialist="max-deeplab",
+        specialist_options={"preset": "tiny"},
+        init_weights=str(tmp_path / "axial.safetensors"),
+        out=str(tmp_path / "run"),
+        batch_size=2,
+        crop_size=32,
+        num_workers=0,
+    )
+    data = SyntheticPanopticDataset(n=2, seed=0, size=32)
+    trainer = SpecialistTrainer(config, dataset=data, log=lambda _: None)
+    torch.testing.assert_close(
+        trainer.module.backbone.stages[2][0].conv_up.weight, source["stages.2.0.conv_up.weight"]
+    )
+    save_axial_checkpoint(tmp_path / "wide.safetensors", width=1 / 8)
+    with pytest.raises(
+        InputError, match=r"other shapes, e\.g\. .* in the file vs .*backbone_width"
+    ):
+        tiny().load_backbone(str(tmp_path / "wide.safetensors"))

@@ -40,6 +40,7 @@ to 641 × 641 for inference"), i.e. as fractions of the image area.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
@@ -345,6 +346,47 @@ class MaXDeepLab(PanopticSpecialist):
     def options(self) -> dict[str, Any]:
         return {"preset": self.preset, **self.overrides}
 
+    def load_backbone(self, path: str) -> None:
+        """Load an Axial-ResNet weights file (an ``hbird pretrain`` export, or
+        csrhddlam/axial-deeplab's layout) into the 3-stage backbone: the stem and the
+        stages it has. A 4-stage model's last stage and classifier are left out
+        (MaX-DeepLab-S replaces that stage by dual-path blocks, thesis §4.4.1).
+
+        Raises:
+            InputError: a kept tensor has another shape (the file's widths, heads or
+                span differ from ``backbone_width``, ``stem_width``, ``backbone_heads``,
+                ``backbone_span``), or the file misses blocks of the kept stages.
+        """
+        from hbird.encoders.checkpoints import load_weights
+
+        backbone = self.backbone
+        own = backbone.state_dict()
+
+        def existing_stages(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            state = backbone.convert_state_dict(state)
+            kept = {k: v for k, v in state.items() if not _beyond_stages(k, len(backbone.stages))}
+            wrong = [k for k, v in kept.items() if k in own and v.shape != own[k].shape]
+            if wrong:
+                key = wrong[0]
+                raise InputError(
+                    f"weights file {path} does not fit max-deeplab's backbone: {len(wrong)} "
+                    f"tensors of its stem and first {len(backbone.stages)} stages have other "
+                    f"shapes, e.g. {key} {tuple(kept[key].shape)} in the file vs "
+                    f"{tuple(own[key].shape)} here; build the model with the file's widths "
+                    "(--specialist-option backbone_width=..., stem_width=..., "
+                    "backbone_heads=..., backbone_span=...)"
+                )
+            return kept
+
+        load_weights(
+            backbone,
+            path,
+            arch="max-deeplab's backbone",
+            convert=existing_stages,
+            hint="Give an Axial-ResNet checkpoint with at least the backbone's blocks "
+            f"{self.config.backbone_depths} in its first stages.",
+        )
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``images (B, 3, H, W)`` normalised, sides multiples of 16 → the heads' outputs."""
         x4, x8, x16 = self.backbone.forward_stages(images, [0, 1, 2])
@@ -454,6 +496,13 @@ class MaXDeepLab(PanopticSpecialist):
             stuff_area=STUFF_AREA,
             thing_area=THING_AREA,
         )
+
+
+def _beyond_stages(key: str, stages: int) -> bool:
+    """Whether an Axial-ResNet state-dict ``key`` belongs to a stage after the first
+    ``stages`` or to the classifier."""
+    match = re.match(r"stages\.(\d+)\.", key)
+    return key.startswith("fc.") or (match is not None and int(match.group(1)) >= stages)
 
 
 def _cell_centres(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -109,6 +109,17 @@ class PanopticSpecialist(nn.Module):
         """The builder options that rebuild this model (saved beside its checkpoint)."""
         return {}
 
+    def load_backbone(self, path: str) -> None:
+        """Load a weights file into :attr:`backbone` (an ``hbird pretrain`` export or a
+        layout the backbone converts; :func:`hbird.encoders.conv_backbone.load_backbone_weights`).
+
+        Raises:
+            InputError: the file does not fit the backbone.
+        """
+        from hbird.encoders.conv_backbone import load_backbone_weights
+
+        load_backbone_weights(self.backbone, path, arch=self.name)
+
 
 def builtin_specialists() -> Registry[Callable[..., PanopticSpecialist]]:
     """:data:`SPECIALISTS` with every module of :data:`BUILTIN_MODULES` that exists imported."""

@@ -23,9 +23,11 @@ term is a per-image value averaged over the batch (the specialists' ``loss``).
   linear warm-up then DeepLab's poly schedule (power 0.9); the backbone at
   ``backbone_lr_scale`` (0.1) times the learning rate; weight decay on weight matrices
   and kernels only.
-* **Backbone weights**: ``init_weights`` loads a file into ``model.backbone`` — an
-  ``hbird pretrain`` export of the same backbone (``checkpoint.safetensors``) or any
-  layout the backbone converts (csrhddlam/axial-deeplab ``.pth`` for Axial-ResNets).
+* **Backbone weights**: ``init_weights`` loads a file into ``model.backbone``
+  (``model.load_backbone``) — an ``hbird pretrain`` export of the same backbone
+  (``checkpoint.safetensors``) or any layout the backbone converts (csrhddlam/axial-deeplab
+  ``.pth`` for Axial-ResNets); MaX-DeepLab takes the first three stages of a 4-stage
+  Axial-ResNet.
 
 The run folder holds ``specialist.safetensors`` (the model and what rebuilds it;
 :func:`load_specialist`), ``trainer_state.safetensors`` (resume), ``config.json`` and
@@ -392,9 +394,7 @@ class SpecialistTrainer(TrainingLoop):
                 **config.specialist_options,
             )
         if config.init_weights is not None:
-            from hbird.encoders.conv_backbone import load_backbone_weights
-
-            load_backbone_weights(model.backbone, config.init_weights, arch=config.specialist)
+            model.load_backbone(config.init_weights)
         self.module: PanopticSpecialist = globalize_norms(model).to(self.device)
         step = self.module.size_multiple
         if config.crop_size % step:
@@ -417,20 +417,15 @@ class SpecialistTrainer(TrainingLoop):
         self.loader, self.sampler = self.epoch_loader(
             crops, config.batch_size, config.num_workers, config.seed, collate
         )
-        self.total_steps = self._total_steps(len(crops))
+        self.total_steps = self._total_steps()
         self.use_amp = config.amp and self.device.type == "cuda"
 
-    def _total_steps(self, images: int) -> int:
-        """``steps``, or ``epochs`` times the global batches in an epoch of ``images``."""
+    def _total_steps(self) -> int:
+        """``steps``, or ``epochs`` times the global batches in an epoch."""
         cfg = self.config
         if cfg.epochs is None:
             return cfg.steps
-        if self.sampler.batches_per_epoch == 0:
-            raise InputError(
-                f"specialist training: the training data has {images} images, fewer than "
-                f"batch_size {cfg.batch_size}, so an epoch has no batch; lower batch_size"
-            )
-        return cfg.epochs * self.sampler.batches_per_epoch
+        return cfg.epochs * self.sampler.batches_per_epoch  # >= 1: the sampler checks
 
     @property
     def log_name(self) -> str:
