@@ -176,7 +176,7 @@ def bench_size(args: argparse.Namespace, n: int, encoder: Any, encode_s: float) 
         rss_before = rss_bytes()
         start = time.perf_counter()
         predictor = InContextPredictor.from_bank(
-            bank, encoder, k=args.k, temperature=args.temperature, index=resolved, progress=False
+            bank, encoder, k=args.k, temperature=args.temperature, index=kind, progress=False
         )
         build_s = time.perf_counter() - start
         numbers = measure(args, predictor, queries, exact_ids, (args.image_size,) * 2)
