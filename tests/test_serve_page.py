@@ -4,7 +4,10 @@ Expected values are hand computed: the PASCAL VOC colours of classes 0-2 are bla
 (128, 0, 0) and (0, 128, 0); an overlay mixes half image, half class colour.
 """
 
+import hashlib
 import io
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from PIL import Image
 from hbird import _optional
 from hbird.data.synthetic import make_scenes
 from hbird.errors import InputError
+from hbird.serve import pictures
 from hbird.serve.page import (
     LOADED_ALPHA,
     ORDERS,
@@ -245,6 +249,9 @@ def test_gallery_files_are_drawn_once_per_revision_and_big_pictures_shrunk(works
     for (path, _), (picture, _) in zip(files, arrays):
         assert path.endswith(".png") and np.array_equal(np.asarray(Image.open(path)), picture)
 
+    hashed = [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path, _ in files]
+    assert [Path(path).stem for path, _ in files] == hashed  # named by content
+
     drawn = []
     for method in ("view", "image"):
         original = getattr(model, method)
@@ -256,13 +263,50 @@ def test_gallery_files_are_drawn_once_per_revision_and_big_pictures_shrunk(works
     again, _ = model.gallery_files(shown, False, ORDERS[1])
     # the two predictions (each overlay reads its image), not the two plain images
     assert sorted(drawn) == ["image", "image", "view", "view"]
-    assert {p for p, _ in again} & {p for p, _ in files} == {p for p, _ in files if "-image-" in p}
+    plain = {path for (path, _), name in zip(files, names) if name not in shown}
+    assert len(plain) == 2 and plain <= {path for path, _ in again}  # plain images: kept
 
     rng = np.random.default_rng(0)
     big = np.kron(rng.integers(0, 256, size=(40, 30, 3)), np.ones((16, 16, 1))).astype(np.uint8)
-    path = page.thumbnail_file(big, tmp_path / "big")
-    assert path.suffix == ".jpg" and Image.open(path).size == (240, 320)
+    data, suffix = pictures.thumbnail(big)
+    shrunk = Image.open(io.BytesIO(data))
+    assert suffix == ".jpg" and shrunk.format == "JPEG" and shrunk.size == (240, 320)
     blocks = big.reshape(320, 2, 240, 2, 3).mean(axis=(1, 3))
-    assert np.abs(np.asarray(Image.open(path)).astype(float) - blocks).mean() < 3
-    small = page.thumbnail_file(big[:320, :200], tmp_path / "small")
-    assert np.array_equal(np.asarray(Image.open(small)), big[:320, :200])
+    assert np.abs(np.asarray(shrunk).astype(float) - blocks).mean() < 3
+    data, suffix = pictures.thumbnail(big[:320, :200])
+    assert suffix == ".png" and np.array_equal(
+        np.asarray(Image.open(io.BytesIO(data))), big[:320, :200]
+    )
+
+
+def test_picture_files_are_named_by_content_written_once_and_swept_after_a_grace():
+    """Gradio serves a picture file with the size it stat'ed first, so a served file must
+    never be rewritten in place (issue 16's h11 "Too little data for declared
+    Content-Length"): a file is named by the SHA-256 of its bytes (hashlib here), adding
+    the same bytes again returns it untouched (same inode and mtime), and only a file that
+    no page state keeps and nobody was handed for ``grace_s`` seconds is deleted."""
+    now = [100.0]
+    store = pictures.PictureFiles(grace_s=10.0, clock=lambda: now[0])
+    red = np.zeros((4, 6, 3), dtype=np.uint8)
+    red[..., 0] = 200
+    first = store.add(b"abc", ".png")
+    assert (
+        first.name == hashlib.sha256(b"abc").hexdigest() + ".png" and first.read_bytes() == b"abc"
+    )
+    before = first.stat()
+    time.sleep(0.01)
+    assert store.add(b"abc", ".png") == first
+    after = first.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    picture = Path(store.picture(red))
+    assert np.array_equal(np.asarray(Image.open(picture)), red) and store.picture(None) is None
+    kept = store.add(b"kept", ".jpg")
+    now[0] = 109.0
+    store.hand(picture)  # handed out again at 109
+    assert store.sweep(keep=[kept]) == [] and first.is_file()  # 9 s: within the grace
+    now[0] = 111.0
+    assert store.sweep(keep=[kept]) == [first] and not first.exists()
+    assert picture.is_file() and kept.is_file()
+    now[0] = 200.0
+    assert store.sweep(keep=[kept]) == [picture] and kept.is_file()
+    assert store.add(b"abc", ".png") == first and first.read_bytes() == b"abc"  # again

@@ -21,10 +21,6 @@ image pixel is an ``s × s`` block of canvas pixels and the mask reads the block
 """
 
 import functools
-import io
-import shutil
-import tempfile
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +31,8 @@ from PIL import Image
 from hbird._optional import require
 from hbird.errors import InputError
 from hbird.io.images import load_image, voc_palette
+from hbird.serve.pictures import PictureFiles, thumbnail
+from hbird.serve.pictures import png as png_bytes
 from hbird.serve.workspace import IGNORE_INDEX, Workspace
 from hbird.viz.colorbar import Scale, colour_bar
 from hbird.viz.depth import colorize_depth, depth_range
@@ -49,10 +47,6 @@ DEMO_BANNER = (
 )
 ORDERS = ("name", "least confident first")
 BAR_WIDTH = 360
-THUMBNAIL_SIZE = 320
-"""Gallery pictures larger than this (long side, px) are sent shrunk: the gallery shows
-them at about 180 px, and a 4000 x 3000 photo's overlay would be tens of MB as a PNG."""
-THUMBNAIL_QUALITY = 90
 CONFIDENCE_CMAP = "gray"  # the confidence maps are grey: black = unsure, white = sure
 CONFIDENCE_MEANING = {
     "segmentation": "winning class weight",
@@ -108,12 +102,6 @@ def layer_from_mask(mask: np.ndarray, scale: int = 1) -> np.ndarray:
     return layer.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def png_bytes(mask: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def rgb_array(path) -> np.ndarray:
     """``(H, W, 3)`` uint8 of an image file, as the predictor reads it."""
     return np.round(load_image(path).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
@@ -141,21 +129,6 @@ def depth_picture(depth: np.ndarray, scale: Scale) -> np.ndarray:
     return colorize_depth(depth, scale.vmin, scale.vmax, scale.cmap)
 
 
-def thumbnail_file(picture: np.ndarray, path: Path) -> Path:
-    """Write ``picture`` (``(H, W, 3)`` or ``(H, W)`` uint8) for the gallery: as it is in
-    a PNG (lossless) when it fits :data:`THUMBNAIL_SIZE`, else shrunk to it on the long
-    side by area averaging (``BOX``) in a JPEG without chroma subsampling (class colours
-    keep their edges), already an approximation. Returns the file written (``path`` with
-    its suffix)."""
-    image = Image.fromarray(np.asarray(picture, dtype=np.uint8))
-    if max(image.size) <= THUMBNAIL_SIZE:
-        image.save(path.with_suffix(".png"), format="PNG")
-        return path.with_suffix(".png")
-    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BOX)
-    image.save(path.with_suffix(".jpg"), format="JPEG", quality=THUMBNAIL_QUALITY, subsampling=0)
-    return path.with_suffix(".jpg")
-
-
 def enlarge(image: np.ndarray, scale: int) -> np.ndarray:
     return np.asarray(image).repeat(scale, axis=0).repeat(scale, axis=1)
 
@@ -171,7 +144,7 @@ class PageModel:
 
     def __init__(self, workspace: Workspace) -> None:
         self.ws = workspace
-        self._pictures: Path | None = None
+        self.files = PictureFiles()  # every picture the page sends (see hbird.serve.pictures)
         self._files: dict[tuple[str, str], tuple[int, Path]] = {}  # (name, kind) -> file
 
     def image(self, name: str) -> np.ndarray:
@@ -201,6 +174,13 @@ class PageModel:
     def _editor(image: np.ndarray, mask: np.ndarray, s: int) -> dict[str, Any]:
         background = enlarge(image, s)
         return {"background": background, "layers": [layer_from_mask(mask, s)], "composite": None}
+
+    def editor_files(self, value: dict[str, Any]) -> dict[str, Any]:
+        """An editor value (:meth:`editor_value`) with its pictures as files, as the page
+        sends it (never arrays: see :mod:`hbird.serve.pictures`)."""
+        layers = [self.files.picture(layer) for layer in value["layers"]]
+        background = self.files.picture(value["background"])
+        return {"background": background, "layers": layers, "composite": None}
 
     def depth_scale(self) -> Scale | None:
         """The depth colour scale of the current prompt (``None`` while it is empty)."""
@@ -287,7 +267,9 @@ class PageModel:
     ) -> tuple[list[tuple[str, str]], list[str]]:
         """:meth:`gallery` as picture files, what the page sends: each picture is drawn
         and encoded once per workspace revision (a plain image once for good), and shrunk
-        to :data:`THUMBNAIL_SIZE` when larger (see :func:`thumbnail_file`)."""
+        when larger than :data:`~hbird.serve.pictures.THUMBNAIL_SIZE` (see
+        :func:`~hbird.serve.pictures.thumbnail`); files no revision shows any more are
+        swept after a grace period (:class:`~hbird.serve.pictures.PictureFiles`)."""
         with self.ws.lock:  # no prompt change between a picture and its revision
             entries = self.gallery_entries(shown, order)
             scale = functools.cache(lambda: self._page_scale(entries))
@@ -301,24 +283,17 @@ class PageModel:
                         picture = self.view(name, confidence, scale())
                     else:
                         picture = self.image(name)
-                    path = self._folder() / f"{Path(name).stem}-{kind}-{revision}"
-                    path = thumbnail_file(picture, path)
-                    if cached is not None:
-                        cached[1].unlink(missing_ok=True)
+                    path = self.files.add(*thumbnail(picture))
                     cached = self._files[(name, kind)] = (revision, path)
+                else:
+                    self.files.hand(cached[1])  # handed out again: its grace starts again
                 items.append((str(cached[1]), caption))
+            self.files.sweep(path for _, path in self._files.values())
         return items, [n for n, _, _ in entries]
 
     def _page_scale(self, entries) -> Scale | None:
         predicted = any(p for _, p, _ in entries)
         return self.depth_scale() if self.ws.task == "depth" and predicted else None
-
-    def _folder(self) -> Path:
-        """The temporary folder of the gallery's picture files (removed with the model)."""
-        if self._pictures is None:
-            self._pictures = Path(tempfile.mkdtemp(prefix="hbird-serve-gallery-"))
-            weakref.finalize(self, shutil.rmtree, self._pictures, ignore_errors=True)
-        return self._pictures
 
     def status(self) -> str:
         todo = "upload a depth map for" if self.ws.task == "depth" else "paint a mask on"
@@ -357,7 +332,7 @@ def _class_editor(gr, model: PageModel, name: str, classes: list[str]):
     first = model.editor_value(name)
     gr.HTML(legend_html(classes))
     return gr.ImageEditor(
-        value=first,
+        value=model.editor_files(first),
         # the canvas starts at the first image's size: Gradio places value layers relative
         # to the starting canvas, so a layer of another size would land off the image
         canvas_size=first["background"].shape[1::-1],
@@ -412,15 +387,17 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
 
         return call
 
+    sent = model.files.picture  # every picture goes out as a file (hbird.serve.pictures)
+
     def input_values(name: str) -> tuple:
         """What the prompt inputs show for ``name``: the editor with its confirmed mask, or
         the image, its prompt depth map and an empty upload."""
         if not depth:
-            return (model.editor_value(name),)
+            return (model.editor_files(model.editor_value(name)),)
         s = model.scale(name)
         prompt_depth = model.prompt_depth(name)
         prompt_depth = None if prompt_depth is None else enlarge(prompt_depth, s)
-        return enlarge(model.image(name), s), prompt_depth, None
+        return sent(enlarge(model.image(name), s)), sent(prompt_depth), None
 
     title = "see every other image's depth" if depth else "see every other image segmented"
     with gr.Blocks(title="hbird serve", analytics_enabled=False) as page:
@@ -483,8 +460,8 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
                 key = model.colour_bar(conf)
                 if name in shown_now:
                     view = enlarge(model.view(name, conf), model.scale(name))
-            bar_now = gr.Image(value=key, visible=key is not None)
-            return view, bar_now, items, in_order, model.status()
+            bar_now = gr.Image(value=sent(key), visible=key is not None)
+            return sent(view), bar_now, items, in_order, model.status()
 
         @guarded
         def on_select(name, shown_now, conf, order_now):
@@ -536,7 +513,12 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
         add.click(on_add, [current, inputs[-1], shown, confidence, order], added)
         remove.click(on_remove, state, [*inputs, *views])
         if not depth:
-            correct.click(guarded(model.prediction_as_layer), [current], inputs)
+
+            @guarded
+            def on_correct(name):
+                return model.editor_files(model.prediction_as_layer(name))
+
+            correct.click(on_correct, [current], inputs)
         predict.click(on_predict, state, [shown, *views])
         predict_all.click(on_predict_all, [current, confidence, order], [shown, *views])
         for control in (confidence, order):
