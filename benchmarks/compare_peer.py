@@ -89,11 +89,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``["autocast=bf16", "batch_size=16"]`` → ``{"autocast": "bf16", "batch_size": 16}``."""
+    """``["autocast=bf16", "batch_size=16"]`` → ``{"autocast": "bf16", "batch_size": 16}``;
+    ``index_param.scoring=bf16`` → ``{"index_params": {"scoring": "bf16"}}``."""
     options: dict[str, Any] = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        options[name] = int(value) if value.isdigit() else value
+        parsed = int(value) if value.isdigit() else value
+        if name.startswith("index_param."):
+            options.setdefault("index_params", {})[name.removeprefix("index_param.")] = parsed
+        else:
+            options[name] = parsed
     return options
 
 

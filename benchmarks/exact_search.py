@@ -10,7 +10,15 @@ images per call (what the predictor does with a batch of images):
 - ``faiss flat``: ``faiss.IndexFlatIP`` over a float32 copy of the keys, faiss's own
   defaults (what open-hummingbird-eval's exact mode does);
 - ``before``: ``ExactIndex``'s search before preallocated buffers, one image per call
-  (re-implemented here as the baseline of the previous change; ``--variants before``).
+  (re-implemented here as the baseline of the previous change; ``--variants before``);
+- ``bf16``, ``bf16 x2``: ``ExactIndex(scoring="bf16")``, a shifted bf16 first pass with a
+  shortlist of 4 (2) candidates per neighbour re-scored in float32 (approximate: see
+  the recall column).
+
+Keys: ``--source synthetic`` (clustered, with duplicates) or ``patches``: synthetic
+scenes at 448 px through a random-weight ViT (``index_curve.patch_keys``, every patch of
+``ceil(keys / 784)`` scenes; queries are the patches of two other scenes, so
+``--images`` <= 2), whose near-ties are what bf16 rounding has to keep apart.
 
 Runs are interleaved and repeated; the JSON has every time, min and median, the ratios
 to the first variant, and each variant's agreement with it: ids equal (``torch.equal``),
@@ -18,11 +26,14 @@ recall@k and the largest score difference.
 
     python benchmarks/exact_search.py --threads 1                     # 784 x 156,800 x 384
     python benchmarks/exact_search.py --threads 1 --keys 1000000 --patches 1024 --images 1
+    python benchmarks/exact_search.py --threads 2 --source patches --images 2 --batch 2 \
+        --variants torch bf16 "bf16 x2"
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -44,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=8, help="query images per run")
     parser.add_argument("--batch", type=int, default=8, help="images per search call")
     parser.add_argument("--variants", nargs="+", default=["torch", "faiss", "faiss flat"])
+    parser.add_argument("--source", choices=["synthetic", "patches"], default="synthetic")
     parser.add_argument("--k", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
@@ -85,8 +97,18 @@ def clustered(n: int, dim: int, seed: int, centres: int = 64) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
-    keys = clustered(args.keys, args.dim, args.seed).half()
-    queries = clustered(args.images * args.patches, args.dim, args.seed + 1)
+    if args.source == "patches":
+        if args.patches != 784 or args.images > 2:
+            raise SystemExit("--source patches: 784 patches per image, --images at most 2")
+        from index_curve import patch_keys
+
+        scenes = math.ceil(args.keys / args.patches)
+        setting = argparse.Namespace(keys=args.keys, dim=args.dim, images=scenes, noise=0.02,
+                                     queries=args.images * args.patches)  # fmt: skip
+        keys, queries = patch_keys(setting)
+    else:
+        keys = clustered(args.keys, args.dim, args.seed).half()
+        queries = clustered(args.images * args.patches, args.dim, args.seed + 1)
     images = list(queries.split(args.patches))
     k = args.k
     indexes = {
@@ -94,6 +116,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "faiss": lambda: ExactIndex(args.dim, backend="faiss").fill(keys),
         "faiss flat": lambda: FaissFlatIndex(args.dim).fill(keys),
         "before": lambda: ExactIndex(args.dim).fill(keys),
+        "bf16": lambda: ExactIndex(args.dim, scoring="bf16").fill(keys),
+        "bf16 x2": lambda: ExactIndex(args.dim, scoring="bf16", shortlist=2).fill(keys),
     }
     built = {name: indexes[name]() for name in args.variants}
 

@@ -241,3 +241,94 @@ def test_fill_keeps_the_callers_keys_add_copies_them() -> None:
     q = _unit(20, 8, 1)
     assert_same_neighbours(*filled.search(q, 5), *_brute_force(keys, q, 5))
     assert_same_neighbours(*added.search(q, 5), *_brute_force(keys, q, 5))
+
+
+def _near_tie_scene(
+    gap: float, per_query: int = 40
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries ``(4, 384)`` and keys ``(600, 384)`` whose inner products with each query
+    are known by construction: ``0.9 + j * gap`` for key ``j`` of the query's 40 (spread
+    over the key order), far below for the others; returns ``(keys, q, scores)``."""
+    g = torch.Generator().manual_seed(3)
+    d, per_query = 384, per_query
+    q = torch.nn.functional.normalize(torch.randn(4, d, generator=g, dtype=torch.float64), dim=1)
+    keys = torch.nn.functional.normalize(
+        torch.randn(600, d, generator=g, dtype=torch.float64), dim=1
+    )
+    scores = torch.zeros(600, dtype=torch.float64)
+    slots = torch.randperm(600, generator=g)[: 4 * per_query].view(4, per_query)
+    for i in range(4):
+        target = 0.9 + gap * torch.arange(per_query, dtype=torch.float64)
+        u = keys[slots[i]] - (keys[slots[i]] @ q[i])[:, None] * q[i]  # ⟂ q_i
+        u = torch.nn.functional.normalize(u, dim=1)
+        keys[slots[i]] = target[:, None] * q[i] + (1 - target**2).sqrt()[:, None] * u
+        scores[slots[i]] = target
+    return keys.float(), q.float(), scores
+
+
+def test_bf16_scoring_orders_near_ties_that_plain_bf16_cannot() -> None:
+    """``scoring='bf16'`` subtracts each query's running threshold inside the bf16 matmul
+    (``_search_bf16``). Here each query has 150 keys at scores 5e-5 apart in 0.9-0.9075,
+    so about 78 of them share one bf16 output value (spacing 2^-8 ≈ 3.9e-3): a plain bf16
+    shortlist of the same width (40), re-ranked in float32 the same way, misses true
+    neighbours; the shifted one finds all ten, with the best keys outside the first,
+    exact chunk."""
+    keys, q, _ = _near_tie_scene(gap=5e-5, per_query=150)
+    want_sims, want_ids = _brute_force(keys, q, 10)
+    plain = (q.bfloat16() @ keys.bfloat16().T).float().topk(40, dim=1).indices  # (4, 40)
+    rescored = torch.einsum("md,mkd->mk", q, keys[plain])
+    plain_ids = plain.gather(1, rescored.topk(10, dim=1).indices)
+    found = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(plain_ids, want_ids)]
+    assert sum(found) < 36  # the hard case: plain bf16 loses several
+    index = ExactIndex(384, chunk_size=64, scoring="bf16", shortlist=4).fill(keys)
+    sims, ids = index.search(q, 10)
+    assert_same_neighbours(sims, ids, want_sims, want_ids)
+    exact = torch.einsum("md,mkd->mk", q.double(), keys.double()[ids])  # returned scores are exact
+    torch.testing.assert_close(sims.double(), exact, rtol=0, atol=1e-6)
+
+
+def test_bf16_scoring_recall_on_clustered_keys_and_exact_scores() -> None:
+    from hbird.index import recall_at_k
+    from hbird.index.synthetic import clustered_unit_vectors
+
+    keys = clustered_unit_vectors(20_000, 96, n_clusters=20, spread=0.3).half()
+    q = clustered_unit_vectors(300, 96, n_clusters=20, spread=0.3, seed=9)
+    want_sims, want_ids = _brute_force(keys, q, 30)
+    index = ExactIndex(96, chunk_size=4096, query_chunk_size=128, scoring="bf16").fill(keys)
+    sims, ids = index.search(q, 30)
+    assert recall_at_k(ids, want_ids) >= 0.99
+    exact = torch.einsum("md,mkd->mk", q.double(), keys.double()[ids])
+    torch.testing.assert_close(sims.double(), exact, rtol=0, atol=1e-5)
+    assert bool((sims[:, :-1] >= sims[:, 1:]).all())
+
+
+def test_bf16_scoring_over_several_adds_and_small_banks() -> None:
+    keys = _unit(700, 32, 0)
+    index = ExactIndex(32, chunk_size=100, scoring="bf16", shortlist=8)
+    index.add(keys[:300].half())
+    index.add(keys[300:])  # float32 after float16: re-ranked at float32
+    q = _unit(50, 32, 1)
+    want_sims, want_ids = _brute_force(torch.cat([keys[:300].half().float(), keys[300:]]), q, 5)
+    sims, ids = index.search(q, 5)
+    assert_same_neighbours(sims, ids, want_sims, want_ids)
+    small = ExactIndex(32, scoring="bf16").fill(keys[:20])  # one chunk: all exact
+    sims, ids = small.search(q, 50)
+    want_sims, want_ids = _brute_force(keys[:20], q, 20)
+    assert_same_neighbours(sims[:, :20], ids[:, :20], want_sims, want_ids)
+    assert bool((ids[:, 20:] == -1).all())
+
+
+def test_bf16_scoring_params_round_trip_and_errors(tmp_path) -> None:
+    from hbird.index import create_index
+
+    index = create_index("exact", 8, scoring="bf16", shortlist=3).fill(_unit(50, 8, 0))
+    assert index.params()["scoring"] == "bf16" and index.params()["shortlist"] == 3
+    loaded = load_index(index.save(tmp_path / "idx"))
+    assert (loaded.scoring, loaded.shortlist) == ("bf16", 3)
+    assert "scoring" not in ExactIndex(8).params()  # float32 indexes save what they always did
+    with pytest.raises(InputError, match="scoring must be 'float32' or 'bf16'"):
+        ExactIndex(8, scoring="fp8")
+    with pytest.raises(InputError, match="shortlist must be an int >= 1"):
+        ExactIndex(8, scoring="bf16", shortlist=0)
+    with pytest.raises(InputError, match="needs backend='torch'"):
+        ExactIndex(8, scoring="bf16", backend="faiss")

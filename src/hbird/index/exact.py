@@ -19,6 +19,8 @@ from hbird.io.files import save_tensors
 KEYS_FILE = "keys.safetensors"
 BACKENDS = ("torch", "faiss")
 """How ``ExactIndex`` scores a key chunk: torch matmul + topk, or ``faiss.knn``."""
+SCORINGS = ("float32", "bf16")
+"""``ExactIndex``'s first pass: exact float32 scores, or a bf16 shortlist re-ranked in float32."""
 
 
 def merge_top_k(
@@ -54,6 +56,14 @@ class ExactIndex(VectorIndex):
     oracle, the GPU path and the default: on this project's CPU faiss's bundled OpenBLAS
     is not faster (see docs/performance.md, "Search").
 
+    ``scoring="bf16"`` (``--index-param scoring=bf16``) is a cheaper, approximate option
+    (see :meth:`_search_bf16`): key chunks after the first are scored by a bf16 matmul
+    (2-4x float32's rate on CPUs with AMX or AVX512-BF16, and on GPUs), which keeps a
+    shortlist of ``k * shortlist`` candidates per query; the shortlist is then re-scored
+    exactly in float32. Returned scores are exact inner products; a true neighbour can
+    be missed where bf16 rounding pushes it out of the shortlist (measured recall in
+    docs/performance.md, "Exact search").
+
     Args:
         dim: key dimension ``D``.
         chunk_size: keys scored per matmul.
@@ -61,6 +71,8 @@ class ExactIndex(VectorIndex):
         device: where keys are stored and scored. A placement, not part of the saved
             index: ``load`` puts keys on the CPU unless told otherwise.
         backend: ``"torch"`` or ``"faiss"`` (CPU only, needs ``pip install "hbird[faiss]"``).
+        scoring: ``"float32"`` (exact, the default) or ``"bf16"`` (shortlist + re-rank).
+        shortlist: with ``scoring="bf16"``, candidates kept per neighbour (``>= 1``).
     """
 
     kind = "exact"
@@ -73,17 +85,26 @@ class ExactIndex(VectorIndex):
         query_chunk_size: int = 1024,
         device: str | torch.device = "cpu",
         backend: str = "torch",
+        scoring: str = "float32",
+        shortlist: int = 2,
     ) -> None:
         super().__init__(dim)
-        for name, value in (("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size)):
+        sizes = (("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size))
+        for name, value in (*sizes, ("shortlist", shortlist)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"ExactIndex: {name} must be an int >= 1, got {value!r}")
         if backend not in BACKENDS:
             raise InputError(f"ExactIndex: backend must be 'torch' or 'faiss', got {backend!r}")
+        if scoring not in SCORINGS:
+            raise InputError(f"ExactIndex: scoring must be 'float32' or 'bf16', got {scoring!r}")
+        if scoring == "bf16" and backend != "torch":
+            raise InputError("ExactIndex: scoring='bf16' needs backend='torch'")
         self.chunk_size = chunk_size
         self.query_chunk_size = query_chunk_size
         self.device = torch.device(device)
         self.backend = backend
+        self.scoring = scoring
+        self.shortlist = shortlist
         if backend == "faiss":
             if self.device.type != "cpu":
                 raise InputError(
@@ -103,6 +124,7 @@ class ExactIndex(VectorIndex):
             "chunk_size": self.chunk_size,
             "query_chunk_size": self.query_chunk_size,
             "backend": self.backend,
+            **({"scoring": "bf16", "shortlist": self.shortlist} if self.scoring == "bf16" else {}),
         }
 
     @property
@@ -149,6 +171,8 @@ class ExactIndex(VectorIndex):
         neighbours, so batching queries changes no result (as long as no query chunk is
         tiny: query chunks are balanced).
         """
+        if self.scoring == "bf16":
+            return self._search_bf16(q, k)
         m_total, device = q.shape[0], self.device
         q = q.to(device, torch.float32)
         best_sims = torch.full((m_total, k), float("-inf"), device=device)  # (M, k)
@@ -178,6 +202,88 @@ class ExactIndex(VectorIndex):
                     best_sims[block], best_ids[block], chunk_sims, chunk_ids + first_id
                 )
         return best_sims.cpu(), best_ids.cpu()
+
+    def _search_bf16(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` for ``q (M, D)`` from a bf16 shortlist re-scored in float32.
+
+        The first key chunk is scored exactly (float32), which gives each query a
+        threshold ``t``: its ``k``-th best score so far. Every later chunk is scored in
+        bf16 as ``q·x - t`` (extra key columns of ones against query columns holding
+        ``-t``), so the matmul's float32 accumulator subtracts ``t`` before its output is
+        rounded to bf16: near the threshold, where the shortlist is decided, the rounding
+        error is relative to ``|q·x - t|``, not to ``|q·x|`` (without the shift, bf16's
+        8-bit mantissa cannot order scores 1e-3 apart). What is left is the rounding of
+        the inputs to bf16. The best ``k * shortlist`` candidates by these scores, kept
+        chunk by chunk with ``t`` rising, are re-scored in float32 at the end. ``t`` takes
+        two bf16 columns (its rounding and the rest), so it is subtracted to about 2^-16.
+        """
+        m_total, device, d = q.shape[0], self.device, self.dim
+        width = min(k * self.shortlist, self.ntotal)
+        q = q.to(device, torch.float32)
+        rows = math.ceil(m_total / math.ceil(m_total / self.query_chunk_size))
+        cols = min(self.chunk_size, max(b.shape[0] for b in self._blocks))
+        keys_bf16 = torch.ones(cols, d + 2, dtype=torch.bfloat16, device=device)  # [x, 1, 1]
+        queries_bf16 = torch.empty(rows, d + 2, dtype=torch.bfloat16, device=device)  # [q, -t]
+        scores_bf16 = torch.empty(rows * cols, dtype=torch.bfloat16, device=device)
+        short_sims = torch.empty(m_total, 0, device=device)  # (M, <= width), approximate
+        short_ids = torch.empty(m_total, 0, dtype=torch.int64, device=device)
+        for first_id, keys in self._key_chunks():
+            c = keys.shape[0]
+            if first_id == 0:  # exact scores: the first shortlist and thresholds
+                scores = q @ keys.to(torch.float32).T  # (M, c)
+                short_sims, short_ids = scores.topk(min(width, c), dim=1)
+                continue
+            keys_bf16[:c, :d].copy_(keys)
+            for start in range(0, m_total, rows):
+                block = slice(start, start + rows)
+                m = q[block].shape[0]
+                threshold = short_sims[block, min(k, short_sims.shape[1]) - 1]  # (m,)
+                queries_bf16[:m, :d].copy_(q[block])
+                high = queries_bf16[:m, d].copy_(-threshold)  # t in two bf16 parts
+                queries_bf16[:m, d + 1].copy_(-threshold - high.to(torch.float32))
+                subtracted = -queries_bf16[:m, d:].to(torch.float32).sum(dim=1)  # (m,) ≈ t
+                shifted = scores_bf16[: m * c].view(m, c)
+                torch.mm(queries_bf16[:m], keys_bf16[:c].T, out=shifted)  # (m, c): q·x - t
+                chunk_sims, chunk_ids = shifted.topk(min(width, c), dim=1, sorted=False)
+                chunk_sims = chunk_sims.to(torch.float32) + subtracted[:, None]
+                merged_sims = torch.cat([short_sims[block], chunk_sims], dim=1)
+                merged_ids = torch.cat([short_ids[block], chunk_ids + first_id], dim=1)
+                if start == 0:  # the shortlist widens to `width` once the chunks allow
+                    new_width = min(width, merged_sims.shape[1])
+                    new_sims = torch.empty(m_total, new_width, device=device)
+                    new_ids = torch.empty(m_total, new_width, dtype=torch.int64, device=device)
+                best, order = merged_sims.topk(new_width, dim=1)
+                new_sims[block], new_ids[block] = best, merged_ids.gather(1, order)
+            short_sims, short_ids = new_sims, new_ids
+        return self._rerank(q, short_ids, k)
+
+    def _rerank(
+        self, q: torch.Tensor, ids: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best ``k`` of the candidates ``ids (M, c)`` by exact float32 inner product
+        with ``q (M, D)``: ``(M, k)`` scores and ids."""
+        sims = torch.empty(ids.shape, device=q.device)
+        for start in range(0, q.shape[0], self.query_chunk_size):
+            block = slice(start, start + self.query_chunk_size)
+            candidates = self._rows(ids[block]).to(torch.float32)  # (m, c, D)
+            sims[block] = torch.bmm(candidates, q[block, :, None])[..., 0]
+        best, order = sims.topk(k, dim=1)
+        return best.cpu(), ids.gather(1, order).cpu()
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Stored keys by id: ``ids (...)`` → ``(..., D)`` in the storage dtype."""
+        if len(self._blocks) == 1:
+            return self._blocks[0][ids]
+        dtype = self._blocks[0].dtype
+        for block in self._blocks[1:]:
+            dtype = torch.promote_types(dtype, block.dtype)
+        out = torch.empty(*ids.shape, self.dim, dtype=dtype, device=ids.device)
+        offset = 0
+        for block in self._blocks:
+            inside = (ids >= offset) & (ids < offset + block.shape[0])
+            out[inside] = block[ids[inside] - offset].to(out.dtype)
+            offset += block.shape[0]
+        return out
 
     def _faiss_knn(
         self, q: torch.Tensor, keys: torch.Tensor, k: int
