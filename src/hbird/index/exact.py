@@ -225,15 +225,25 @@ class ExactIndex(VectorIndex):
         keys_bf16 = torch.ones(cols, d + 2, dtype=torch.bfloat16, device=device)  # [x, 1, 1]
         queries_bf16 = torch.empty(rows, d + 2, dtype=torch.bfloat16, device=device)  # [q, -t]
         scores_bf16 = torch.empty(rows * cols, dtype=torch.bfloat16, device=device)
-        short_sims = torch.empty(m_total, 0, device=device)  # (M, <= width), approximate
-        short_ids = torch.empty(m_total, 0, dtype=torch.int64, device=device)
-        for first_id, keys in self._key_chunks():
+        chunks = self._key_chunks()
+        _, keys = next(chunks)  # scored exactly: the first shortlist and thresholds
+        c = keys.shape[0]
+        keys = keys.to(torch.float32)
+        scores_float = torch.empty(rows * c, device=device)
+        short_sims = torch.empty(m_total, min(width, c), device=device)  # (M, <= width)
+        short_ids = torch.empty(m_total, min(width, c), dtype=torch.int64, device=device)
+        for start in range(0, m_total, rows):
+            block = slice(start, start + rows)
+            scores = scores_float[: q[block].shape[0] * c].view(-1, c)
+            torch.mm(q[block], keys.T, out=scores)  # (m, c)
+            short_sims[block], short_ids[block] = scores.topk(short_sims.shape[1], dim=1)
+        del scores_float, scores
+        for first_id, keys in chunks:  # approximate scores from here on
             c = keys.shape[0]
-            if first_id == 0:  # exact scores: the first shortlist and thresholds
-                scores = q @ keys.to(torch.float32).T  # (M, c)
-                short_sims, short_ids = scores.topk(min(width, c), dim=1)
-                continue
             keys_bf16[:c, :d].copy_(keys)
+            new_width = min(width, short_sims.shape[1] + c)  # widens until it holds `width`
+            new_sims = torch.empty(m_total, new_width, device=device)
+            new_ids = torch.empty(m_total, new_width, dtype=torch.int64, device=device)
             for start in range(0, m_total, rows):
                 block = slice(start, start + rows)
                 m = q[block].shape[0]
@@ -248,10 +258,6 @@ class ExactIndex(VectorIndex):
                 chunk_sims = chunk_sims.to(torch.float32) + subtracted[:, None]
                 merged_sims = torch.cat([short_sims[block], chunk_sims], dim=1)
                 merged_ids = torch.cat([short_ids[block], chunk_ids + first_id], dim=1)
-                if start == 0:  # the shortlist widens to `width` once the chunks allow
-                    new_width = min(width, merged_sims.shape[1])
-                    new_sims = torch.empty(m_total, new_width, device=device)
-                    new_ids = torch.empty(m_total, new_width, dtype=torch.int64, device=device)
                 best, order = merged_sims.topk(new_width, dim=1)
                 new_sims[block], new_ids[block] = best, merged_ids.gather(1, order)
             short_sims, short_ids = new_sims, new_ids
@@ -263,8 +269,9 @@ class ExactIndex(VectorIndex):
         """The best ``k`` of the candidates ``ids (M, c)`` by exact float32 inner product
         with ``q (M, D)``: ``(M, k)`` scores and ids."""
         sims = torch.empty(ids.shape, device=q.device)
-        for start in range(0, q.shape[0], self.query_chunk_size):
-            block = slice(start, start + self.query_chunk_size)
+        rows = max(1, (8 << 20) // (ids.shape[1] * self.dim))  # (rows, c, D) floats: 32 MB
+        for start in range(0, q.shape[0], rows):
+            block = slice(start, start + rows)
             candidates = self._rows(ids[block]).to(torch.float32)  # (m, c, D)
             sims[block] = torch.bmm(candidates, q[block, :, None])[..., 0]
         best, order = sims.topk(k, dim=1)
