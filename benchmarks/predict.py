@@ -39,7 +39,7 @@ from _common import environment, peak_rss_bytes, rss_bytes, set_threads, setting
 
 from hbird import InContextPredictor, LabelSpec
 from hbird.data.transforms import resize_for_encoder
-from hbird.decode import aggregate, decode_dense, softmax_over_neighbours
+from hbird.decode import aggregate, decode_dense, softmax_over_neighbours, upsample
 from hbird.encoders import create_encoder, encode_batches
 from hbird.index import choose_kind, create_index, recall_at_k
 from hbird.index.synthetic import clustered_unit_vectors
@@ -132,7 +132,8 @@ def decode_breakdown(
 ) -> dict[str, float]:
     """Seconds of each decode step for one query image ``q (P, D)``, best of
     ``--repeats``: eq.-1 weights from the scores, the gather of the neighbours' values,
-    their weighted sum, and upsampling + argmax to the image."""
+    their weighted sum, and upsampling + argmax to the image (``decode_dense``, tiled; and
+    the ``(C, H, W)`` map then ``max``, as decode did before, for comparison)."""
     grid = args.image_size // predictor.encoder_.patch_size
     sims, ids = predictor.index_.search(q, args.k)
     safe = ids.clamp_min(0)
@@ -152,6 +153,9 @@ def decode_breakdown(
         ),
         "aggregate_s": round(best_seconds(lambda: aggregate(w, values), args.repeats), 5),
         "upsample_s": round(best_seconds(lambda: decode_dense(soft, size, True), args.repeats), 5),
+        "upsample_map_then_max_s": round(
+            best_seconds(lambda: upsample(soft, size).max(dim=0), args.repeats), 5
+        ),
     }
 
 
@@ -192,7 +196,8 @@ def bench_size(args: argparse.Namespace, n: int, encoder: Any, encode_s: float) 
             f"  N={n:>9,} {name:14s} build {build_s:7.1f} s | search {numbers['search_s']:.3f} s "
             f"+ decode {numbers['decode_s']:.3f} s per image = {ratio:.1%} of encode "
             f"(decode: weights {numbers['weights_s']:.3f}, values {numbers['gather_values_s']:.3f}, "
-            f"sum {numbers['aggregate_s']:.3f}, upsample {numbers['upsample_s']:.3f} s) "
+            f"sum {numbers['aggregate_s']:.3f}, upsample {numbers['upsample_s']:.3f} s, "
+            f"as a map then max {numbers['upsample_map_then_max_s']:.3f} s) "
             f"| recall@{args.k} {numbers[f'recall@{args.k}']}",
             flush=True,
         )

@@ -246,3 +246,14 @@ def test_decode_dense_classification_is_the_oracle():
     pred = decode_dense(patch, (512, 480), classification=True)
     want = _oracle(patch, (512, 480))
     assert torch.equal(pred.labels, want[1]) and torch.equal(pred.confidence, want[0])
+
+
+def test_upsample_argmax_other_layouts_and_dtypes_match():
+    """Transposed (not channels-last once permuted) and float64 soft labels: the same
+    values and labels as the oracle."""
+    gen = torch.Generator().manual_seed(11)
+    transposed = torch.rand(24, 20, 21, generator=gen).transpose(0, 1)  # (20, 24, 21)
+    double = torch.rand(20, 24, 21, generator=gen, dtype=torch.float64)
+    for patch in (transposed, double):
+        want, got = _oracle(patch, (320, 384)), upsample_argmax(patch, (320, 384))
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])

@@ -109,11 +109,12 @@ def _torch_kernel(x: torch.Tensor, size: tuple[int, int]) -> str | None:
     """Which CPU kernel ``F.interpolate(x, size, "bilinear")`` runs for the ``(1, C, h, w)``
     float32 ``x`` (torch's dispatch rule, UpSampleKernel.cpp): ``"channels_last"`` (more
     than 3 channels stored channels-last, small outputs, 3 channels on one thread), else
-    ``"generic"``; None where the vector width is unknown."""
-    c = x.shape[1]
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and c > 3
-    small = size[0] + size[1] <= 128
-    if channels_last or small or (torch.get_num_threads() == 1 and c == 3):
+    ``"generic"``; None (not reproduced) where the vector width is unknown or ``x`` is not
+    stored channels-last, as ``(h, w, C)`` soft labels permuted are."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    c, small = x.shape[1], size[0] + size[1] <= 128
+    if c > 3 or small or (torch.get_num_threads() == 1 and c == 3):
         known = torch.backends.cpu.get_cpu_capability() in _VECTOR_FLOATS
         return "channels_last" if known else None
     return "generic"
