@@ -219,6 +219,12 @@ class FaissIVFPQIndex(_FaissIndex):
             over PQ's sub-vectors; re-ranking still scores the keys as given.
         coarse: ``"flat"`` (brute-force centroid search) or ``"hnsw"`` (an HNSW graph over
             the centroids, ``IVF{nlist}_HNSW32``).
+        by_residual: PQ codes the offset of each key from its list's centroid (``True``)
+            or the key itself (``False``). faiss's factory turns it off for fast-scan
+            inner-product indexes; on, the 4-bit codes spend their precision on the
+            small within-list offsets, which at 1M clustered keys halves the candidates
+            re-ranked for the same recall (docs/performance.md, "At 1M keys"). An index
+            saved before this option existed reports what its payload holds.
     """
 
     kind = "ivfpq"
@@ -243,6 +249,7 @@ class FaissIVFPQIndex(_FaissIndex):
         measured_recall: float | None = None,
         rotation: str | None = None,
         coarse: str = "flat",
+        by_residual: bool = True,
     ) -> None:
         super().__init__(dim)
         owner = "FaissIVFPQIndex"
@@ -260,6 +267,8 @@ class FaissIVFPQIndex(_FaissIndex):
             raise InputError(f"{owner}: rotation must be None, 'rr' or 'pcar', got {rotation!r}")
         if coarse not in ("flat", "hnsw"):
             raise InputError(f"{owner}: coarse must be 'flat' or 'hnsw', got {coarse!r}")
+        if not isinstance(by_residual, bool):
+            raise InputError(f"{owner}: by_residual must be true or false, got {by_residual!r}")
         if recall is not None and (
             isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall <= 1
         ):
@@ -281,6 +290,7 @@ class FaissIVFPQIndex(_FaissIndex):
         self.measured_recall = measured_recall
         self.rotation = rotation
         self.coarse = coarse
+        self.by_residual = by_residual
 
     @property
     def exact_scores(self) -> bool:  # type: ignore[override]
@@ -303,6 +313,7 @@ class FaissIVFPQIndex(_FaissIndex):
             "measured_recall": self.measured_recall,
             "rotation": self.rotation,
             "coarse": self.coarse,
+            "by_residual": self.by_residual,
         }
 
     def take_search_settings(self, wanted: VectorIndex) -> bool:
@@ -367,8 +378,18 @@ class FaissIVFPQIndex(_FaissIndex):
         index = self._faiss.index_factory(
             self.dim, self.factory_string, self._faiss.METRIC_INNER_PRODUCT
         )
+        self._ivf(index).by_residual = self.by_residual
         index.train(as_float32_numpy(sample))
         self._index = index
+
+    def _ivf(self, index: Any) -> Any:
+        """The ``IndexIVFPQFastScan`` inside ``index`` (behind the refine and rotation)."""
+        return self._faiss.downcast_index(self._faiss.extract_index_ivf(index))
+
+    def _load_payload(self, folder: Path) -> None:
+        super()._load_payload(folder)
+        if self._index is not None:  # index.json from before by_residual: trust the payload
+            self.by_residual = bool(self._ivf(self._index).by_residual)
 
     def training_rows(self, n: int) -> torch.Tensor | None:
         """A seeded sample of ``train_size`` (default ``64 · nlist``) of ``n`` rows, or all."""
