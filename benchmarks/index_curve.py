@@ -20,7 +20,9 @@ Writes JSON and a markdown table next to it (``--out``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -44,6 +46,8 @@ CONFIGS = {
     "refine-float32": "IVF{nlist},PQ{half}x4fs,RFlat",
     "no-residual": "IVF{nlist},PQ{half}x4fs,Refine(SQfp16)",
     "pq-full-no-residual": "IVF{nlist},PQ{dim}x4fs,Refine(SQfp16)",
+    "residual": "IVF{nlist},PQ{dim}x4fs,Refine(SQfp16)",
+    "half-residual": "IVF{nlist},PQ{half}x4fs,Refine(SQfp16)",
     "pq-full-hnsw-coarse": "IVF{nlist}_HNSW32,PQ{dim}x4fs,Refine(SQfp16)",
     "pq-quarter": "IVF{nlist},PQ{quarter}x4fs,Refine(SQfp16)",
     "opq-quarter": "OPQ{quarter},IVF{nlist},PQ{quarter}x4fs,Refine(SQfp16)",
@@ -54,8 +58,12 @@ CONFIGS = {
     "hnsw-coarse-quarter": "IVF{nlist}_HNSW32,PQ{quarter}x4fs,Refine(SQfp16)",
 }
 """Name → factory template; ``half``/``quarter`` are ``D/2``/``D/4`` sub-quantisers.
-``*no-residual`` are these with ``by_residual`` off (PQ codes the keys, not their
-offsets from the list centroid)."""
+faiss's factory leaves ``by_residual`` off for fast-scan inner-product indexes (PQ codes
+the keys, not their offsets from the list centroid), so ``*no-residual`` are the same
+as the configs they name; ``BY_RESIDUAL`` turns it on."""
+
+BY_RESIDUAL = {"residual", "half-residual"}
+"""Configs built with ``by_residual`` on (``FaissIVFPQIndex``'s default)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,9 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--opq-iterations", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--build-threads", type=int, help="threads to build (default --threads)")
     parser.add_argument("--images", type=int, default=48, help="scenes encoded (patches)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--noise", type=float, default=0.02, help="copy noise norm (patches)")
+    parser.add_argument(
+        "--index-cache", type=Path, help="keep built indexes here and reuse them (same keys)"
+    )
     return parser.parse_args(argv)
 
 
@@ -120,20 +132,37 @@ def run_config(
     base = faiss.downcast_index(index.base_index)
     rotated = isinstance(base, faiss.IndexPreTransform)
     ivf = faiss.extract_index_ivf(index)
-    if name.endswith("no-residual"):
-        ivf.by_residual = False
+    ivf = faiss.downcast_index(ivf)
+    ivf.by_residual = name in BY_RESIDUAL
     if rotated:
         rotation = faiss.downcast_VectorTransform(base.chain.at(0))
         if isinstance(rotation, faiss.OPQMatrix):  # faiss's 50 iterations take too long here
             rotation.niter, rotation.max_train_points = args.opq_iterations, 32_768
-    start = time.perf_counter()
-    rows = sample_rows(keys.shape[0], args.train_size, seed=0)
-    index.train(np.ascontiguousarray(keys[rows].float().numpy()))
-    train_s = time.perf_counter() - start
-    for s in range(0, keys.shape[0], 1 << 16):
-        index.add(np.ascontiguousarray(keys[s : s + (1 << 16)].float().numpy()))
-    build_s = time.perf_counter() - start
-    print(f"{name}: {factory} built in {build_s:.0f} s (train {train_s:.0f} s)", flush=True)
+    cached = cache_file(args, name, factory)
+    if cached is not None and cached.with_suffix(".json").is_file():
+        index = faiss.read_index(str(cached))
+        built = json.loads(cached.with_suffix(".json").read_text())
+        train_s, build_s = built["train_s"], built["build_s"]
+        print(f"{name}: {factory} read from {cached} (built in {build_s:.0f} s)", flush=True)
+    else:
+        set_threads(args.build_threads or args.threads)
+        start = time.perf_counter()
+        rows = sample_rows(keys.shape[0], args.train_size, seed=0)
+        index.train(np.ascontiguousarray(keys[rows].float().numpy()))
+        train_s = time.perf_counter() - start
+        for s in range(0, keys.shape[0], 1 << 16):
+            index.add(np.ascontiguousarray(keys[s : s + (1 << 16)].float().numpy()))
+        build_s = time.perf_counter() - start
+        set_threads(args.threads)
+        print(f"{name}: {factory} built in {build_s:.0f} s (train {train_s:.0f} s)", flush=True)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            faiss.write_index(index, str(cached))
+            threads = args.build_threads or args.threads
+            built = {"train_s": train_s, "build_s": build_s, "threads": threads}
+            cached.with_suffix(".json").write_text(json.dumps(built))
+    ivf = faiss.extract_index_ivf(index)
+    rotated = isinstance(faiss.downcast_index(index.base_index), faiss.IndexPreTransform)
     q = np.ascontiguousarray(queries.numpy())
     index.search(q, args.k)  # warm-up: the first search pays one-off set-up costs
     coarse = faiss.downcast_index(ivf.quantizer)
@@ -173,6 +202,15 @@ def run_config(
                 flush=True,
             )
     return {"factory": factory, "train_s": train_s, "build_s": build_s, "points": points}
+
+
+def cache_file(args: argparse.Namespace, name: str, factory: str) -> Path | None:
+    """Where ``--index-cache`` keeps config ``name`` built on these keys (``None``: off)."""
+    if args.index_cache is None:
+        return None
+    keys = f"{args.source}-{args.keys}x{args.dim}-images{args.images}-noise{args.noise}"
+    build = f"{factory}-residual{int(name in BY_RESIDUAL)}-train{args.train_size}"
+    return args.index_cache / f"{keys}-{re.sub(r'[^A-Za-z0-9]+', '_', build)}.faiss"
 
 
 def timings(stage, repeats: int) -> tuple[list[float], list[float]]:
