@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hbird.threads import cpu_threads
+
 
 def neighbour_attention(
     queries: torch.Tensor,
@@ -87,14 +89,17 @@ def upsample_argmax(
     Bit for bit ``upsample(patch_labels, size).max(dim=0)`` (ties: the first class), without
     the ``(C, H, W)`` map: output rows are computed in tiles of about a megabyte with the
     float32 arithmetic of the CPU kernel torch picks for that call (:func:`_torch_kernel`,
-    :func:`_linear_taps`, :func:`_generic_rows`, :func:`_channels_last_rows`), and each
-    tile is reduced at once. Falls back to :func:`upsample` for non-finite or huge inputs,
-    on an unknown CPU, and if a one-off check on this build finds the two differ.
+    :func:`_linear_taps`, :func:`_lerp`, :func:`_channels_last_rows`), and each tile is
+    reduced at once, on one thread (its ~10 small ops a tile lose more to fork/join on two
+    threads of a busy machine than they gain). Falls back to :func:`upsample` for
+    non-finite or huge inputs, on an unknown CPU, and if a one-off check on this build
+    finds the two differ.
     """
     x = _channels_first(patch_labels)
-    kernel = _torch_kernel(x, size)
+    kernel = _torch_kernel(x, size)  # at the caller's thread count, as F.interpolate sees it
     if kernel is not None and _exact_here(x) and _rows_match_torch():
-        return _tiled_max(x[0], size, kernel)
+        with cpu_threads(1):  # ~10 small ops a tile: fork/join on more threads costs more
+            return _tiled_max(x[0], size, kernel)
     return upsample(patch_labels, size).max(dim=0)
 
 

@@ -19,7 +19,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from hbird.io.files import write_json
 from hbird.pretrain import checkpoint as ckpt
 from hbird.pretrain.data import EpochSampler
 from hbird.pretrain.distributed import DistInfo, barrier, full_precision, mean_over_processes
+from hbird.threads import cpu_threads  # noqa: F401 - re-exported (trainer)
 
 
 @dataclass(frozen=True)
@@ -76,17 +76,6 @@ def process_cores() -> int:
     ``LOCAL_WORLD_SIZE`` processes ``torchrun`` starts on the machine (0 if fewer than them)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-@contextmanager
-def cpu_threads(count: int) -> Iterator[None]:
-    """torch's intra-op threads lowered to ``count`` (at least 1) inside the block, then restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, count)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def format_seconds(seconds: float) -> str:
