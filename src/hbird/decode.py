@@ -142,24 +142,21 @@ def _tiled_max(
     left = columns.index_select(1, i0).transpose(1, 2).contiguous()  # (C, h, W)
     right = columns.index_select(1, i1).transpose(1, 2).contiguous()
     if kernel == "generic":
-        left = _lerp(left, w0, right, w1)  # (C, h, W) interpolated along the width
+        left, right = _lerp(left, w0, right, w1), None  # (C, h, W) along the width
+    sources = [t for t in (left, right) if t is not None]
     r0, r1, v0, v1 = _linear_taps(x.shape[1], height)
     values = torch.empty(height, width, dtype=torch.float32)
     labels = torch.empty(height, width, dtype=torch.int64)
     countdown = torch.arange(c, 0, -1, dtype=torch.int32)[:, None, None]  # C − c
     for start, stop, shared in _row_tiles(r0, r1, max(1, _TILE_ELEMENTS // (c * width))):
         rows = slice(start, stop)
-
-        def source(
-            t: torch.Tensor, r: torch.Tensor, rows: slice = rows, shared: bool = shared
-        ) -> torch.Tensor:
-            return _source_rows(t, r[rows], shared)
-
+        top = [_source_rows(t, r0[rows], shared) for t in sources]  # (C, rows | 1, W)
+        bottom = [_source_rows(t, r1[rows], shared) for t in sources]
+        h0, h1 = v0[rows, None], v1[rows, None]
         if kernel == "generic":
-            tile = _lerp(source(left, r0), v0[rows, None], source(left, r1), v1[rows, None])
+            tile = _lerp(top[0], h0, bottom[0], h1)
         else:
-            corners = [source(left, r0), source(right, r0), source(left, r1), source(right, r1)]
-            h0, h1 = v0[rows, None], v1[rows, None]
+            corners = [top[0], top[1], bottom[0], bottom[1]]
             tile = _channels_last_rows(corners, [h0 * w0, h0 * w1, h1 * w0, h1 * w1])
         best = tile.amax(dim=0)  # (rows, W)
         first = torch.sub(tile, best).view(torch.int32).add_(countdown).amax(dim=0)
