@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -63,7 +64,7 @@ QUICK = {"prompt": 20, "queries": 10, "image_size": 224}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="open-hummingbird-eval folder")
-    p.add_argument("--rows", default=ROWS, help="comma-separated peer:<faiss|scann|torch> "
+    p.add_argument("--rows", default=ROWS, help="comma-separated peer:<faiss|scann|torch>[:VAR=VALUE...] "
                    "and hbird:<index>[:FIELD=VALUE...] rows, run in this order")  # fmt: skip
     p.add_argument("--encoder", default="vit_small_patch16_224", help="timm ViT (random weights)")
     p.add_argument("--image-size", type=int, default=448, help="scene side (square)")
@@ -206,16 +207,17 @@ def run_row(row: str, work: Path, peer: Path) -> dict[str, Any]:
     side, _, setting = row.partition(":")
     result = work / f"result_{side}_{setting.replace(':', '_').replace('=', '-')}.json"
     result.unlink(missing_ok=True)
-    if side == "peer":
+    env = dict(os.environ)
+    if side == "peer":  # peer:faiss[:VARIABLE=VALUE...]: the peer under that environment
+        nn, *variables = setting.split(":")
+        env.update(v.split("=", 1) for v in variables)
         setup = json.loads((work / "setup.json").read_text())
-        (work / "setup.json").write_text(
-            json.dumps({**setup, "nn": setting, "result": result.name})
-        )
+        (work / "setup.json").write_text(json.dumps({**setup, "nn": nn, "result": result.name}))
         child = [str(Path(__file__).with_name("_open_hbird_peer.py")), str(work), str(peer)]
     else:
         child = [str(Path(__file__)), "--child", str(work), setting, str(result)]
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, *child], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *child], capture_output=True, text=True, env=env)
     if done.returncode != 0 or not result.exists():
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"error": " / ".join(tail) or f"exit status {done.returncode}"}
@@ -259,6 +261,9 @@ def row_label(row: str) -> str:
     """``hbird:exact:autocast=bf16`` → ``hbird, `index=exact`, autocast=bf16``."""
     if row in LABELS:
         return LABELS[row]
+    if row.startswith("peer:"):  # peer:faiss:OPENBLAS_CORETYPE=SkylakeX
+        side, nn, *variables = row.split(":")
+        return ", ".join([LABELS.get(f"{side}:{nn}", row), *(f"`{v}`" for v in variables)])
     index, *options = row.partition(":")[2].split(":")
     return ", ".join([f"hbird, `index={index}`", *options])
 

@@ -7,6 +7,8 @@ import importlib.util
 from functools import cache
 from types import ModuleType
 
+from hbird._openblas import faiss_import_environment
+
 _EXTRA_OF = {
     "faiss": "faiss",
     "transformers": "hf",
@@ -24,7 +26,11 @@ def is_available(module: str) -> bool:
     if importlib.util.find_spec(module) is None:
         return False
     try:
-        importlib.import_module(module)
+        if module == "faiss":  # its bundled OpenBLAS may need the core type named
+            with faiss_import_environment():
+                importlib.import_module(module)
+        else:
+            importlib.import_module(module)
     except Exception:  # a broken install counts as missing
         return False
     return True
