@@ -246,7 +246,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     # the peak over what the process held with its libraries and model loaded
     out["working_bytes"] = last["peak_rss_bytes"] - last["rss_bytes_before_build"]
     out["rss_bytes_before_build"] = last["rss_bytes_before_build"]
-    for key in ("miou", "miou_hungarian", "memory_entries", "queries", "bank_bytes"):
+    for key in ("miou", "miou_hungarian", "memory_entries", "queries", "bank_bytes", "stage_seconds",
+                "index"):  # fmt: skip
         if key in last:
             out[key] = last[key]
     samples = {int(n): b for n, b in last["rss_bytes_after_queries"].items()}
