@@ -68,6 +68,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
+def report_results(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    """``{"settings", "environment", "results"}`` for a run, written to ``args.out``."""
+    report = {"settings": settings(args), "environment": environment(), "results": results}
+    write_report(report, args.out)
+    return report
+
+
 def write_report(report: dict[str, Any], out: Path) -> None:
     """Write ``report`` as indented JSON to ``out`` (parents created) and say where."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import environment, set_threads, write_report
+from _common import report_results, set_threads
 
 from hbird.index import ExactIndex, FaissFlatIndex, recall_at_k
 
@@ -168,13 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    report = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": environment(),
-        "results": run(args),
-    }
-    write_report(report, args.out)
-    return report
+    return report_results(args, run(args))
 
 
 if __name__ == "__main__":
