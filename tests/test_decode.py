@@ -257,3 +257,12 @@ def test_upsample_argmax_other_layouts_and_dtypes_match():
     for patch in (transposed, double):
         want, got = _oracle(patch, (320, 384)), upsample_argmax(patch, (320, 384))
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+def test_tiles_stay_off_for_tensors_off_the_cpu() -> None:
+    """The reproduced arithmetic is the CPU kernel's: other devices take the oracle path."""
+    x = _channels_first(torch.zeros(4, 4, 21))
+    assert _torch_kernel(x, (32, 32)) == "channels_last"
+    on_meta = x.to("meta")
+    assert on_meta.is_contiguous(memory_format=torch.channels_last)  # only the device differs
+    assert _torch_kernel(on_meta, (32, 32)) is None

@@ -114,9 +114,10 @@ def _torch_kernel(x: torch.Tensor, size: tuple[int, int]) -> str | None:
     """Which CPU kernel ``F.interpolate(x, size, "bilinear")`` runs for the ``(1, C, h, w)``
     float32 ``x`` (torch's dispatch rule, UpSampleKernel.cpp): ``"channels_last"`` (more
     than 3 channels stored channels-last, small outputs, 3 channels on one thread), else
-    ``"generic"``; None (not reproduced) where the vector width is unknown or ``x`` is not
-    stored channels-last, as ``(h, w, C)`` soft labels permuted are."""
-    if not x.is_contiguous(memory_format=torch.channels_last):
+    ``"generic"``; None (not reproduced) off the CPU (a GPU's kernels round otherwise),
+    where the vector width is unknown, or where ``x`` is not stored channels-last, as
+    ``(h, w, C)`` soft labels permuted are."""
+    if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
         return None
     c, small = x.shape[1], size[0] + size[1] <= 128
     if c > 3 or small or (torch.get_num_threads() == 1 and c == 3):

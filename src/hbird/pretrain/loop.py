@@ -31,7 +31,7 @@ from hbird.io.files import write_json
 from hbird.pretrain import checkpoint as ckpt
 from hbird.pretrain.data import EpochSampler
 from hbird.pretrain.distributed import DistInfo, barrier, full_precision, mean_over_processes
-from hbird.threads import cpu_threads  # noqa: F401 - re-exported (trainer)
+from hbird.threads import cpu_threads
 
 
 @dataclass(frozen=True)
