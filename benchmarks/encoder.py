@@ -7,17 +7,23 @@ median seconds per image, and how far their features are from the float32 refere
 (max abs difference, mean cosine). Variants:
 
 - ``fp32-b{B}``: float32 at batch size B (``--batches``);
-- ``bf16-b{B}``: the same under ``torch.autocast(bfloat16)`` (``autocast="bf16"``);
-- ``fp32-math-attn``: timm's attention without ``F.scaled_dot_product_attention``
-  (``fused_attn=False``), to see what SDPA gives;
-- ``fp32-channels-last``: the input and the patch embedding's conv in channels-last;
-- ``fp32-compile`` / ``bf16-compile`` (``--compile``): ``torch.compile`` of the model (its
-  compile time is reported apart and not counted).
+- ``bf16-b{B}``: hbird's bf16 path (``autocast="bf16"``): bf16 autocast with the linear
+  layers on prepacked oneDNN weights (:mod:`hbird.encoders.prepack`);
+- ``bf16-autocast-b{B}``: bf16 autocast alone (``prepack=False``), the oracle of the above;
+- ``bf16-gelu-fused``: hbird's bf16 path with each MLP's GELU run as oneDNN's epilogue of
+  its first linear layer (in float32 on the accumulator, not on a bf16 output);
+- ``fp32-bf16-matmul``: float32 with oneDNN's bf16 math for float32 matmuls
+  (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``);
+- ``fp32-math-attn`` / ``fp32-channels-last`` (``--more``): timm's attention without
+  ``F.scaled_dot_product_attention``; the input and patch conv in channels-last;
+- ``fp32-compile`` / ``bf16-compile`` (``--compile``): ``torch.compile`` of
+  ``forward_patches`` with inductor's ``freezing`` (weights folded and prepacked); compile
+  time is reported apart and not counted.
 
 ``--agreement`` also fits an :class:`InContextPredictor` on synthetic scenes in float32
 and in bf16 and reports the fraction of query pixels predicted alike, and both mIoUs.
 
-    python benchmarks/encoder.py --threads 1                 # ~5 min on a loaded 2-core CPU
+    python benchmarks/encoder.py --threads 1 --batches 1,16 --images 16 --rounds 3
     python benchmarks/encoder.py --compile --agreement
 
 Writes JSON to ``benchmarks/results/encoder.json`` unless ``--out`` says otherwise.
@@ -26,6 +32,7 @@ Writes JSON to ``benchmarks/results/encoder.json`` unless ``--out`` says otherwi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -38,7 +45,7 @@ from _common import environment, set_threads, settings, write_report
 
 from hbird import InContextPredictor
 from hbird.data.synthetic import make_scenes
-from hbird.encoders import create_encoder
+from hbird.encoders import create_encoder, prepack
 from hbird.encoders.inference import encode_batches
 from hbird.metrics import ConfusionMatrix
 
@@ -53,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", default="1,4,8,16", help="batch sizes to try")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also try torch.compile")
+    p.add_argument("--more", action="store_true", help="also SDPA off and channels-last")
     p.add_argument("--agreement", action="store_true", help="bf16 vs float32 predictions")
     p.add_argument("--agreement-images", default="40,20", help="prompt,query scenes")
     p.add_argument("--threads", type=int, default=1)
@@ -67,31 +75,98 @@ def set_fused_attention(model: torch.nn.Module, enabled: bool) -> None:
             module.fused_attn = enabled
 
 
+def gelu_fused(encoder) -> contextlib.AbstractContextManager:
+    """Each timm ``Mlp`` with a plain GELU runs fc1 + GELU as one oneDNN call (bf16 path)."""
+
+    def fused(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        def forward(x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
+            weight, bias = prepack._packed(mlp.fc1)
+            rows = x.to(torch.bfloat16).reshape(-1, x.shape[-1])
+            hidden = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "gelu", [], "none")
+            hidden = mlp.norm(mlp.drop1(hidden.reshape(*x.shape[:-1], -1)))
+            return mlp.drop2(mlp.fc2(hidden))
+
+        return forward
+
+    @contextlib.contextmanager
+    def patched():
+        mlps = [m for m in encoder.modules() if type(m).__name__ == "Mlp"
+                and type(m.act) is torch.nn.GELU and m.act.approximate == "none"]  # fmt: skip
+        for mlp in mlps:
+            mlp.forward = fused(mlp)
+        try:
+            yield
+        finally:
+            for mlp in mlps:
+                del mlp.forward
+
+    return patched()
+
+
 def variants(encoder, images, args) -> dict[str, Callable[[], list[torch.Tensor]]]:
     """Name → a call that encodes ``images`` once with that lever."""
 
-    def run(batch: int, autocast: str | None = None) -> Callable[[], list[torch.Tensor]]:
-        return lambda: encode_batches(encoder, images, batch_size=batch, autocast=autocast)
+    def run(batch: int, autocast: str | None = None, **options) -> Callable[[], list[torch.Tensor]]:
+        return lambda: encode_batches(
+            encoder, images, batch_size=batch, autocast=autocast, **options
+        )
 
-    def with_model(change: Callable[[], None], undo: Callable[[], None], batch: int, autocast=None):
-        def call() -> list[torch.Tensor]:
-            change()
-            try:
-                return run(batch, autocast)()
-            finally:
-                undo()
+    def within(context: Callable[[], Any], call: Callable[[], list[torch.Tensor]]):
+        def inner() -> list[torch.Tensor]:
+            with context():
+                return call()
 
-        return call
+        return inner
 
     batches = [int(b) for b in args.batches.split(",")]
     out: dict[str, Callable[[], list[torch.Tensor]]] = {}
     for b in batches:
         out[f"fp32-b{b}"] = run(b)
         out[f"bf16-b{b}"] = run(b, "bf16")
+        out[f"bf16-autocast-b{b}"] = run(b, "bf16", prepack=False)
     best = max(batches)
+    out["bf16-gelu-fused"] = within(lambda: gelu_fused(encoder), run(best, "bf16"))
+
+    @contextlib.contextmanager
+    def bf16_matmul():
+        before = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.matmul.fp32_precision = before
+
+    out["fp32-bf16-matmul"] = within(bf16_matmul, run(best))
+    if args.more:
+        out.update(more_variants(encoder, images, best))
+    if args.compile:
+        torch._inductor.config.freezing = True
+        compiled = torch.compile(encoder.forward_patches)
+
+        @contextlib.contextmanager
+        def swapped():
+            encoder.forward_patches = compiled
+            try:
+                yield
+            finally:
+                del encoder.forward_patches
+
+        out["fp32-compile"] = within(swapped, run(best))
+        out["bf16-compile"] = within(swapped, run(best, "bf16", prepack=False))
+    return out
+
+
+def more_variants(encoder, images, batch: int) -> dict[str, Callable[[], list[torch.Tensor]]]:
+    """SDPA off, and channels-last: measured before, no win (docs/performance.md)."""
     model = encoder.model
-    out["fp32-math-attn"] = with_model(lambda: set_fused_attention(model, False),
-                                       lambda: set_fused_attention(model, True), best)  # fmt: skip
+
+    def math_attention() -> list[torch.Tensor]:
+        set_fused_attention(model, False)
+        try:
+            return encode_batches(encoder, images, batch_size=batch)
+        finally:
+            set_fused_attention(model, True)
+
     conv = model.patch_embed.proj
 
     def channels_last() -> list[torch.Tensor]:
@@ -99,26 +174,16 @@ def variants(encoder, images, args) -> dict[str, Callable[[], list[torch.Tensor]
         conv.to(memory_format=torch.channels_last)
         features = []
         try:
-            for start in range(0, len(images), best):
-                batch = torch.stack(images[start : start + best])
+            for start in range(0, len(images), batch):
+                x = torch.stack(images[start : start + batch])
                 with torch.inference_mode():
-                    x = encoder.normalize(batch).contiguous(memory_format=torch.channels_last)
+                    x = encoder.normalize(x).contiguous(memory_format=torch.channels_last)
                     features.extend(f.clone() for f in encoder.forward_patches(x).unbind(0))
         finally:
             conv.to(memory_format=torch.contiguous_format)
         return features
 
-    out["fp32-channels-last"] = channels_last
-    if args.compile:
-        compiled = torch.compile(model)
-        original = encoder.model
-
-        def swap(m):
-            return lambda: setattr(encoder, "model", m)
-
-        out["fp32-compile"] = with_model(swap(compiled), swap(original), best)
-        out["bf16-compile"] = with_model(swap(compiled), swap(original), best, "bf16")
-    return out
+    return {"fp32-math-attn": math_attention, "fp32-channels-last": channels_last}
 
 
 def fidelity(features: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, float]:
@@ -159,41 +224,48 @@ def main() -> None:
     scenes = make_scenes(args.images, seed=1, num_classes=5, size=(args.image_size,) * 2)
     images = [s.image for s in scenes]
     calls = variants(encoder, images, args)
+    names = list(calls)
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     compile_seconds: dict[str, float] = {}
-    reference = calls["fp32-b1"]()  # warm-up, and the float32 reference features
+    base, bf16_base = names[0], names[2]  # fp32 and bf16 autocast at the first batch size
+    # warm-up, and the references: float32, and bf16 autocast alone (hbird's former path)
+    references = {"fp32": calls[base](), "bf16_autocast": calls[bf16_base]()}
     for name, call in calls.items():
         if "compile" in name:  # the first call compiles
             start = time.perf_counter()
             call()
             compile_seconds[name] = time.perf_counter() - start
+            print(f"{name}: compiled in {compile_seconds[name]:.1f} s", flush=True)
     results: dict[str, dict[str, Any]] = {}
-    names = list(calls)
     for round_ in range(args.rounds):
         for name in names if round_ % 2 == 0 else names[::-1]:
             start = time.perf_counter()
             features = calls[name]()
             seconds[name].append((time.perf_counter() - start) / len(images))
             if round_ == 0:
-                results[name] = fidelity(features, reference)
+                results[name] = {f"vs_{k}": fidelity(features, v) for k, v in references.items()}
             print(f"round {round_ + 1} {name}: {seconds[name][-1]:.3f} s/image", flush=True)
-    base = statistics.median(seconds["fp32-b1"])
-    print("| variant | s / image, min | median | speed-up (median) | max abs diff | cosine |")
+    print(f"| variant | s / image, min | median | speed-up vs {base} (median) "
+          "| vs float32: max abs diff, cosine | vs bf16 autocast |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for name in names:
-        s = seconds[name]
-        r = results[name]
-        r.update(
-            min=min(s), median=statistics.median(s), runs=s, speedup=base / statistics.median(s)
-        )
+        s, r = seconds[name], results[name]
+        r.update(min=min(s), median=statistics.median(s), runs=s,
+                 speedup=statistics.median(seconds[base]) / statistics.median(s))  # fmt: skip
         print(f"| {name} | {r['min']:.3f} | {r['median']:.3f} | {r['speedup']:.2f} | "
-              f"{r['max_abs_diff']:.2e} | {r['mean_cosine']:.5f} |")  # fmt: skip
+              f"{describe(r['vs_fp32'])} | {describe(r['vs_bf16_autocast'])} |")  # fmt: skip
     report: dict[str, Any] = {"environment": environment(), "settings": settings(args),
                               "variants": results, "compile_seconds": compile_seconds}  # fmt: skip
     if args.agreement:
         report["agreement"] = agreement(encoder, args)
         print("bf16 vs float32 predictions:", report["agreement"])
     write_report(report, args.out)
+
+
+def describe(fid: dict[str, Any]) -> str:
+    if fid["identical"]:
+        return "identical"
+    return f"{fid['max_abs_diff']:.2e}, {fid['mean_cosine']:.6f}"
 
 
 if __name__ == "__main__":

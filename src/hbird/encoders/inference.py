@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
 from hbird.encoders.base import Encoder, Layers
 from hbird.encoders.precision import autocast_context, parse_autocast
+from hbird.encoders.prepack import prepacked_linears
 
 
 def _check_image(i: int, image: torch.Tensor) -> None:
@@ -41,6 +43,7 @@ def encode_batches(
     batch_size: int = 16,
     progress: bool | str = False,
     autocast: str | torch.dtype | None = None,
+    prepack: bool = True,
 ) -> list[torch.Tensor]:
     """Patch features of every image, computed in batches.
 
@@ -54,6 +57,9 @@ def encode_batches(
         progress: show a tqdm bar; a string is used as its description.
         autocast: ``"bf16"`` or ``"fp16"`` to run the forward passes under autocast
             (features still come back float32); ``None`` for full precision.
+        prepack: under bf16 autocast on the CPU, run the linear layers on weights cast
+            and packed for oneDNN once (:mod:`hbird.encoders.prepack`): bit-identical
+            features, faster; ``False`` lets autocast cast every weight on every call.
 
     Returns:
         One ``(h, w, D)`` float32 CPU tensor per image, in input order.
@@ -68,7 +74,11 @@ def encode_batches(
     dtype = param.dtype if param is not None else torch.float32
     features: list[torch.Tensor] = []
     description = progress if isinstance(progress, str) else None
-    with tqdm(total=len(images), desc=description, disable=not progress, unit="img") as bar:
+    fast = prepack and autocast_dtype == torch.bfloat16 and device.type == "cpu"
+    with (
+        tqdm(total=len(images), desc=description, disable=not progress, unit="img") as bar,
+        prepacked_linears(encoder) if fast else nullcontext(),
+    ):
         for run in runs_of_equal_size(images, batch_size):
             batch = torch.stack([images[i] for i in run]).to(device=device, dtype=torch.float32)
             with torch.inference_mode(), autocast_context(device, autocast_dtype):
