@@ -9,13 +9,17 @@ Issue 16's targets on this 2-core CPU, with a ViT-S-sized random encoder at 224 
   each phase's min and median over the repeats, and the same re-prediction without the
   cache as the baseline on equal work.
 - ``page``: the first page load takes under 1 s. The case serves the page and REST app
-  (uvicorn, in a thread) over the same folder, and times, over HTTP on localhost, the
-  page's HTML plus every script and stylesheet the HTML names, fetched one after another
-  (a browser fetches them in parallel, so this is an upper bound). The very first load
-  after start is reported apart from the repeats' min and median.
+  (uvicorn, in a thread) over the same folder, once per ``--variants`` entry (Gradio's
+  page alone, and with the first paint: the gallery in the page's HTML), each on its own
+  port, and times, over HTTP on localhost, the page's HTML plus every script and
+  stylesheet the HTML names, fetched one after another (a browser fetches them in
+  parallel, so this is an upper bound; the very first load after start is reported
+  apart), then, with Chromium, first loads in headless Chromium, the variants in turn
+  (:func:`browser_loads`). ``--predicted`` prompts and predicts the folder first, so the
+  gallery shows overlays and confidences.
 
     python benchmarks/serve.py --images 100 --repeats 3
-    python benchmarks/serve.py --case page --repeats 20
+    python benchmarks/serve.py --case page --repeats 10 --threads 1 --predicted
 """
 
 from __future__ import annotations
@@ -51,6 +55,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--variants",
+        default="gradio,first-paint",
+        help="pages served side by side and loaded in turn (page case): gradio, first-paint",
+    )
+    p.add_argument(
+        "--predicted",
+        action="store_true",
+        help="page case: prompt and predict all first, so the gallery shows predictions",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args()
 
@@ -132,17 +146,27 @@ def load_page(url: str) -> tuple[float, int, int]:
 
 
 GALLERY_OBSERVER = """
-new MutationObserver(() => {
-  const img = document.querySelector('#gallery img');
-  if (img && window.hbirdGalleryImg === undefined) {
-    window.hbirdGalleryImg = performance.now();
-    const shown = () => { window.hbirdGalleryShown ??= performance.now(); };
+const note = (selector, key) => {
+  const img = document.querySelector(selector);
+  if (img && window[key + 'Img'] === undefined) {
+    window[key + 'Img'] = performance.now();
+    const shown = () => { window[key + 'Shown'] ??= performance.now(); };
     if (img.complete && img.naturalWidth) shown(); else img.addEventListener('load', shown);
   }
+};
+new MutationObserver(() => {
+  note('#hbird-first-paint img, #gallery img', 'hbirdFirst');
+  note('#gallery img', 'hbirdGallery');
 }).observe(document, {childList: true, subtree: true});
+new PerformanceObserver(list => {
+  for (const e of list.getEntries())
+    if (e.identifier === 'hbird-first-paint') window.hbirdFirstPainted ??= e.renderTime || e.loadTime;
+}).observe({type: 'element', buffered: true});
 """
-"""Installed before each navigation: notes (page clock, ms) when the gallery's first
-``<img>`` enters the page and when its picture has loaded."""
+"""Installed before each navigation: notes (page clock, ms) when the first gallery
+``<img>`` enters the page and when its picture has loaded, for the first one of either
+gallery (the first paint's or Gradio's, ``hbirdFirst``) and for Gradio's
+(``hbirdGallery``), and when Chromium painted a first-paint picture (Element Timing)."""
 
 
 SPLIT = """
@@ -150,26 +174,37 @@ const t = performance.getEntriesByType('navigation')[0];
 const resources = performance.getEntriesByType('resource');
 const img = window.hbirdGalleryImg;
 const scripts = resources.filter(e => e.initiatorType === 'script' && e.startTime < img);
-const first = document.querySelector('#gallery img');
-const picture = resources.find(e => first && e.name === first.src);
+const nan = v => v === undefined ? NaN : v;
 return [t.responseEnd, t.domContentLoadedEventEnd, t.loadEventEnd,
-        Math.max(...scripts.map(e => e.responseEnd)), img,
-        picture ? picture.startTime : NaN, window.hbirdGalleryShown];
+        window.hbirdFirstImg, window.hbirdFirstShown, nan(window.hbirdFirstPainted),
+        Math.max(...scripts.map(e => e.responseEnd)), img, window.hbirdGalleryShown];
 """
 """The split of one load (page clock, ms): the HTML received, DOMContentLoaded, the load
-event, the last script fetched before the gallery's first ``<img>`` entered the page, that
-``<img>``, its picture's request sent, and its picture loaded."""
+event; the first gallery picture of either gallery in the page, loaded, and painted (a
+first-paint picture, by Element Timing; NaN without a first paint); the last script
+fetched before Gradio's gallery rendered, its first ``<img>`` and that picture loaded."""
+
+SPLIT_KEYS = (
+    "html",
+    "dom_content_loaded",
+    "load_event",
+    "first_img",
+    "first_shown",
+    "first_painted",
+    "scripts",
+    "gradio_gallery_img",
+    "gradio_gallery_shown",
+)
 
 
-def browser_loads(url: str, repeats: int) -> dict | None:
+def browser_loads(urls: dict[str, str], repeats: int) -> dict | None:
     """First loads in headless Chromium with its cache disabled (every load is a first
-    load), on the page's own clock from navigation: the HTML received, DOMContentLoaded,
-    the load event, the last script the gallery waited for, the gallery's first ``<img>``
-    in the page, its picture requested and loaded (:data:`SPLIT`), and
-    the page settled (the page's load event handler answered: its ``queue/data`` stream
-    ended); also seconds until WebDriver saw the picture (this adds its polling, which
-    waits while the page's main thread is busy). ``None`` without Selenium, Chromium or
-    chromedriver."""
+    load), on the page's own clock from navigation (:data:`SPLIT`), the pages of ``urls``
+    loaded in turn (one warm-up round, not counted, then ``repeats`` rounds), and the
+    page settled (the page's load event handler answered: its ``queue/data`` stream
+    ended); also seconds until WebDriver saw Gradio's gallery picture (this adds its
+    polling, which waits while the page's main thread is busy). ``None`` without
+    Selenium, Chromium or chromedriver."""
     import shutil
 
     from hbird._optional import is_available
@@ -185,36 +220,35 @@ def browser_loads(url: str, repeats: int) -> dict | None:
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    keys = (
-        "html",
-        "dom_content_loaded",
-        "load_event",
-        "scripts",
-        "gallery_img",
-        "gallery_requested",
-        "gallery_shown",
-    )
-    phases: dict[str, list[float]] = {key: [] for key in (*keys, "settled", "webdriver_saw")}
+    keys = (*SPLIT_KEYS, "settled", "webdriver_saw")
+    phases = {name: {key: [] for key in keys} for name in urls}
     try:
         driver.execute_cdp_cmd("Network.enable", {})
         driver.execute_cdp_cmd("Network.setCacheDisabled", {"cacheDisabled": True})
         driver.execute_cdp_cmd(
             "Page.addScriptToEvaluateOnNewDocument", {"source": GALLERY_OBSERVER}
         )
-        for _ in range(repeats):
-            driver.get("about:blank")
-            start = time.perf_counter()
-            driver.get(url + "/")
-            while not driver.execute_script("return window.hbirdGalleryShown !== undefined"):
-                time.sleep(0.01)
-            phases["webdriver_saw"].append(time.perf_counter() - start)
-            timing = driver.execute_script(SPLIT)
-            for key, ms in zip(keys, timing):
-                phases[key].append(ms / 1000)
-            phases["settled"].append(settled(driver) / 1000)
+        for round_ in range(repeats + 1):
+            for name, url in urls.items():
+                timing = one_load(driver, url)
+                if round_ > 0:  # round 0 warms the servers and the browser up
+                    for key, value in zip(keys, timing):
+                        phases[name][key].append(value)
     finally:
         driver.quit()
-    return {key: summary(values) for key, values in phases.items()}
+    return {name: {k: summary(v) for k, v in rows.items()} for name, rows in phases.items()}
+
+
+def one_load(driver, url: str) -> list[float]:
+    """One load's :data:`SPLIT` and settled time (s, page clock), and WebDriver's wait."""
+    driver.get("about:blank")
+    start = time.perf_counter()
+    driver.get(url + "/")
+    while not driver.execute_script("return window.hbirdGalleryShown !== undefined"):
+        time.sleep(0.01)
+    saw = time.perf_counter() - start
+    split = [float("nan") if ms is None else ms / 1000 for ms in driver.execute_script(SPLIT)]
+    return [*split, settled(driver) / 1000, saw]
 
 
 def settled(driver, timeout: float = 60.0) -> float:
@@ -233,50 +267,73 @@ def settled(driver, timeout: float = 60.0) -> float:
     return max(ends, default=float("nan"))
 
 
-def page_case(args, folder: Path, tmp: Path, options, classes) -> dict:
+VARIANTS = {"gradio": False, "first-paint": True}
+"""The pages the ``page`` case can serve side by side: Gradio's page alone (``gradio``,
+as before the first paint) and with the first paint in its HTML."""
+
+
+def page_case(args, scenes, folder: Path, tmp: Path, options, classes) -> dict:
     import uvicorn
 
     from hbird.serve.app import create_app
     from hbird.serve.page import mount_page
 
-    started = time.perf_counter()
-    app = create_app(folder, tmp / "state", classes, options)
-    app = mount_page(app, app.state.workspace("default"))
-    build = time.perf_counter() - started
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    variants = args.variants.split(",")
+    shared = {**options, "feature_cache": str(tmp / "features")}  # each image encoded once
+    servers, urls, builds = [], {}, {}
+    for name in variants:
+        started = time.perf_counter()
+        app = create_app(folder, tmp / f"state-{name}", classes, shared)
+        ws = app.state.workspace("default")
+        if args.predicted:  # the gallery shows predictions: a prompt, then predict all
+            for i in range(args.prompt):
+                ws.add_prompt(f"img{i:03d}.png", png(scenes[i].mask))
+            ws.predict_all()
+        app = mount_page(app, ws, first_paint=VARIANTS[name])
+        builds[name] = time.perf_counter() - started
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        servers.append((server, thread))
+        urls[name] = f"http://127.0.0.1:{port}"
+    results = {}
     try:
-        first, assets, size = load_page(url)
-        loads = [load_page(url)[0] for _ in range(args.repeats)]
-        in_browser = browser_loads(url, args.repeats)
+        for name, url in urls.items():
+            first, assets, size = load_page(url)
+            loads = [load_page(url)[0] for _ in range(args.repeats)]
+            results[name] = {
+                "page_build_s": builds[name],
+                "very_first_load_s": first,
+                "load": summary(loads),
+                "assets": assets,
+                "bytes": size,
+            }
+            print(
+                f"{name}: HTML + {assets} assets, {size / 2**20:.1f} MiB, fetched one after "
+                f"another: very first {first:.3f} s, then min {min(loads):.3f} s, "
+                f"median {statistics.median(loads):.3f} s"
+            )
+        in_browser = browser_loads(urls, args.repeats)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    print(
-        f"first page load (HTML + {assets} assets, {size / 2**20:.1f} MiB): very first "
-        f"{first:.3f} s, then min {min(loads):.3f} s, median {statistics.median(loads):.3f} s "
-        "(target 1 s)"
-    )
+        for server, thread in servers:
+            server.should_exit = True
+            thread.join(timeout=10)
     if in_browser:
-        print("in headless Chromium, no cache (min / median s):")
-        for key, row in in_browser.items():
-            print(f"  {key:20s} {row['min_s']:.3f} / {row['median_s']:.3f}")
-    return {
-        "browser": in_browser,
-        "page_build_s": build,
-        "very_first_load_s": first,
-        "load": summary(loads),
-        "assets": assets,
-        "bytes": size,
-        "target_s": 1.0,
-    }
+        print(f"in headless Chromium, no cache, {args.repeats} loads each (min / median s):")
+        print(f"  {'':20s} " + "  ".join(f"{name:>13s}" for name in in_browser))
+        for key in in_browser[variants[0]]:
+            cells = [in_browser[n][key] for n in in_browser]
+            row = "  ".join(f"{c['min_s']:5.2f} / {c['median_s']:5.2f}" for c in cells)
+            print(f"  {key:20s} {row}")
+    for name in results:
+        results[name]["browser"] = (in_browser or {}).get(name)
+    return {"variants": results, "predicted": args.predicted, "target_s": 1.0}
 
 
 def main() -> None:
@@ -294,7 +351,7 @@ def main() -> None:
         if args.case in ("repredict", "both"):
             report.update(repredict_case(args, scenes, folder, Path(tmp), options, classes))
         if args.case in ("page", "both"):
-            report["first_page_load"] = page_case(args, folder, Path(tmp), options, classes)
+            report["first_page_load"] = page_case(args, scenes, folder, Path(tmp), options, classes)
     report["peak_rss_bytes"] = peak_rss_bytes()
     write_report(report, args.out)
 

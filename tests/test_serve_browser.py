@@ -1,7 +1,8 @@
 """A real browser drives ``hbird serve --demo`` (issue 16's acceptance test of the page).
 
 Chromium and its driver (Debian: ``apt-get install chromium chromium-driver``) under
-Selenium: start the server on a free localhost port, paint a mask with mouse events,
+Selenium: start the server on a free localhost port, see the gallery's first paint with
+Gradio's scripts blocked, paint a mask with mouse events,
 predict all, check another image's overlay, remove the prompt image, check that the
 overlay is gone, and save screenshots under the test's tmp folder. Skipped, with the
 reason, when Selenium, Gradio, Chromium or chromedriver is missing.
@@ -174,11 +175,23 @@ def test_paint_predict_remove_in_a_browser(server, browser, tmp_path):
     url, state = server
     images = state / "demo-data" / "images"
     plain_other = np.asarray(Image.open(images / OTHER).convert("RGB")).astype(np.int64)
+    # 0. the first paint: the gallery is in the page's HTML and shows without Gradio's
+    # client (its scripts blocked here); once the client has rendered, it is hidden
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/assets/*.js"]})
+    browser.get(url + "/")
+    early = wait_until(lambda: _first_paint_picture(browser), WAIT_UI_S, "the first paint")
+    assert early.is_displayed() and np.array_equal(picture(early.get_attribute("src")), plain_other)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#gallery img")  # no Gradio page yet
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+
     browser.get(url + "/")
     wait_until(
         lambda: browser.find_elements(By.CSS_SELECTOR, "#editor canvas"), WAIT_UI_S, "the editor"
     )
     assert "Demo" in browser.find_element(By.ID, "demo-banner").text
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery img"), 60, "the gallery")
+    assert not browser.find_element(By.ID, "hbird-first-paint").is_displayed()
     assert np.array_equal(picture(thumbnail(browser, OTHER)), plain_other)
 
     # 1-2. paint on the first image and add it to the prompt (retry while the editor's
@@ -227,6 +240,14 @@ def test_paint_predict_remove_in_a_browser(server, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "removed.png"))
     for shot in ("predicted.png", "removed.png"):
         assert Image.open(tmp_path / shot).size[0] > 0
+
+
+def _first_paint_picture(driver):
+    """The first paint's picture of the other image, once it has loaded (else None)."""
+    from selenium.webdriver.common.by import By
+
+    img = driver.find_element(By.CSS_SELECTOR, f"#hbird-first-paint img[alt^='{OTHER}']")
+    return img if driver.execute_script("return arguments[0].naturalWidth", img) else None
 
 
 def _caption_scored(driver) -> bool:

@@ -46,6 +46,7 @@ DEMO_BANNER = (
     "The predictions show how the loop works, not how good a trained encoder is."
 )
 ORDERS = ("name", "least confident first")
+DEFAULT_ORDER = ORDERS[1]  # the next image to correct first (by name while none is predicted)
 BAR_WIDTH = 360
 CONFIDENCE_CMAP = "gray"  # the confidence maps are grey: black = unsure, white = sure
 CONFIDENCE_MEANING = {
@@ -291,6 +292,16 @@ class PageModel:
             self.files.sweep(path for _, path in self._files.values())
         return items, [n for n, _, _ in entries]
 
+    def first_paint(self, demo: bool = False) -> str:
+        """The page's first paint (:mod:`hbird.serve.first_paint`): the gallery the page
+        opens with, as HTML: the predictions already made at the current revision (the
+        others plain), in :data:`DEFAULT_ORDER`, with their captions."""
+        from hbird.serve.first_paint import first_paint_html
+
+        items, _ = self.gallery_files(set(self.ws.predicted_names()), False, DEFAULT_ORDER)
+        label = f"the folder ({DEFAULT_ORDER})"
+        return first_paint_html(heading(self.ws.task), label, items, DEMO_BANNER if demo else None)
+
     def _page_scale(self, entries) -> Scale | None:
         predicted = any(p for _, p, _ in entries)
         return self.depth_scale() if self.ws.task == "depth" and predicted else None
@@ -299,6 +310,13 @@ class PageModel:
         todo = "upload a depth map for" if self.ws.task == "depth" else "paint a mask on"
         prompt = ", ".join(self.ws.prompt) or f"empty: {todo} an image, then add it"
         return f"**Prompt** ({len(self.ws.prompt)}): {prompt}"
+
+
+def heading(task: str) -> str:
+    """The page's title line."""
+    if task == "depth":
+        return "hbird serve: upload a few depth maps, see every other image's depth"
+    return "hbird serve: paint a few masks, see every other image segmented"
 
 
 def legend_html(classes: list[str]) -> str:
@@ -368,10 +386,16 @@ def _depth_inputs(gr, model: PageModel, name: str) -> list:
     return [image, prompt, upload]
 
 
-def build_page(workspace: Workspace, demo: bool = False, export_url: str | None = None):
-    """The Gradio ``Blocks`` over ``workspace`` (element ids are what the browser test uses)."""
+def build_page(
+    workspace: Workspace,
+    demo: bool = False,
+    export_url: str | None = None,
+    model: PageModel | None = None,
+):
+    """The Gradio ``Blocks`` over ``workspace`` (element ids are what the browser test uses;
+    ``model``: the page model to share, default a new one)."""
     gr = require("gradio", "the hbird serve web page")
-    model = PageModel(workspace)
+    model = model or PageModel(workspace)
     names = workspace.image_names
     depth = workspace.task == "depth"
 
@@ -399,10 +423,8 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
         prompt_depth = None if prompt_depth is None else enlarge(prompt_depth, s)
         return sent(enlarge(model.image(name), s)), sent(prompt_depth), None
 
-    title = "see every other image's depth" if depth else "see every other image segmented"
     with gr.Blocks(title="hbird serve", analytics_enabled=False) as page:
-        todo = "upload a few depth maps" if depth else "paint a few masks"
-        gr.Markdown(f"# hbird serve: {todo}, {title}")
+        gr.Markdown(f"# {heading(workspace.task)}")
         if demo:
             gr.Markdown(DEMO_BANNER, elem_id="demo-banner")
         shown = gr.State(set())  # images whose prediction this session shows
@@ -436,13 +458,15 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
                     predict_all = gr.Button("predict all", variant="primary", elem_id="predict-all")
                 with gr.Row():
                     confidence = gr.Checkbox(label="show confidence", elem_id="confidence")
-                    order = gr.Radio(list(ORDERS), value=ORDERS[0], label="order", elem_id="order")
+                    order = gr.Radio(
+                        list(ORDERS), value=DEFAULT_ORDER, label="order", elem_id="order"
+                    )
                 if depth:
                     gr.Markdown(DEPTH_CONFIDENCE)
                 if export_url:
                     gr.Markdown(f"[export masks, bank and settings (zip)]({export_url})")
         gallery = gr.Gallery(
-            value=model.gallery_files(set(), False, ORDERS[0])[0],
+            value=model.gallery_files(set(), False, DEFAULT_ORDER)[0],
             label="the folder (click an image to " + ("give it depth)" if depth else "paint it)"),
             columns=6,
             allow_preview=False,
@@ -497,16 +521,18 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
             return shown_now, *refresh(name, shown_now, conf, order_now)
 
         state = [current, shown, confidence, order]
-        # a reload shows the current prompt; it leaves the depth upload alone (its answer can
-        # come after the user picked a file, on a loaded machine)
+        # a reload shows the current prompt and the predictions already made at its revision
+        # (as the first paint does); it leaves the depth upload alone (its answer can come
+        # after the user picked a file, on a loaded machine)
         shown_inputs = inputs[:-1] if depth else inputs
 
         @guarded
         def on_load(name, shown_now, conf, order_now):
+            shown_now = shown_now | set(workspace.predicted_names())
             values = input_values(name)[: len(shown_inputs)]
-            return *values, *refresh(name, shown_now, conf, order_now)
+            return *values, shown_now, *refresh(name, shown_now, conf, order_now)
 
-        page.load(on_load, state, [*shown_inputs, *views])
+        page.load(on_load, state, [*shown_inputs, shown, *views])
         current.change(on_select, state, [*inputs, *views])
         gallery.select(on_gallery_select, [order_names], [current])
         added = [*inputs, *views] if depth else views
@@ -526,8 +552,23 @@ def build_page(workspace: Workspace, demo: bool = False, export_url: str | None 
     return page
 
 
-def mount_page(app, workspace: Workspace, demo: bool = False, export_url: str | None = None):
-    """Serve the page at ``/`` of the FastAPI ``app`` (REST routes and ``/docs`` stay)."""
+def mount_page(
+    app,
+    workspace: Workspace,
+    demo: bool = False,
+    export_url: str | None = None,
+    first_paint: bool = True,
+):
+    """Serve the page at ``/`` of the FastAPI ``app`` (REST routes and ``/docs`` stay).
+
+    With ``first_paint`` the page's HTML carries its gallery, shown before Gradio's client
+    has started (:mod:`hbird.serve.first_paint`), and its pictures are served under
+    ``/page/pictures/``."""
     gr = require("gradio", "the hbird serve web page")
-    page = build_page(workspace, demo, export_url)
+    model = PageModel(workspace)
+    page = build_page(workspace, demo, export_url, model)
+    if first_paint:
+        from hbird.serve.first_paint import serve_first_paint
+
+        serve_first_paint(app, model.files, lambda: model.first_paint(demo))
     return gr.mount_gradio_app(app, page, path="/", css=CSS, footer_links=["api"])

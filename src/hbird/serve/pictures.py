@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import shutil
 import tempfile
 import threading
@@ -36,6 +37,9 @@ THUMBNAIL_SIZE = 320
 them at about 180 px, and a 4000 x 3000 photo's overlay would be tens of MB as a PNG."""
 THUMBNAIL_QUALITY = 90
 GRACE_S = 120.0
+FILE_NAME = re.compile(r"[0-9a-f]{64}\.(?:png|jpg)")
+"""The name of every file :class:`PictureFiles` writes."""
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}
 
 
 def png(picture: np.ndarray) -> bytes:
@@ -87,6 +91,15 @@ class PictureFiles:
         """Note that ``path`` (from :meth:`add`) is handed out again now."""
         with self.lock:
             self._handed[path] = self.clock()
+
+    def held(self, name: str) -> Path | None:
+        """The file this object wrote and still holds under the bare file ``name`` (the
+        ``<sha256><suffix>`` of :meth:`add`), or ``None``: a client's name is never a path."""
+        if not FILE_NAME.fullmatch(name):
+            return None
+        path = self.folder / name
+        with self.lock:
+            return path if path in self._handed else None
 
     def picture(self, picture: np.ndarray | None) -> str | None:
         """A picture (or ``None``) as a lossless PNG file, the way Gradio takes it."""

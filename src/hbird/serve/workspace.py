@@ -325,6 +325,11 @@ class Workspace:
                 self._predictions[name] = self.predictor().predict_dense([path])[0]
             return self._predictions[name]
 
+    def predicted_names(self) -> list[str]:
+        """The images whose prediction at the current revision is already computed."""
+        with self.lock:
+            return [n for n in self.image_names if n in self._predictions]
+
     def predict_all(self, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
         """Predict every image; returns mean confidence per image (least confident first)."""
         names = self.image_names
