@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from hbird._optional import is_available
-from hbird.data.synthetic import make_scenes
+from hbird.data.synthetic import make_scenes, write_scene_folder
 from hbird.serve.first_paint import BLOCK_ID, first_paint_html, serve_first_paint
 from hbird.serve.page import PageModel
 from hbird.serve.pictures import png
@@ -164,11 +164,8 @@ def test_gradios_page_carries_the_first_paint(tmp_path, monkeypatch):
     from hbird.serve.page import mount_page
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i, s in enumerate(make_scenes(3, seed=0, size=(32, 48))):
-        rgb = np.round(s.image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        Image.fromarray(rgb).save(folder / f"img{i}.png")
+    scenes = make_scenes(3, seed=0, size=(32, 48))
+    folder = write_scene_folder(tmp_path / "data", scenes, with_depth=False) / "images"
     for first_paint in (True, False):
         app = create_app(folder, tmp_path / f"state{first_paint}", ["background", "a"], SETTINGS)
         app = mount_page(app, app.state.workspace("default"), first_paint=first_paint)
@@ -177,7 +174,7 @@ def test_gradios_page_carries_the_first_paint(tmp_path, monkeypatch):
             figures = FIGURE.findall(body)
             assert "window.gradio_config" in body and "<gradio-app" in body
             if first_paint:
-                assert [c for _, _, c in figures] == ["img0.png", "img1.png", "img2.png"]
+                assert [c for _, _, c in figures] == [f"scene_000{i}.png" for i in range(3)]
                 assert body.index(BLOCK_ID) < body.index("<gradio-app")
                 assert client.get("/" + figures[0][0]).status_code == 200
             else:
