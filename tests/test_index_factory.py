@@ -25,7 +25,7 @@ from hbird.index import (
 
 
 def test_registry_names() -> None:
-    assert INDEXES.names() == ["exact", "flat", "hnsw", "ivfpq", "scann"]
+    assert INDEXES.names() == ["exact", "flat", "hnsw", "ivfmm", "ivfpq", "scann"]
     for name in INDEXES:
         assert INDEXES.get(name).kind == name
 

@@ -42,6 +42,7 @@ INDEX_CASES = {  # kind: (optional module it needs, tiny constructor parameters)
     "flat": ("faiss", {}),
     "hnsw": ("faiss", {"m": 8, "ef_construction": 64, "ef_search": 64}),
     "ivfpq": ("faiss", {"nlist": 4, "m": 4, "nprobe": 4}),
+    "ivfmm": ("faiss", {"nlist": 4, "nprobe": 4}),
     "scann": ("scann", {"num_leaves": 4, "leaves_to_search": 4, "brute_force_below": 1}),
 }
 

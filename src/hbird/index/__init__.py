@@ -6,6 +6,7 @@ name       class                                       needs
 exact      :class:`~hbird.index.exact.ExactIndex`       torch (the oracle)
 flat       :class:`FaissFlatIndex`                      faiss
 ivfpq      :class:`FaissIVFPQIndex`                     faiss (trains on the first add)
+ivfmm      :class:`~hbird.index.ivf_matmul.MatmulIVFIndex`  faiss heaps; bf16 matmul per list
 hnsw       :class:`FaissHNSWIndex`                      faiss
 scann      :class:`~hbird.index.scann_backend.ScannIndex`  scann
 =========  ==========================================  ================================
@@ -28,6 +29,7 @@ from hbird.errors import InputError
 from hbird.index.base import EmptyIndexError, VectorIndex, read_meta
 from hbird.index.exact import ExactIndex
 from hbird.index.faiss_backends import FaissFlatIndex, FaissHNSWIndex, FaissIVFPQIndex
+from hbird.index.ivf_matmul import MatmulIVFIndex
 from hbird.index.recall import recall_at_k
 from hbird.index.scann_backend import ScannIndex
 from hbird.registry import Registry, check_options
@@ -43,6 +45,7 @@ __all__ = [
     "FaissFlatIndex",
     "FaissHNSWIndex",
     "FaissIVFPQIndex",
+    "MatmulIVFIndex",
     "ScannIndex",
     "VectorIndex",
     "choose_kind",
@@ -52,7 +55,14 @@ __all__ = [
 ]
 
 INDEXES: Registry[type[VectorIndex]] = Registry("index")
-for _cls in (ExactIndex, FaissFlatIndex, FaissIVFPQIndex, FaissHNSWIndex, ScannIndex):
+for _cls in (
+    ExactIndex,
+    FaissFlatIndex,
+    FaissIVFPQIndex,
+    FaissHNSWIndex,
+    ScannIndex,
+    MatmulIVFIndex,
+):
     INDEXES.register(_cls.kind, _cls)
 
 AUTO_EXACT_MAX = 20_000

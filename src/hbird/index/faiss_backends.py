@@ -9,21 +9,17 @@ keys as float32 (float16 keys are upcast). faiss's own thread count is left alon
 from __future__ import annotations
 
 import math
-import sys
-import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hbird._optional import require
 from hbird.errors import InputError
 from hbird.index.base import VectorIndex, as_float32_numpy
-from hbird.index.tuning import tune_nprobe_k_factor
+from hbird.index.tuning import TunedSearch
 
 INDEX_FILE = "index.faiss"
 ROTATION_FACTORY = {"rr": "RR{dim}", "pcar": "PCAR{dim}"}
@@ -171,7 +167,7 @@ class FaissHNSWIndex(_FaissIndex):
         return self._faiss.SearchParametersHNSW(efSearch=self.ef_search)
 
 
-class FaissIVFPQIndex(_FaissIndex):
+class FaissIVFPQIndex(TunedSearch, _FaissIndex):
     """IVF with 4-bit PQ fast-scan codes, re-ranked exactly (``IndexRefine``).
 
     The first pass scans ``nprobe`` of ``nlist`` inverted lists with PQ fast-scan
@@ -228,9 +224,6 @@ class FaissIVFPQIndex(_FaissIndex):
     """
 
     kind = "ivfpq"
-    search_time_params = ("nprobe", "k_factor", "recall")  # tuning picks search settings only
-    measured_params = ("measured_recall",)
-    uses_expected_size = True
 
     def __init__(
         self,
@@ -315,31 +308,6 @@ class FaissIVFPQIndex(_FaissIndex):
             "coarse": self.coarse,
             "by_residual": self.by_residual,
         }
-
-    def take_search_settings(self, wanted: VectorIndex) -> bool:
-        """Given ``nprobe``/``k_factor`` replace tuned ones (and their measured recall);
-        a wanted target recall is served only by an index tuned for that target."""
-        assert isinstance(wanted, FaissIVFPQIndex)
-        if wanted.recall is not None:
-            return wanted.recall == self.recall  # keep the settings tuned for it
-        self.nprobe, self.k_factor = wanted.nprobe, wanted.k_factor
-        self.recall = self.measured_recall = None
-        return True
-
-    def _built(self, chunks: Callable[[], Iterable[torch.Tensor]], n: int, progress: bool) -> None:
-        if self.recall is None:
-            return
-        start = time.perf_counter()
-        tuned = tune_nprobe_k_factor(self, chunks, n, self.recall, self.recall_queries, self.seed)
-        self.nprobe, self.k_factor = tuned.nprobe, tuned.k_factor
-        self.measured_recall = round(tuned.recall, 4)
-        if progress:
-            tqdm.write(
-                f"tuned for recall@30 >= {self.recall}: nprobe {self.nprobe}, k_factor "
-                f"{self.k_factor}, measured {self.measured_recall} on {self.recall_queries} "
-                f"keys ({time.perf_counter() - start:.1f} s)",
-                file=sys.stderr,
-            )
 
     @property
     def factory_string(self) -> str | None:

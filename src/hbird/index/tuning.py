@@ -10,11 +10,15 @@ sufficient ``k_factor`` is found by walking down from the previous one.
 
 from __future__ import annotations
 
+import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
+from tqdm.auto import tqdm
 
 from hbird.index.base import VectorIndex, as_key_matrix
 from hbird.index.exact import ExactIndex, merge_top_k
@@ -102,6 +106,8 @@ def tune_nprobe_k_factor(
         return measured[nprobe, k_factor]
 
     def cost(setting: tuple[int, int]) -> float:
+        if hasattr(index, "search_cost"):  # a backend that knows its own cost
+            return index.search_cost(*setting, n)
         return estimated_cost(*setting, n, index.nlist, index.m, index.dim)
 
     best: tuple[int, int] | None = None
@@ -128,3 +134,47 @@ def tune_nprobe_k_factor(
         stacklevel=3,
     )
     return Tuned(*top, measured[top], False)
+
+
+def tune_after_build(
+    index: VectorIndex, chunks: Callable[[], Iterable[torch.Tensor]], n: int, progress: bool
+) -> None:
+    """The ``_built`` hook of an IVF index with a target ``recall`` (``None``: nothing to
+    do): tune its ``nprobe``/``k_factor`` on its keys and record ``measured_recall``."""
+    if index.recall is None:
+        return
+    start = time.perf_counter()
+    tuned = tune_nprobe_k_factor(index, chunks, n, index.recall, index.recall_queries, index.seed)
+    index.nprobe, index.k_factor = tuned.nprobe, tuned.k_factor
+    index.measured_recall = round(tuned.recall, 4)
+    if progress:
+        tqdm.write(
+            f"tuned for recall@30 >= {index.recall}: nprobe {index.nprobe}, k_factor "
+            f"{index.k_factor}, measured {index.measured_recall} on {index.recall_queries} "
+            f"keys ({time.perf_counter() - start:.1f} s)",
+            file=sys.stderr,
+        )
+
+
+class TunedSearch:
+    """Mixin for IVF backends tuned for a target recall after the build: ``nprobe``,
+    ``k_factor`` and the target ``recall`` are search-time settings (no part of a cache
+    fingerprint), the recall measured is recorded, not given, and ``expected_size`` sizes
+    ``nlist``. Put it before ``VectorIndex`` in the bases."""
+
+    search_time_params: ClassVar[tuple[str, ...]] = ("nprobe", "k_factor", "recall")
+    measured_params: ClassVar[tuple[str, ...]] = ("measured_recall",)
+    uses_expected_size: ClassVar[bool] = True
+
+    def take_search_settings(self, wanted: Any) -> bool:
+        """Given ``nprobe``/``k_factor`` replace tuned ones (and their measured recall);
+        a wanted target recall is served only by an index tuned for that target."""
+        assert isinstance(wanted, type(self))
+        if wanted.recall is not None:
+            return wanted.recall == self.recall  # keep the settings tuned for it
+        self.nprobe, self.k_factor = wanted.nprobe, wanted.k_factor
+        self.recall = self.measured_recall = None
+        return True
+
+    def _built(self, chunks: Callable[[], Iterable[torch.Tensor]], n: int, progress: bool) -> None:
+        tune_after_build(self, chunks, n, progress)  # type: ignore[arg-type]

@@ -1,0 +1,144 @@
+"""``MatmulIVFIndex`` (IVF scored by one bf16 matmul per probed list) against exact oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("faiss")
+
+from hbird.errors import InputError  # noqa: E402
+from hbird.index import ExactIndex, MatmulIVFIndex, create_index, load_index  # noqa: E402
+from hbird.index.ivf_matmul import padded_size  # noqa: E402
+from hbird.index.recall import recall_at_k  # noqa: E402
+from hbird.index.synthetic import clustered_unit_vectors  # noqa: E402
+from test_index_faiss import one_faiss_thread  # noqa: E402, F401 (autouse: one faiss thread)
+
+DIM, N, NLIST = 32, 3000, 24
+
+
+@pytest.fixture(scope="module")
+def keys() -> torch.Tensor:
+    return clustered_unit_vectors(N, DIM, n_clusters=12, spread=0.8, seed=0).half()
+
+
+@pytest.fixture(scope="module")
+def queries() -> torch.Tensor:
+    """Like one image's patches: many queries from few blobs, plus unrelated ones."""
+    image = clustered_unit_vectors(150, DIM, n_clusters=12, spread=0.8, seed=1)[:120]
+    other = torch.randn(30, DIM, generator=torch.Generator().manual_seed(5))
+    other = torch.nn.functional.normalize(other, dim=1)
+    return torch.cat([image, other])
+
+
+@pytest.fixture(scope="module")
+def built(keys) -> MatmulIVFIndex:
+    return MatmulIVFIndex(DIM, nlist=NLIST, nprobe=3).fill(keys)
+
+
+def _probed_oracle(index, keys, queries, nprobe, k):
+    """IVF by plain loops: each key's list is its most similar centroid, each query scans
+    its ``nprobe`` most similar centroids' lists, ranked by exact float32 inner product."""
+    centroids = index._centroids
+    key_list = [int(torch.argmax(centroids @ key.float())) for key in keys]
+    out = []
+    for query in queries:
+        probed = set((centroids @ query).topk(nprobe).indices.tolist())
+        candidates = torch.tensor([i for i, lst in enumerate(key_list) if lst in probed])
+        sims = keys[candidates].float() @ query
+        top = sims.topk(min(k, len(candidates)))
+        out.append((top.values, candidates[top.indices]))
+    return out
+
+
+@pytest.mark.parametrize("nprobe", [1, 3, 7])
+def test_scans_exactly_the_probed_lists(built, keys, queries, nprobe) -> None:
+    """With every candidate of the probed lists kept (k_factor large), the answer is the
+    exact top-k of those lists: the grouping by list, the padded matmul shapes, the
+    heaps and the re-scoring lose nothing and add nothing."""
+    k = 10
+    built.nprobe, built.k_factor = nprobe, N // k
+    sims, ids = built.search(queries, k)
+    for row, (want_sims, want_ids) in enumerate(_probed_oracle(built, keys, queries, nprobe, k)):
+        found = ids[row][ids[row] >= 0]  # a list shorter than k leaves -1 slots
+        assert len(found) == len(want_ids) and set(found.tolist()) == set(want_ids.tolist())
+        assert torch.allclose(sims[row, : len(want_sims)], want_sims, atol=1e-5)
+
+
+def test_every_list_probed_is_exact_search(built, keys, queries) -> None:
+    built.nprobe, built.k_factor = NLIST, 8
+    sims, ids = built.search(queries, 30)
+    want_sims, want_ids = ExactIndex(DIM).fill(keys).search(queries, 30)
+    assert recall_at_k(ids, want_ids) == 1.0
+    assert torch.allclose(sims, want_sims, atol=1e-5)
+    naive = (queries @ keys.float().T).gather(1, ids)  # returned sims are exact
+    assert torch.allclose(sims, naive, atol=1e-5)
+
+
+def test_residual_bf16_first_pass_orders_well(built, keys, queries) -> None:
+    """k_factor 1 re-scores only the k the bf16 first pass kept: its rounding error is a
+    fraction of the residual's norm, so nearly all of the true top 30 survive."""
+    built.nprobe, built.k_factor = NLIST, 1
+    ids = built.search(queries, 30)[1]
+    assert recall_at_k(ids, ExactIndex(DIM).fill(keys).search(queries, 30)[1]) >= 0.97
+
+
+def test_saved_index_and_split_adds_answer_alike(built, keys, queries, tmp_path) -> None:
+    built.nprobe, built.k_factor = 3, 1
+    sims, ids = built.search(queries, 30)
+    saved = load_index(built.save(tmp_path / "ivf"))
+    assert isinstance(saved, MatmulIVFIndex) and saved.params() == built.params()
+    assert torch.equal(saved.search(queries, 30)[1], ids)
+    split = MatmulIVFIndex(DIM, nlist=NLIST, nprobe=3)
+    split.train(keys)
+    for part in keys.split(700):
+        split.add(part)
+        split.search(queries[:2], 5)  # a search between adds sorts what is there in
+    sims2, ids2 = split.search(queries, 30)
+    assert torch.equal(ids2, ids) and torch.allclose(sims2, sims)
+
+
+def test_fewer_candidates_than_k_are_padded(keys) -> None:
+    index = MatmulIVFIndex(DIM, nlist=4, nprobe=1, k_factor=1).fill(keys[:40])
+    sims, ids = index.search(keys[:3].float(), 60)
+    assert ids.shape == (3, 60)
+    found = ids >= 0
+    assert bool((sims[~found] == float("-inf")).all()) and bool(found[:, 0].all())
+    assert all(len(set(r[r >= 0].tolist())) == int((r >= 0).sum()) for r in ids)
+
+
+def test_tuner_reaches_the_target(keys) -> None:
+    index = MatmulIVFIndex(DIM, nlist=NLIST, recall=0.95, recall_queries=200, seed=1).fill(keys)
+    assert index.measured_recall is not None and index.measured_recall >= 0.95
+    from hbird.index.tuning import exact_ids, sample_rows
+
+    sample = keys[sample_rows(N, 200, 1)].float()
+    got = recall_at_k(index.search(sample, 30)[1], exact_ids(sample, [keys], 30))
+    assert got == pytest.approx(index.measured_recall, abs=1e-4)
+
+
+def test_float32_keys_stay_float32(queries) -> None:
+    keys = clustered_unit_vectors(800, DIM, n_clusters=6, seed=2)
+    index = create_index("ivfmm", DIM, nlist=8, nprobe=8, k_factor=4).fill(keys)
+    sims, ids = index.search(queries, 5)
+    assert torch.allclose(sims, (queries @ keys.T).gather(1, ids), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "params", [{"nlist": 0}, {"nprobe": 1.5}, {"k_factor": True}, {"recall": 1.5}]
+)
+def test_bad_parameters_name_themselves(params) -> None:
+    with pytest.raises(InputError, match=next(iter(params))):
+        MatmulIVFIndex(DIM, **params)
+
+
+def test_too_few_training_keys(keys) -> None:
+    with pytest.raises(InputError, match="nlist=24"):
+        MatmulIVFIndex(DIM, nlist=NLIST).fill(keys[:10])
+
+
+def test_padded_sizes_are_few_and_close() -> None:
+    sizes = [padded_size(n) for n in range(1, 20_000)]
+    assert all(s >= n for n, s in zip(range(1, 20_000), sizes))
+    assert all(s <= max(16, 1.25 * n) for n, s in zip(range(1, 20_000), sizes))
+    assert len(set(sizes)) <= 4 * 11 + 1  # four per octave from 16 to 20k
