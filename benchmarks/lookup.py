@@ -38,7 +38,7 @@ from _common import environment, set_threads, settings, write_report
 from index_curve import patch_keys
 
 from hbird.index import ExactIndex, create_index, load_index, recall_at_k
-from hbird.index.synthetic import clustered_unit_vectors
+from hbird.index.synthetic import clustered_queries, clustered_unit_vectors
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "lookup.json"
 DEFAULT_GRID = {
@@ -66,25 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def image_queries(dim: int, count: int = 1024, blobs: int = 8, seed: int = 7) -> torch.Tensor:
-    """``count`` queries from ``blobs`` of the 200 blobs the synthetic keys are drawn from
-    (same centres and spread as ``clustered_unit_vectors(..., n_clusters=200)``)."""
-    centers_gen = torch.Generator().manual_seed(1234)  # clustered_unit_vectors' default
-    centers = torch.nn.functional.normalize(torch.randn(200, dim, generator=centers_gen), dim=1)
-    gen = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(200, generator=gen)[:blobs]
-    labels = chosen[torch.randint(0, blobs, (count,), generator=gen)]
-    noise = torch.randn(count, dim, generator=gen) * (0.75 / dim**0.5)
-    return torch.nn.functional.normalize(centers[labels] + noise, dim=1)
-
-
 def make_data(args: argparse.Namespace) -> dict[str, Any]:
     """Keys ``(N, D)`` float16, named query sets ``(M, D)`` and their exact top-30 ids."""
     if args.source == "synthetic":
         keys = clustered_unit_vectors(args.keys, args.dim, n_clusters=200, seed=0).half()
         queries = {
             "spread": clustered_unit_vectors(1024, args.dim, n_clusters=200, seed=1),
-            "image": image_queries(args.dim),
+            "image": clustered_queries(1024, args.dim, n_clusters=200, blobs=8),
         }
     else:
         curve_args = argparse.Namespace(**vars(args), queries=1568)

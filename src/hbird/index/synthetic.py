@@ -34,3 +34,26 @@ def clustered_unit_vectors(
     labels = torch.randint(0, n_clusters, (n,), generator=gen)
     noise = torch.randn(n, dim, generator=gen) * (spread / dim**0.5)
     return torch.nn.functional.normalize(centers[labels] + noise, dim=1)
+
+
+def clustered_queries(
+    count: int,
+    dim: int = 64,
+    n_clusters: int = 50,
+    blobs: int = 8,
+    spread: float = 0.75,
+    seed: int = 7,
+    centers_seed: int = 1234,
+) -> torch.Tensor:
+    """``count`` queries ``(count, dim)`` float32 like the patches of one image: drawn from
+    only ``blobs`` (seeded) of the ``n_clusters`` blobs of ``clustered_unit_vectors`` with
+    the same ``dim``, ``spread`` and ``centers_seed``, so together they probe few lists."""
+    centers_gen = torch.Generator().manual_seed(centers_seed)
+    centers = torch.nn.functional.normalize(
+        torch.randn(n_clusters, dim, generator=centers_gen), dim=1
+    )
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n_clusters, generator=gen)[:blobs]
+    labels = chosen[torch.randint(0, blobs, (count,), generator=gen)]
+    noise = torch.randn(count, dim, generator=gen) * (spread / dim**0.5)
+    return torch.nn.functional.normalize(centers[labels] + noise, dim=1)
