@@ -91,13 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
     """``["autocast=bf16", "batch_size=16"]`` → ``{"autocast": "bf16", "batch_size": 16}``;
-    ``index_param.scoring=bf16`` → ``{"index_params": {"scoring": "bf16"}}``."""
+    ``index_param.scoring=bf16`` → ``{"index_params": {"scoring": "bf16"}}``;
+    ``feature_option.compile=true`` → ``{"feature_options": {"compile": True}}``."""
     options: dict[str, Any] = {}
+    groups = {"index_param.": "index_params", "feature_option.": "feature_options"}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        parsed = int(value) if value.isdigit() else value
-        if name.startswith("index_param."):
-            options.setdefault("index_params", {})[name.removeprefix("index_param.")] = parsed
+        parsed = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
+        prefix = next((p for p in groups if name.startswith(p)), None)
+        if prefix is not None:
+            options.setdefault(groups[prefix], {})[name.removeprefix(prefix)] = parsed
         else:
             options[name] = parsed
     return options

@@ -16,9 +16,9 @@ median seconds per image, and how far their features are from the float32 refere
   (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``);
 - ``fp32-math-attn`` / ``fp32-channels-last`` (``--more``): timm's attention without
   ``F.scaled_dot_product_attention``; the input and patch conv in channels-last;
-- ``fp32-compile`` / ``bf16-compile`` (``--compile``): ``torch.compile`` of
-  ``forward_patches`` with inductor's ``freezing`` (weights folded and prepacked); compile
-  time is reported apart and not counted.
+- ``fp32-compile`` / ``bf16-compile`` (``--compile``): ``encode_batches(compile=True)``,
+  ``torch.compile`` with inductor's ``freezing`` (:mod:`hbird.encoders.compiled`); the
+  compile time is reported apart and not counted.
 
 ``--agreement`` also fits an :class:`InContextPredictor` on synthetic scenes in float32
 and in bf16 and reports the fraction of query pixels predicted alike, and both mIoUs.
@@ -139,20 +139,9 @@ def variants(encoder, images, args) -> dict[str, Callable[[], list[torch.Tensor]
     out["fp32-bf16-matmul"] = within(bf16_matmul, run(best))
     if args.more:
         out.update(more_variants(encoder, images, best))
-    if args.compile:
-        torch._inductor.config.freezing = True
-        compiled = torch.compile(encoder.forward_patches)
-
-        @contextlib.contextmanager
-        def swapped():
-            encoder.forward_patches = compiled
-            try:
-                yield
-            finally:
-                del encoder.forward_patches
-
-        out["fp32-compile"] = within(swapped, run(best))
-        out["bf16-compile"] = within(swapped, run(best, "bf16", prepack=False))
+    if args.compile:  # hbird's compile=True (hbird.encoders.compiled)
+        out["fp32-compile"] = run(best, compile=True)
+        out["bf16-compile"] = run(best, "bf16", compile=True)
     return out
 
 

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
+from hbird.encoders import compiled
 from hbird.encoders.base import Encoder, Layers
 from hbird.encoders.precision import autocast_context, parse_autocast
 from hbird.encoders.prepack import prepacked_linears
@@ -36,6 +37,18 @@ def runs_of_equal_size(images: Sequence[torch.Tensor], batch_size: int) -> Itera
         yield run
 
 
+def _compiled_forward(
+    encoder: Encoder, x: torch.Tensor, layers: Layers, batch_size: int
+) -> torch.Tensor:
+    """``(B, 3, H, W)`` → ``(B, h, w, D)`` through the compiled forward, ``x`` padded with
+    copies of its last image to a batch size already compiled (their features dropped)."""
+    b, _, height, width = x.shape
+    size = compiled.padded_size(encoder, b, height, width, most=batch_size)
+    if size > b:
+        x = torch.cat([x, x[-1:].expand(size - b, -1, -1, -1)])
+    return compiled.compiled_forward(encoder, x, layers)[:b]
+
+
 def encode_batches(
     encoder: Encoder,
     images: Sequence[torch.Tensor],
@@ -44,6 +57,7 @@ def encode_batches(
     progress: bool | str = False,
     autocast: str | torch.dtype | None = None,
     prepack: bool = True,
+    compile: bool = False,
 ) -> list[torch.Tensor]:
     """Patch features of every image, computed in batches.
 
@@ -60,6 +74,10 @@ def encode_batches(
         prepack: under bf16 autocast on the CPU, run the linear layers on weights cast
             and packed for oneDNN once (:mod:`hbird.encoders.prepack`): bit-identical
             features, faster; ``False`` lets autocast cast every weight on every call.
+        compile: run the forward passes through ``torch.compile`` with weight freezing
+            (:mod:`hbird.encoders.compiled`): faster on long runs of equal-size images,
+            each new batch shape compiles first (tens of seconds); features change
+            slightly. A short last batch is padded to a batch size already compiled.
 
     Returns:
         One ``(h, w, D)`` float32 CPU tensor per image, in input order.
@@ -74,7 +92,8 @@ def encode_batches(
     dtype = param.dtype if param is not None else torch.float32
     features: list[torch.Tensor] = []
     description = progress if isinstance(progress, str) else None
-    fast = prepack and autocast_dtype == torch.bfloat16 and device.type == "cpu"
+    # compiled graphs prepack their own weights (inductor's freezing)
+    fast = prepack and not compile and autocast_dtype == torch.bfloat16 and device.type == "cpu"
     with (
         tqdm(total=len(images), desc=description, disable=not progress, unit="img") as bar,
         prepacked_linears(encoder) if fast else nullcontext(),
@@ -83,7 +102,11 @@ def encode_batches(
             batch = torch.stack([images[i] for i in run]).to(device=device, dtype=torch.float32)
             with torch.inference_mode(), autocast_context(device, autocast_dtype):
                 x = encoder.normalize(batch).to(dtype)
-                feats = encoder.forward_patches(x, layers).to("cpu", torch.float32)  # (B, h, w, D)
+                if compile:
+                    feats = _compiled_forward(encoder, x, layers, batch_size)
+                else:
+                    feats = encoder.forward_patches(x, layers)
+                feats = feats.to("cpu", torch.float32)  # (B, h, w, D)
             # clone outside inference mode so callers get ordinary, independent tensors
             features.extend(f.clone() for f in feats.unbind(0))
             bar.update(len(run))

@@ -20,6 +20,10 @@ class PatchFeatures:
         autocast: ``"bf16"``/``"fp16"`` to encode under autocast, ``None`` for float32.
         batch_size: most views per forward pass.
         seed, progress: accepted like every extractor's; patch features use neither.
+        compile: encode through ``torch.compile`` with weight freezing
+            (:mod:`hbird.encoders.compiled`; ``feature_options`` ``compile=true``): faster
+            on long runs of equal-size images after a compile per batch shape, features
+            slightly different (recorded in :meth:`identity`).
     """
 
     def __init__(
@@ -30,8 +34,10 @@ class PatchFeatures:
         batch_size: int = 16,
         seed: int = 0,
         progress: bool = False,
+        compile: bool = False,
     ) -> None:
         self.encoder = encoder
+        self.compile = compile
         self.layers = layers
         self.autocast = autocast
         self.batch_size = batch_size
@@ -48,11 +54,13 @@ class PatchFeatures:
             layers=self.layers,
             batch_size=self.batch_size,
             autocast=self.autocast,
+            compile=self.compile,
         )
 
     def identity(self) -> dict[str, Any]:
         layers = list(self.layers) if isinstance(self.layers, tuple | list) else self.layers
-        return {"name": "patch", "layers": layers, "autocast": self.autocast}
+        identity = {"name": "patch", "layers": layers, "autocast": self.autocast}
+        return {**identity, "compile": True} if self.compile else identity
 
     def state(self) -> dict[str, torch.Tensor]:
         return {}
