@@ -162,7 +162,7 @@ def test_extractor_settings_it_cannot_honour_are_reported(folder_dataset, tmp_pa
     build += ["--encoder", "test_vit"]
     assert main([*build, "--out", str(tmp_path / "a"), "--feature-option", "support_size=3"]) == 2
     said = capsys.readouterr().err
-    assert "features 'patch' has no option support_size; it takes none" in said
+    assert "features 'patch' has no option support_size; it takes compile" in said
     assert "--feature-option" in said
     fungi = [*build, "--features", "fungi", "--feature-option", "suport_size=3"]
     assert main([*fungi, "--out", str(tmp_path / "c")]) == 2
