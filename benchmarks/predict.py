@@ -5,7 +5,9 @@ The encoder is a real architecture with random weights (default ViT-B/16 at 512 
 paper's evaluation setting: 1024 patches of 768-d features). The bank holds synthetic
 clustered keys of the encoder's feature width, stored float16 as banks are, with one-hot
 values over ``--classes`` classes; each query image's patches are drawn from the same
-distribution (``hbird.index.synthetic``). For every bank size and index kind, the
+distribution (``hbird.index.synthetic``): from all of its blobs (``--queries spread``,
+the default), or from 8 of them (``--queries image``), as one real image's patches come
+from few parts of a bank, so they probe few inverted lists. For every bank size and index kind, the
 predictor's own code path is timed per query image (best of ``--repeats``):
 
 - ``encode``: ``encode_batches`` on one image (independent of the bank);
@@ -48,7 +50,7 @@ from hbird.decode import aggregate, decode_dense, softmax_over_neighbours, upsam
 from hbird.encoders import create_encoder, encode_batches
 from hbird.index import choose_kind, create_index, recall_at_k
 from hbird.index.base import META_FILE
-from hbird.index.synthetic import clustered_unit_vectors
+from hbird.index.synthetic import clustered_queries, clustered_unit_vectors
 from hbird.memory.bank import MemoryBank
 from hbird.predictor import INDEX_CACHE
 
@@ -69,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--clusters", type=int, default=200)
     parser.add_argument("--spread", type=float, default=0.75)
+    parser.add_argument(
+        "--queries",
+        choices=["spread", "image"],
+        default="spread",
+        help="each query image's patches: drawn from all the keys' blobs (spread), or from "
+        "8 of them, as one real image's patches come from few parts of the bank (image)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timing passes; the best counts")
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads")
     parser.add_argument(
@@ -189,8 +198,9 @@ def bench_size(args: argparse.Namespace, n: int, encoder: Any, encode_s: float) 
         bank, bank_path = synthetic_bank(args, n, dim, encoder), None
     else:
         bank, bank_path = saved_bank(args, n, dim, encoder)
+    draw = clustered_queries if args.queries == "image" else clustered_unit_vectors
     queries = [
-        clustered_unit_vectors(patches, dim, args.clusters, args.spread, seed=10_000_000 + i)
+        draw(patches, dim, args.clusters, spread=args.spread, seed=10_000_000 + i)
         for i in range(args.images)
     ]
     exact = create_index("exact", dim).fill(bank.keys)
