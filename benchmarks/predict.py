@@ -51,6 +51,7 @@ from hbird.encoders import create_encoder, encode_batches
 from hbird.index import choose_kind, create_index, recall_at_k
 from hbird.index.base import META_FILE
 from hbird.index.synthetic import clustered_queries, clustered_unit_vectors
+from hbird.io.options import parse_pairs
 from hbird.memory.bank import MemoryBank
 from hbird.predictor import INDEX_CACHE
 
@@ -80,6 +81,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=2, help="timing passes; the best counts")
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads")
+    parser.add_argument(
+        "--index-param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an index parameter for every index measured (repeatable): nprobe=4, recall=0.9",
+    )
     parser.add_argument(
         "--bank-dir",
         type=Path,
@@ -217,6 +225,7 @@ def bench_size(args: argparse.Namespace, n: int, encoder: Any, encode_s: float) 
         start = time.perf_counter()
         cached = bank_path is not None and any((bank_path / INDEX_CACHE).glob(f"*/{META_FILE}"))
         search = {"k": args.k, "temperature": args.temperature, "index": kind, "progress": False}
+        search["index_params"] = parse_pairs(args.index_param, "--index-param", "nprobe=4")
         if bank_path is None:
             predictor = InContextPredictor.from_bank(bank, encoder, **search)
         else:  # the index comes from the bank folder's cache if an earlier run built it
