@@ -2,9 +2,10 @@
 
 With ``freezing``, inductor treats the frozen weights as constants: it prepacks them for
 oneDNN and fuses the layer norms, GELUs, residual adds and casts around the matmuls. On
-the CPU under bf16 autocast timm's ViT-S/16 encodes 1.3-1.5× faster than eager (float32:
-1.1-1.2×), after a compile of 25-55 s per batch shape (inductor caches it on disk, so a
-second process pays less). Fused kernels round differently, so features change slightly
+this 2-core CPU under bf16 autocast timm's ViT-S/16 encoded 0.7-1.5× as fast as eager
+depending on threads and load (1.3-1.5× on one thread under load; not faster on two
+threads on a quieter machine), after a compile of 20-55 s per batch shape (inductor
+caches it on disk, so a second process pays less). Fused kernels round differently, so features change slightly
 (float32: 3e-6; bf16: as far from eager bf16 as bf16 is from float32): it is an option
 (``patch`` features' ``compile=true``, the ``hummingbird_bf16_compile`` preset), never
 the default. See docs/performance.md, "The encoder on the CPU".
