@@ -49,9 +49,18 @@ def test_first_paint_html_escapes_captions_and_names_files_only():
 def served(tmp_path):
     """A workspace of four 32 x 48 scenes (one with a name to escape), its page model and
     a test client over the REST app with the first paint on a stand-in page."""
+    from fastapi.testclient import TestClient
+
+    app, ws, model = served_app(tmp_path)
+    with TestClient(app) as client:
+        yield client, ws, model
+
+
+def served_app(tmp_path, opened=None, warm=False):
+    """The REST app of ``served`` (``opened(workspace)`` runs before the page model is
+    made: a workspace resumed with prompts and predictions), its workspace and page model."""
     from fastapi import Request
     from fastapi.responses import HTMLResponse
-    from fastapi.testclient import TestClient
 
     from hbird.serve.app import create_app
 
@@ -63,15 +72,16 @@ def served(tmp_path):
         Image.fromarray(rgb).save(folder / name)
     app = create_app(folder, tmp_path / "state", ["background", "a", "b"], SETTINGS)
     ws = app.state.workspace("default")
+    if opened is not None:
+        opened(ws)
     model = PageModel(ws)
-    serve_first_paint(app, model.files, model.first_paint)
+    serve_first_paint(app, model.files, model.first_paint, warm=warm)
 
     @app.get("/")
     def page(request: Request) -> HTMLResponse:  # says which encoding it was offered
         return HTMLResponse(STAND_IN.format(request.headers.get("accept-encoding")))
 
-    with TestClient(app) as client:
-        yield client, ws, model
+    return app, ws, model
 
 
 def gallery(client) -> list[tuple[str, str, np.ndarray]]:
@@ -151,6 +161,32 @@ def test_the_picture_route_serves_only_the_pages_own_files_by_name(served):
     assert "reload the page" in client.get(f"/page/pictures/{stray.name}").json()["detail"]
     described = client.get("/api/workspaces/default")  # the REST app passes untouched
     assert described.status_code == 200 and described.json()["images"] == ws.image_names
+
+
+def test_warm_draws_the_opening_gallery_before_the_first_request(tmp_path, monkeypatch):
+    """``hbird serve`` warms the first paint: a resumed workspace's overlays are drawn in
+    the background at start, so the first page request draws nothing and shows them."""
+    from fastapi.testclient import TestClient
+
+    mask = np.zeros((32, 48), dtype=np.uint8)
+    mask[:16] = 1
+
+    def resumed(ws):
+        ws.add_prompt("img0.png", png(mask))
+        ws.predict("img1.png"), ws.predict("img3.png")
+
+    drawn = []
+    original_view = PageModel.view
+    monkeypatch.setattr(PageModel, "view", lambda self, name, *a: drawn.append(name) or original_view(self, name, *a))  # fmt: skip
+    app, ws, model = served_app(tmp_path, resumed, warm=True)
+    app.state.first_paint_warmup.join(timeout=60)
+    assert sorted(drawn) == ["img1.png", "img3.png"]  # the two overlays, before any request
+    with TestClient(app) as client:
+        shown = gallery(client)
+    assert sorted(drawn) == ["img1.png", "img3.png"]  # the request drew nothing again
+    for name, _, rgb in shown[:2]:
+        overlay = (pixels(ws, name) + VOC[ws.predict(name).labels.numpy()]) / 2
+        assert np.abs(rgb - overlay).max() <= 0.5
 
 
 @pytest.mark.slow

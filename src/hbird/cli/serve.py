@@ -109,7 +109,7 @@ def with_page(app, demo: bool):
         from hbird.serve.page import mount_page
 
         export = f"/api/workspaces/{PAGE_WORKSPACE}/export.zip"
-        return mount_page(app, app.state.workspace(PAGE_WORKSPACE), demo, export)
+        return mount_page(app, app.state.workspace(PAGE_WORKSPACE), demo, export, warm=True)
     try:
         require("gradio", "the hbird serve web page")
     except ImportError as err:

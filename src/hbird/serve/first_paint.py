@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import re
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -145,11 +146,19 @@ class FirstPaint:
         await self.app({**scope, "headers": headers}, receive, edited)
 
 
-def serve_first_paint(app: Any, files: PictureFiles, render: Callable[[], str]) -> None:
+def serve_first_paint(
+    app: Any, files: PictureFiles, render: Callable[[], str], warm: bool = False
+) -> None:
     """Give the FastAPI ``app``'s page (``GET /``, mounted after this) the block
     ``render()`` draws (:class:`FirstPaint`), and serve the pictures it names from
     ``files`` at ``/page/pictures/<file name>``: only files ``files`` holds, by bare name
-    (anything else is a 404), cached for good by the browser (named by content)."""
+    (anything else is a 404), cached for good by the browser (named by content).
+
+    ``warm``: call ``render()`` once now, in a background thread
+    (``app.state.first_paint_warmup``), so the pictures of the workspace as it opens
+    (overlays of a resumed ``--state`` included) are drawn before the first page request
+    rather than during it (3-4 s for 100 overlays here). An error there is left to that
+    request, which reports it as it would without the warm-up."""
     from fastapi import HTTPException
     from fastapi.responses import Response
 
@@ -166,3 +175,15 @@ def serve_first_paint(app: Any, files: PictureFiles, render: Callable[[], str]) 
         return Response(data, media_type=MEDIA_TYPES[path.suffix], headers=cache)
 
     app.add_middleware(FirstPaint, render=render)
+    if warm:
+        app.state.first_paint_warmup = threading.Thread(
+            target=_drawn_quietly, args=(render,), name="hbird-first-paint", daemon=True
+        )
+        app.state.first_paint_warmup.start()
+
+
+def _drawn_quietly(render: Callable[[], str]) -> None:
+    try:
+        render()
+    except Exception:  # noqa: BLE001 - the first page request draws again and reports it
+        pass

@@ -558,17 +558,19 @@ def mount_page(
     demo: bool = False,
     export_url: str | None = None,
     first_paint: bool = True,
+    warm: bool = False,
 ):
     """Serve the page at ``/`` of the FastAPI ``app`` (REST routes and ``/docs`` stay).
 
     With ``first_paint`` the page's HTML carries its gallery, shown before Gradio's client
     has started (:mod:`hbird.serve.first_paint`), and its pictures are served under
-    ``/page/pictures/``."""
+    ``/page/pictures/``; ``warm`` draws its pictures in the background now
+    (:func:`~hbird.serve.first_paint.serve_first_paint`), as ``hbird serve`` does."""
     gr = require("gradio", "the hbird serve web page")
     model = PageModel(workspace)
     page = build_page(workspace, demo, export_url, model)
     if first_paint:
         from hbird.serve.first_paint import serve_first_paint
 
-        serve_first_paint(app, model.files, lambda: model.first_paint(demo))
+        serve_first_paint(app, model.files, lambda: model.first_paint(demo), warm=warm)
     return gr.mount_gradio_app(app, page, path="/", css=CSS, footer_links=["api"])
