@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 
 
+def blob_centers(n_clusters: int, dim: int, centers_seed: int) -> torch.Tensor:
+    """The ``(n_clusters, dim)`` unit centres both generators below draw around."""
+    generator = torch.Generator().manual_seed(centers_seed)
+    return torch.nn.functional.normalize(torch.randn(n_clusters, dim, generator=generator), dim=1)
+
+
 def clustered_unit_vectors(
     n: int,
     dim: int = 64,
@@ -26,10 +32,7 @@ def clustered_unit_vectors(
         seed: draws the points; use another seed for queries from the same distribution.
         centers_seed: draws the centres; keep it fixed to share the distribution.
     """
-    centers_gen = torch.Generator().manual_seed(centers_seed)
-    centers = torch.nn.functional.normalize(
-        torch.randn(n_clusters, dim, generator=centers_gen), dim=1
-    )
+    centers = blob_centers(n_clusters, dim, centers_seed)
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, n_clusters, (n,), generator=gen)
     noise = torch.randn(n, dim, generator=gen) * (spread / dim**0.5)
@@ -48,10 +51,7 @@ def clustered_queries(
     """``count`` queries ``(count, dim)`` float32 like the patches of one image: drawn from
     only ``blobs`` (seeded) of the ``n_clusters`` blobs of ``clustered_unit_vectors`` with
     the same ``dim``, ``spread`` and ``centers_seed``, so together they probe few lists."""
-    centers_gen = torch.Generator().manual_seed(centers_seed)
-    centers = torch.nn.functional.normalize(
-        torch.randn(n_clusters, dim, generator=centers_gen), dim=1
-    )
+    centers = blob_centers(n_clusters, dim, centers_seed)
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n_clusters, generator=gen)[:blobs]
     labels = chosen[torch.randint(0, blobs, (count,), generator=gen)]
