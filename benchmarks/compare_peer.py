@@ -45,6 +45,7 @@ from hbird.data.folder import FolderDataset
 from hbird.data.synthetic import make_scenes, write_scene_folder
 from hbird.encoders import create_encoder
 from hbird.eval import evaluate
+from hbird.io.options import parse_value
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_PLACES = [up / "shared" / "peers" / "open-hummingbird-eval" for up in ROOT.parents[:2]]
@@ -97,7 +98,7 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     groups = {"index_param.": "index_params", "feature_option.": "feature_options"}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        parsed = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
+        parsed = parse_value(value)
         prefix = next((p for p in groups if name.startswith(p)), None)
         if prefix is not None:
             options.setdefault(groups[prefix], {})[name.removeprefix(prefix)] = parsed
