@@ -4,7 +4,9 @@ Keys ``(N, D)`` float16 (as banks store them), queries in images of ``P`` patche
 variant searches the same ``images × P`` queries for ``k`` neighbours, ``--batch``
 images per call (what the predictor does with a batch of images):
 
-- ``torch``: ``ExactIndex`` (the default and the oracle);
+- ``torch``: ``ExactIndex`` as configured by default (heap selection with faiss installed);
+- ``topk``: ``ExactIndex(selection="topk")``: ``torch.topk`` per chunk + merge (the
+  oracle; the default before heap selection);
 - ``faiss``: ``ExactIndex(backend="faiss")``: the same float16 keys, each chunk
   converted to float32 and scored by ``faiss.knn`` (BLAS sgemm + heap top-k);
 - ``faiss flat``: ``faiss.IndexFlatIP`` over a float32 copy of the keys, faiss's own
@@ -113,6 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     k = args.k
     indexes = {
         "torch": lambda: ExactIndex(args.dim).fill(keys),
+        "topk": lambda: ExactIndex(args.dim, selection="topk").fill(keys),
         "faiss": lambda: ExactIndex(args.dim, backend="faiss").fill(keys),
         "faiss flat": lambda: FaissFlatIndex(args.dim).fill(keys),
         "before": lambda: ExactIndex(args.dim).fill(keys),

@@ -14,11 +14,16 @@ from safetensors.torch import load_file
 from hbird._optional import require
 from hbird.errors import InputError
 from hbird.index.base import ArrayLike, VectorIndex
+from hbird.index.heaps import RowHeaps, heaps_available
 from hbird.io.files import save_tensors
 
 KEYS_FILE = "keys.safetensors"
 BACKENDS = ("torch", "faiss")
 """How ``ExactIndex`` scores a key chunk: torch matmul + topk, or ``faiss.knn``."""
+SELECTIONS = ("auto", "heap", "topk")
+"""How the torch backend keeps each query's best scores: faiss's C++ heaps over a reused
+score buffer (``heap``, CPU), ``torch.topk`` + merge per chunk (``topk``: the oracle and
+the GPU path), or ``auto``: ``heap`` on the CPU when faiss is installed, else ``topk``."""
 SCORINGS = ("float32", "bf16")
 """``ExactIndex``'s first pass: exact float32 scores, or a bf16 shortlist re-ranked in float32."""
 
@@ -44,8 +49,14 @@ class ExactIndex(VectorIndex):
     (the predictor searches a batch of images in one call): each key chunk is then
     converted once for all of them.
 
-    On CPU the matmul is most of the cost; the per-chunk top-k takes about a third of the
-    time (784 queries × 16,384 keys a chunk, one thread). ``device="cuda"`` keeps the
+    Selection (``selection``): on the CPU with faiss installed (``auto``, or ``heap``),
+    each chunk's scores go to faiss's C++ heaps (``index.heaps.RowHeaps``: one pass over
+    the reused score buffer, no per-chunk ``topk`` and no merge). The scores are the
+    same matmul outputs, so bit-identical to ``selection="topk"`` (``torch.topk`` per
+    chunk + merge: the oracle, and the path on a GPU or without faiss); only the order of
+    exactly tied keys may differ. Heap ties are canonical: the ``k`` best by (score
+    descending, id ascending), in that order, whatever the chunk sizes (``topk``'s tie
+    order is torch's). ``device="cuda"`` keeps the
     keys on the GPU, where brute force over millions of keys takes milliseconds per query
     image; results still come back on the CPU.
 
@@ -75,6 +86,7 @@ class ExactIndex(VectorIndex):
         backend: ``"torch"`` or ``"faiss"`` (CPU only, needs ``pip install "hbird[faiss]"``).
         scoring: ``"float32"`` (exact, the default) or ``"bf16"`` (shortlist + re-rank).
         shortlist: with ``scoring="bf16"``, candidates kept per neighbour (``>= 1``).
+        selection: ``"auto"`` (default), ``"heap"`` (CPU, needs faiss) or ``"topk"``.
     """
 
     kind = "exact"
@@ -89,6 +101,7 @@ class ExactIndex(VectorIndex):
         backend: str = "torch",
         scoring: str = "float32",
         shortlist: int = 2,
+        selection: str = "auto",
     ) -> None:
         super().__init__(dim)
         sizes = (("chunk_size", chunk_size), ("query_chunk_size", query_chunk_size))
@@ -97,6 +110,12 @@ class ExactIndex(VectorIndex):
                 raise InputError(f"ExactIndex: {name} must be an int >= 1, got {value!r}")
         if backend not in BACKENDS:
             raise InputError(f"ExactIndex: backend must be 'torch' or 'faiss', got {backend!r}")
+        if selection not in SELECTIONS:
+            raise InputError(
+                f"ExactIndex: selection must be 'auto', 'heap' or 'topk', got {selection!r}"
+            )
+        if selection == "heap" and (backend != "torch" or torch.device(device).type != "cpu"):
+            raise InputError("ExactIndex: selection='heap' needs backend='torch' on the CPU")
         if scoring not in SCORINGS:
             raise InputError(f"ExactIndex: scoring must be 'float32' or 'bf16', got {scoring!r}")
         if scoring == "bf16" and backend != "torch":
@@ -107,6 +126,9 @@ class ExactIndex(VectorIndex):
         self.backend = backend
         self.scoring = scoring
         self.shortlist = shortlist
+        self.selection = selection
+        if selection == "heap":
+            require("faiss", "ExactIndex(selection='heap')")
         if backend == "faiss":
             if self.device.type != "cpu":
                 raise InputError(
@@ -126,6 +148,7 @@ class ExactIndex(VectorIndex):
             "chunk_size": self.chunk_size,
             "query_chunk_size": self.query_chunk_size,
             "backend": self.backend,
+            **({"selection": self.selection} if self.selection != "auto" else {}),
             **({"scoring": "bf16", "shortlist": self.shortlist} if self.scoring == "bf16" else {}),
         }
 
@@ -177,6 +200,7 @@ class ExactIndex(VectorIndex):
             return self._search_bf16(q, k)
         m_total, device = q.shape[0], self.device
         q = q.to(device, torch.float32)
+        heaps = RowHeaps(m_total, k) if self._uses_heaps() else None
         best_sims = torch.full((m_total, k), float("-inf"), device=device)  # (M, k)
         best_ids = torch.full((m_total, k), -1, dtype=torch.int64, device=device)  # (M, k)
         # balanced query chunks: none is much smaller than the others (BLAS may round a
@@ -198,12 +222,23 @@ class ExactIndex(VectorIndex):
                 else:
                     scores = scores_buffer[: q_chunk.shape[0] * c].view(q_chunk.shape[0], c)
                     torch.mm(q_chunk, keys.T, out=scores)  # (m, c)
+                    if heaps is not None:
+                        heaps.add(scores, first_id, start)
+                        continue
                     chunk_sims, chunk_ids = scores.topk(min(k, c), dim=1)
                 block = slice(start, start + q_chunk.shape[0])
                 best_sims[block], best_ids[block] = merge_top_k(
                     best_sims[block], best_ids[block], chunk_sims, chunk_ids + first_id
                 )
+        if heaps is not None:
+            return heaps.result()
         return best_sims.cpu(), best_ids.cpu()
+
+    def _uses_heaps(self) -> bool:
+        """Whether the torch backend selects by faiss's heaps (``selection``, module doc)."""
+        if self.backend != "torch" or self.device.type != "cpu" or self.selection == "topk":
+            return False
+        return self.selection == "heap" or heaps_available()
 
     def _search_bf16(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` for ``q (M, D)`` from a bf16 shortlist re-scored in float32.
