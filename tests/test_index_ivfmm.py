@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,10 +11,14 @@ pytest.importorskip("faiss")
 
 from hbird.errors import InputError  # noqa: E402
 from hbird.index import ExactIndex, MatmulIVFIndex, create_index, load_index  # noqa: E402
+from hbird.index.base import META_FILE  # noqa: E402
+from hbird.index.cache import cache_path, load_or_build  # noqa: E402
 from hbird.index.ivf_matmul import padded_size  # noqa: E402
 from hbird.index.recall import recall_at_k  # noqa: E402
 from hbird.index.synthetic import clustered_unit_vectors  # noqa: E402
+from hbird.index.tuning import TUNER_VERSION  # noqa: E402
 from test_index_faiss import one_faiss_thread  # noqa: E402, F401 (autouse: one faiss thread)
+from test_index_tuning import _brute_force_recall  # noqa: E402
 
 DIM, N, NLIST = 32, 3000, 24
 
@@ -107,14 +113,35 @@ def test_fewer_candidates_than_k_are_padded(keys) -> None:
     assert all(len(set(r[r >= 0].tolist())) == int((r >= 0).sum()) for r in ids)
 
 
-def test_tuner_reaches_the_target(keys) -> None:
+def test_tuner_reaches_the_target_at_the_fewest_lists(keys) -> None:
+    """The tuner steps nprobe one list at a time (``FINE_NPROBES``): at the kept
+    k_factor one list fewer misses the target, and what it records is the held-out
+    recall a plain loop measures on the same sample (``_brute_force_recall``)."""
     index = MatmulIVFIndex(DIM, nlist=NLIST, recall=0.95, recall_queries=200, seed=1).fill(keys)
     assert index.measured_recall is not None and index.measured_recall >= 0.95
-    from hbird.index.tuning import exact_ids, sample_rows
-
-    sample = keys[sample_rows(N, 200, 1)].float()
-    got = recall_at_k(index.search(sample, 30)[1], exact_ids(sample, [keys], 30))
+    assert index.tuned_by == TUNER_VERSION
+    got = _brute_force_recall(index, keys, 200, 1)
     assert got == pytest.approx(index.measured_recall, abs=1e-4)
+    if index.nprobe > 1:
+        fewer = _brute_force_recall(index, keys, 200, 1, nprobe=index.nprobe - 1)
+        assert fewer < 0.95
+
+
+def test_a_cached_index_tuned_by_an_older_tuner_is_rebuilt(keys, tmp_path) -> None:
+    def empty() -> MatmulIVFIndex:
+        return MatmulIVFIndex(DIM, nlist=NLIST, recall=0.9, recall_queries=100)
+
+    first = load_or_build(empty(), lambda ix: ix.fill(keys), N, tmp_path, "keys-v1")
+    assert load_or_build(empty(), pytest.fail, N, tmp_path, "keys-v1").nprobe == first.nprobe
+    folder = cache_path(tmp_path, "keys-v1", first)
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["params"]["tuned_by"] = None  # as saved before the tuner held queries out
+    (folder / META_FILE).write_text(json.dumps(meta))
+    rebuilt = []
+    again = load_or_build(
+        empty(), lambda ix: rebuilt.append(ix) or ix.fill(keys), N, tmp_path, "keys-v1"
+    )
+    assert rebuilt == [again] and again.tuned_by == TUNER_VERSION
 
 
 def test_float32_keys_stay_float32(queries) -> None:

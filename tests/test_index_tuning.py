@@ -17,7 +17,13 @@ from hbird.index import (  # noqa: E402
 )
 from hbird.index.cache import load_or_build  # noqa: E402
 from hbird.index.synthetic import clustered_unit_vectors  # noqa: E402
-from hbird.index.tuning import K_FACTORS, RECALL_K, exact_ids, sample_rows  # noqa: E402
+from hbird.index.tuning import (  # noqa: E402
+    K_FACTORS,
+    RECALL_K,
+    drop_own,
+    exact_ids,
+    sample_rows,
+)
 from test_index_faiss import one_faiss_thread  # noqa: E402, F401 (autouse: one faiss thread)
 
 DIM, N, QUERIES = 32, 12_000, 300
@@ -34,22 +40,35 @@ def tuned(keys) -> FaissIVFPQIndex:
     return index.fill(keys)
 
 
-def _brute_force_recall(
-    index: FaissIVFPQIndex, keys: torch.Tensor, count: int, seed: int, **settings: int
-) -> float:
-    """Recall@30 on the tuner's sample rows, by a plain loop over queries: the share of
-    each query's full-matmul top 30 that the index returns (at ``settings`` if given)."""
-    queries = keys[sample_rows(N, count, seed)]
-    truth = (queries @ keys.T).topk(RECALL_K, dim=1).indices
+def _brute_force_recall(index, keys: torch.Tensor, count: int, seed: int, **settings: int) -> float:
+    """Held-out recall@30 on the tuner's sample rows, by a plain loop over queries: the
+    share of each sampled key's 30 most similar *other* keys (full matmul, its own row
+    excluded) among the index's first 30 answers that are not the key itself (it is
+    asked for 31), at ``settings`` if given."""
+    rows = sample_rows(keys.shape[0], count, seed).tolist()
+    queries = keys[rows].float()
     before = index.nprobe, index.k_factor
     for name, value in settings.items():
         setattr(index, name, value)
     try:
-        found = index.search(queries, RECALL_K)[1]
+        found = index.search(queries, RECALL_K + 1)[1]
     finally:
         index.nprobe, index.k_factor = before
-    shares = [len(set(t.tolist()) & set(f.tolist())) / RECALL_K for t, f in zip(truth, found)]
+    shares = []
+    for row, query, answer in zip(rows, queries, found.tolist()):
+        sims = keys.float() @ query
+        sims[row] = float("-inf")
+        truth = set(sims.topk(RECALL_K).indices.tolist())
+        others = [i for i in answer if i != row][:RECALL_K]
+        shares.append(len(truth & set(others)) / RECALL_K)
     return sum(shares) / len(shares)
+
+
+def test_drop_own_removes_the_query_key_or_the_last() -> None:
+    ids = torch.tensor([[5, 2, 9, 1], [3, 4, 6, 8], [7, 0, 1, 2]])
+    own = torch.tensor([9, 1, 7])  # in row 0 at column 2, absent from row 1, first in row 2
+    want = torch.tensor([[5, 2, 1], [3, 4, 6], [0, 1, 2]])
+    assert torch.equal(drop_own(ids, own), want)
 
 
 def test_tuner_reaches_the_target_with_the_smallest_k_factor(tuned, keys) -> None:

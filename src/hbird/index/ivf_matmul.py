@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from hbird._optional import require
 from hbird.errors import InputError
 from hbird.index.base import VectorIndex
-from hbird.index.tuning import RECALL_K, TunedSearch, sample_rows
+from hbird.index.tuning import FINE_NPROBES, RECALL_K, TunedSearch, sample_rows
 from hbird.io.files import save_tensors
 
 PAYLOAD_FILE = "ivf.safetensors"
@@ -109,10 +109,13 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
             ``FaissIVFPQIndex``'s, see ``index.tuning``); ``None`` keeps the given ones.
         recall_queries: keys searched to measure recall.
         measured_recall: recall@30 the build measured at the kept setting.
+        tuned_by: ``index.tuning.TUNER_VERSION`` of that measurement (recorded, not given).
     """
 
     kind = "ivfmm"
     exact_scores = True  # candidates are re-scored against the keys as added
+    measured_params = ("measured_recall", "tuned_by")
+    tuning_nprobes = FINE_NPROBES  # a search costs about nprobe: every count is worth trying
 
     def __init__(
         self,
@@ -127,6 +130,7 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
         recall: float | None = None,
         recall_queries: int = 1000,
         measured_recall: float | None = None,
+        tuned_by: int | None = None,
     ) -> None:
         super().__init__(dim)
         owner = "MatmulIVFIndex"
@@ -158,6 +162,7 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
         self.recall = recall
         self.recall_queries = recall_queries
         self.measured_recall = measured_recall
+        self.tuned_by = tuned_by
         self._centroids: torch.Tensor | None = None  # (nlist, D) float32
         self._keys = torch.empty(0, dim)  # (N, D) as added, list by list
         self._ids = torch.empty(0, dtype=torch.int64)  # (N,) insertion id of each stored key
@@ -186,6 +191,7 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
             "recall": self.recall,
             "recall_queries": self.recall_queries,
             "measured_recall": self.measured_recall,
+            "tuned_by": self.tuned_by,
         }
 
     def search_cost(self, nprobe: int, k_factor: int, n: int) -> float:
