@@ -37,12 +37,12 @@ RECALL_K = 30
 """Neighbours per query the recall is measured at (the paper's k, §4)."""
 
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-"""The ``nprobe`` ladder tried by default (IVF-PQ: a list is cheap, recall grows slowly)."""
+"""The default ``nprobe`` ladder (IVF-PQ's)."""
 FINE_NPROBES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64)
 FINE_NPROBES += (80, 96, 112, 128, 160, 192, 224, 256)
-"""Four steps per octave above 8, every count below: for backends whose search costs about
-``nprobe`` and whose recall jumps between powers of two (``ivfmm``: 0.89 at nprobe 2's
-next step 3, where a power-of-two ladder has to take 4, a third more work)."""
+"""Every count to 8, then four steps per octave: for backends whose search costs about
+``nprobe`` (``ivfmm``: at 1M × 768 the held-out recall@30 is 0.918 at nprobe 3, which the
+power-of-two ladder skipped for 4, a third more lists)."""
 K_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 TUNER_VERSION = 2
 """Recorded as ``tuned_by`` by backends that save it; an index tuned by another version is
