@@ -13,14 +13,18 @@ images per call (what the predictor does with a batch of images):
   defaults (what open-hummingbird-eval's exact mode does);
 - ``before``: ``ExactIndex``'s search before preallocated buffers, one image per call
   (re-implemented here as the baseline of the previous change; ``--variants before``);
-- ``bf16``, ``bf16 x4``: ``ExactIndex(scoring="bf16")``, a shifted bf16 first pass with a
-  shortlist of 2 (4) candidates per neighbour re-scored in float32 (approximate: see
-  the recall column).
+- ``bf16 x2``, ``bf16``, ``bf16 x8``: ``ExactIndex(scoring="bf16")``, the certified bf16
+  first pass (``index.certified``) with 2 (4, the default; 8) candidates per neighbour, re-scored in
+  float32, and a float32 search of the queries it cannot certify: exact. The JSON has
+  the certified share of queries (``certified``) and the candidates per query.
 
-Keys: ``--source synthetic`` (clustered, with duplicates) or ``patches``: synthetic
-scenes at 448 px through a random-weight ViT (``index_curve.patch_keys``, every patch of
-``ceil(keys / 784)`` scenes; queries are the patches of two other scenes, so
-``--images`` <= 2), whose near-ties are what bf16 rounding has to keep apart.
+Keys: ``--source synthetic`` (clustered, with duplicates), ``patches``: synthetic
+scenes at 448 px through a random-weight ViT (``index_curve.patch_keys``, unit-norm,
+every patch of ``ceil(keys / 784)`` scenes; queries are the patches of two other scenes,
+so ``--images`` <= 2), or ``scenes``: issue 15's end-to-end features, raw as a bank holds
+them (``ceil(keys / 784)`` prompt scenes and ``--images`` query scenes at 448 px,
+5 classes, seed 0, random-weight ViT-S/16 seeded 0, float16 keys), encoded once and
+kept in ``--cache`` (safetensors).
 
 Runs are interleaved and repeated; the JSON has every time, min and median, the ratios
 to the first variant, and each variant's agreement with it: ids equal (``torch.equal``),
@@ -28,8 +32,8 @@ recall@k and the largest score difference.
 
     python benchmarks/exact_search.py --threads 1                     # 784 x 156,800 x 384
     python benchmarks/exact_search.py --threads 1 --keys 1000000 --patches 1024 --images 1
-    python benchmarks/exact_search.py --threads 2 --source patches --images 2 --batch 2 \
-        --variants torch bf16 "bf16 x4"
+    python benchmarks/exact_search.py --threads 2 --source scenes --images 10 --batch 10 \
+        --cache /tmp/exact/scenes.safetensors --variants torch topk "faiss flat" bf16
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=8, help="query images per run")
     parser.add_argument("--batch", type=int, default=8, help="images per search call")
     parser.add_argument("--variants", nargs="+", default=["torch", "faiss", "faiss flat"])
-    parser.add_argument("--source", choices=["synthetic", "patches"], default="synthetic")
+    parser.add_argument("--source", choices=["synthetic", "patches", "scenes"], default="synthetic")
+    parser.add_argument("--cache", type=Path, default=None, help="--source scenes: features file")
     parser.add_argument("--k", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
@@ -97,6 +102,36 @@ def clustered(n: int, dim: int, seed: int, centres: int = 64) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
+def scene_features(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw ViT-S/16 patch features (random weights) of issue 15's synthetic scenes: keys
+    ``(keys, 384)`` float16 of the prompt scenes, queries ``(images · 784, 384)`` float32
+    of the query scenes; read from / written to ``args.cache`` if given."""
+    from safetensors.torch import load_file
+
+    from hbird.data.synthetic import make_scenes
+    from hbird.encoders import create_encoder, encode_batches
+    from hbird.io.files import save_tensors
+
+    if args.cache is not None and args.cache.is_file():
+        tensors = load_file(str(args.cache))
+        if (
+            tensors["keys"].shape[0] >= args.keys
+            and tensors["queries"].shape[0] >= args.images * args.patches
+        ):
+            return tensors["keys"][: args.keys], tensors["queries"][: args.images * args.patches]
+    prompt = math.ceil(args.keys / args.patches)
+    scenes = make_scenes(prompt + args.images, seed=0, num_classes=5, size=(448, 448))
+    torch.manual_seed(0)
+    encoder = create_encoder("vit_small_patch16_224").eval()
+    feats = encode_batches(encoder, [scene.image for scene in scenes], batch_size=4, progress=True)
+    flat = [f.reshape(-1, f.shape[-1]) for f in feats]
+    keys = torch.cat(flat[:prompt])[: args.keys].half()
+    queries = torch.cat(flat[prompt:]).float()
+    if args.cache is not None:
+        save_tensors(args.cache, {"keys": keys, "queries": queries})
+    return keys, queries
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     if args.source == "patches":
@@ -108,6 +143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setting = argparse.Namespace(keys=args.keys, dim=args.dim, images=scenes, noise=0.02,
                                      queries=args.images * args.patches)  # fmt: skip
         keys, queries = patch_keys(setting)
+    elif args.source == "scenes":
+        keys, queries = scene_features(args)
     else:
         keys = clustered(args.keys, args.dim, args.seed).half()
         queries = clustered(args.images * args.patches, args.dim, args.seed + 1)
@@ -119,8 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "faiss": lambda: ExactIndex(args.dim, backend="faiss").fill(keys),
         "faiss flat": lambda: FaissFlatIndex(args.dim).fill(keys),
         "before": lambda: ExactIndex(args.dim).fill(keys),
+        "bf16 x2": lambda: ExactIndex(args.dim, scoring="bf16", shortlist=2).fill(keys),
         "bf16": lambda: ExactIndex(args.dim, scoring="bf16").fill(keys),
-        "bf16 x4": lambda: ExactIndex(args.dim, scoring="bf16", shortlist=4).fill(keys),
+        "bf16 x8": lambda: ExactIndex(args.dim, scoring="bf16", shortlist=8).fill(keys),
     }
     built = {name: indexes[name]() for name in args.variants}
 
@@ -128,12 +166,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if name == "before":
             parts = [search_before(built[name], q, k) for q in images]
         else:
-            parts = [
-                built[name].search(torch.cat(images[start : start + args.batch]), k)
-                for start in range(0, len(images), args.batch)
-            ]
+            parts = []
+            for start in range(0, len(images), args.batch):
+                parts.append(built[name].search(torch.cat(images[start : start + args.batch]), k))
+                last = getattr(built[name], "last_search", None)
+                if last:
+                    certificates[name]["queries"] += last["queries"]
+                    certificates[name]["certified"] += last["certified"]
+                    certificates[name]["candidates"] = last["candidates"]
         return torch.cat([s for s, _ in parts]), torch.cat([i for _, i in parts])
 
+    certificates = {name: {"queries": 0, "certified": 0, "candidates": 0} for name in args.variants}
     results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     seconds: dict[str, list[float]] = {name: [] for name in args.variants}
     for _ in range(args.repeats):
@@ -161,10 +204,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"recall_vs_{first}": recall_at_k(ids, ref_ids),
             f"max_score_diff_vs_{first}": float((sims - ref_sims).abs().max()),
         }
+        if certificates[name]["queries"]:
+            done = certificates[name]
+            report[name]["certified"] = done["certified"] / done["queries"]
+            report[name]["candidates_per_query"] = done["candidates"]
         print(
             f"{name:<12} min {min(t):7.3f} s  median {statistics.median(t):7.3f} s  "
             f"x{report[name][f'min_over_{first}']:.3f} of {first}  "
-            f"recall {report[name][f'recall_vs_{first}']:.4f}"
+            f"recall {report[name][f'recall_vs_{first}']:.4f}  "
+            f"identical {report[name][f'ids_equal_to_{first}']}"
+            + (
+                f"  certified {report[name]['certified']:.4f}"
+                if "certified" in report[name]
+                else ""
+            )
         )
     return report
 

@@ -266,40 +266,110 @@ def _near_tie_scene(
     return keys.float(), q.float(), scores
 
 
-def test_bf16_scoring_orders_near_ties_that_plain_bf16_cannot() -> None:
-    """``scoring='bf16'`` subtracts each query's running threshold inside the bf16 matmul
-    (``_search_bf16``). Here each query has 150 keys at scores 5e-5 apart in 0.9-0.9075,
-    so about 78 of them share one bf16 output value (spacing 2^-8 ≈ 3.9e-3): a plain bf16
-    shortlist of the same width (40), re-ranked in float32 the same way, misses true
-    neighbours; the shifted one finds all ten, with the best keys outside the first,
-    exact chunk."""
-    keys, q, _ = _near_tie_scene(gap=5e-5, per_query=150)
-    want_sims, want_ids = _brute_force(keys, q, 10)
-    plain = (q.bfloat16() @ keys.bfloat16().T).float().topk(40, dim=1).indices  # (4, 40)
-    rescored = torch.einsum("md,mkd->mk", q, keys[plain])
-    plain_ids = plain.gather(1, rescored.topk(10, dim=1).indices)
-    found = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(plain_ids, want_ids)]
-    assert sum(found) < 36  # the hard case: plain bf16 loses several
+def test_bf16_bound_hand_case_is_near_tight() -> None:
+    """Bound (2) of ``index.certified`` where Cauchy-Schwarz is an equality, ``D = 4``:
+    keys ``μ ± c`` with ``μ = 0.5``, ``c = 0.25146484375`` (bf16 ``0.251953125``,
+    residual ``r_c = -0.000488``); the query ``μ + a`` with ``a = 1 + 2^-8 + 2^-12`` (bf16
+    ``A = 1 + 2^-7``, residual ``r_a = -0.00366``) in every component. The residuals are
+    parallel to the vectors, so the first pass is off ``r(x) = (q − μ)·(x − μ) + μ·x`` by
+    ``D (|r_a| c + A |r_c|) = 0.005650`` for both keys (``μ·x`` is exact in two bf16
+    parts), and the bound exceeds that only by its ``γ_n`` term (0.09%)."""
+    from hbird.index.certified import band_bounds
+
+    a, c, d = 1 + 2**-8 + 2**-12, 0.25146484375, 4
+    r_a, big_a, r_c = a - (1 + 2**-7), 1 + 2**-7, c - 0.251953125  # by hand
+    q = torch.full((1, d), 0.5 + a)
+    keys = torch.tensor([[0.5 + c] * d, [0.5 - c] * d])
+    index = ExactIndex(d, scoring="bf16").fill(keys)
+    upper, ids, beta = index._bf16_first_pass(q, 2)
+    x = keys.double()[ids[0]]
+    truth = (x - 0.5) @ (q.double()[0] - 0.5) + x.sum(1) * 0.5  # r(x), exact here
+    error = (truth - (upper[0].double() - beta[0, 0].double())).abs()
+    want = d * (abs(r_a) * c + big_a * abs(r_c))
+    torch.testing.assert_close(
+        error, torch.full((2,), want, dtype=torch.float64), rtol=1e-4, atol=0
+    )
+    bound, _ = band_bounds(q, index._bound_tables())
+    assert bound.shape == (1, 1)  # both keys are |x − μ| = 2c away: one band
+    assert want <= float(bound[0, 0]) <= want * 1.001
+    assert float(beta[0, 0]) >= float(bound[0, 0])  # the offset added in the matmul covers it
+
+
+def test_bf16_bound_holds_on_clustered_unnormalised_keys() -> None:
+    """Every candidate's ``u − β`` is within (2) of float64 ``r(x)``, band by band."""
+    from hbird.index.certified import band_bounds
+
+    keys, q = _patch_like(3000, 64, 0).half(), _patch_like(200, 64, 1)
+    index = ExactIndex(64, chunk_size=700, query_chunk_size=90, scoring="bf16").fill(keys)
+    upper, ids, beta = index._bf16_first_pass(q, 50)
+    tables = index._bound_tables()
+    assert len(tables.starts) > 2  # several bands
+    centre = tables.centre.double()
+    x = keys.double()[ids]  # (M, 50, D)
+    truth = torch.einsum("mkd,md->mk", x - centre, q.double() - centre) + x @ centre
+    bands = tables.bands[ids]
+    bound, _ = band_bounds(q, tables)
+    error = (truth - (upper.double() - beta.double().gather(1, bands))).abs()
+    assert bool((error <= bound.gather(1, bands)).all())
+    assert float((error / bound.gather(1, bands)).max()) > 0.01  # a bound, not far away
+
+
+def _patch_like(n: int, d: int, seed: int) -> torch.Tensor:
+    """Unnormalised vectors like ViT patch features: a large shared component, clusters,
+    exact duplicates (every 7th row) and near-copies (every 5th, 1e-4 apart)."""
+    g = torch.Generator().manual_seed(seed)
+    shared = 3.0 * torch.randn(d, generator=torch.Generator().manual_seed(99))
+    centres = torch.randn(12, d, generator=g)
+    x = (
+        shared
+        + centres[torch.randint(12, (n,), generator=g)]
+        + 0.3 * torch.randn(n, d, generator=g)
+    )
+    x[1::7] = x[0::7][: x[1::7].shape[0]]
+    x[4::5] = x[3::5][: x[4::5].shape[0]] + 1e-4 * torch.randn(x[4::5].shape, generator=g)
+    return x
+
+
+def test_bf16_certificate_fails_on_near_equal_keys_and_the_fallback_is_exact() -> None:
+    """Four queries have 150 keys each at scores 5e-5 apart (0.9-0.9075), far closer
+    than the bound's ``2B`` (about 6e-3 here), and only ``kc = 40`` candidates: none of
+    them can be certified, so they are searched again in float32, while 60 queries far
+    from every key (scores below 0.3: well separated) pass. The result is the float32
+    search's, bit for bit, for both kinds."""
+    keys, near, _ = _near_tie_scene(gap=5e-5, per_query=150)
+    q = torch.cat([near, _unit(60, 384, 7)])
     index = ExactIndex(384, chunk_size=64, scoring="bf16", shortlist=4).fill(keys)
     sims, ids = index.search(q, 10)
-    assert_same_neighbours(sims, ids, want_sims, want_ids)
-    exact = torch.einsum("md,mkd->mk", q.double(), keys.double()[ids])  # returned scores are exact
-    torch.testing.assert_close(sims.double(), exact, rtol=0, atol=1e-6)
+    assert index.last_search["candidates"] == 40 and index.last_search["queries"] == 64
+    assert index.last_search["certified"] == 60  # all but the four near-tie queries
+    want_sims, want_ids = ExactIndex(384, chunk_size=64).fill(keys).search(q, 10)
+    assert torch.equal(sims, want_sims) and torch.equal(ids, want_ids)
+    assert_same_neighbours(sims, ids, *_brute_force(keys, q, 10))
+    wide = ExactIndex(384, chunk_size=64, scoring="bf16", shortlist=60).fill(keys)
+    assert torch.equal(wide.search(q, 10)[1], want_ids)  # 600 candidates: all keys, certified
+    assert wide.last_search["certified"] == 64
 
 
-def test_bf16_scoring_recall_on_clustered_keys_and_exact_scores() -> None:
-    from hbird.index import recall_at_k
-    from hbird.index.synthetic import clustered_unit_vectors
-
-    keys = clustered_unit_vectors(20_000, 96, n_clusters=20, spread=0.3).half()
-    q = clustered_unit_vectors(300, 96, n_clusters=20, spread=0.3, seed=9)
-    want_sims, want_ids = _brute_force(keys, q, 30)
-    index = ExactIndex(96, chunk_size=4096, query_chunk_size=128, scoring="bf16").fill(keys)
-    sims, ids = index.search(q, 30)
-    assert recall_at_k(ids, want_ids) >= 0.99
-    exact = torch.einsum("md,mkd->mk", q.double(), keys.double()[ids])
-    torch.testing.assert_close(sims.double(), exact, rtol=0, atol=1e-5)
-    assert bool((sims[:, :-1] >= sims[:, 1:]).all())
+@pytest.mark.parametrize(("shortlist", "chunk_size"), [(2, 1000), (4, 700), (8, 16384)])
+def test_bf16_scoring_equals_the_float32_oracle_on_clustered_keys(
+    shortlist: int, chunk_size: int
+) -> None:
+    """Patch-like keys with duplicates and near-ties, float16 then float32 blocks: the
+    certified search returns the float32 search's scores and ids bit for bit (both break
+    ties by lower id), and the ``topk`` oracle's up to the order of tied keys."""
+    keys, q = _patch_like(6000, 96, 2), _patch_like(500, 96, 3)
+    options = {"chunk_size": chunk_size, "query_chunk_size": 200}
+    certified = ExactIndex(96, scoring="bf16", shortlist=shortlist, **options)
+    plain = ExactIndex(96, **options)
+    oracle = ExactIndex(96, selection="topk", **options)
+    for index in (certified, plain, oracle):
+        index.add(keys[:3500].half())
+        index.add(keys[3500:])
+    sims, ids = certified.search(q, 30)
+    assert 0 < certified.last_search["certified"] <= 500
+    want_sims, want_ids = plain.search(q, 30)
+    assert torch.equal(sims, want_sims) and torch.equal(ids, want_ids)
+    assert_same_neighbours(sims, ids, *oracle.search(q, 30), atol=0, rtol=0)
 
 
 def test_bf16_scoring_over_several_adds_and_small_banks() -> None:
@@ -311,7 +381,7 @@ def test_bf16_scoring_over_several_adds_and_small_banks() -> None:
     want_sims, want_ids = _brute_force(torch.cat([keys[:300].half().float(), keys[300:]]), q, 5)
     sims, ids = index.search(q, 5)
     assert_same_neighbours(sims, ids, want_sims, want_ids)
-    small = ExactIndex(32, scoring="bf16").fill(keys[:20])  # one chunk: all exact
+    small = ExactIndex(32, scoring="bf16").fill(keys[:20])  # every key a candidate
     sims, ids = small.search(q, 50)
     want_sims, want_ids = _brute_force(keys[:20], q, 20)
     assert_same_neighbours(sims[:, :20], ids[:, :20], want_sims, want_ids)
@@ -332,3 +402,7 @@ def test_bf16_scoring_params_round_trip_and_errors(tmp_path) -> None:
         ExactIndex(8, scoring="bf16", shortlist=0)
     with pytest.raises(InputError, match="needs backend='torch'"):
         ExactIndex(8, scoring="bf16", backend="faiss")
+    with pytest.raises(InputError, match="runs on the CPU"):
+        ExactIndex(8, scoring="bf16", device="cuda")
+    with pytest.raises(InputError, match="selects by heaps"):
+        ExactIndex(8, scoring="bf16", selection="topk")

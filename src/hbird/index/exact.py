@@ -14,18 +14,36 @@ from safetensors.torch import load_file
 from hbird._optional import require
 from hbird.errors import InputError
 from hbird.index.base import ArrayLike, VectorIndex
+from hbird.index.certified import (
+    BoundTables,
+    band_bounds,
+    bf16_matmul,
+    bound_tables,
+    certified,
+    extended_keys,
+    extended_queries,
+    oracle_error,
+    padded_width,
+)
 from hbird.index.heaps import RowHeaps, heaps_available
 from hbird.io.files import save_tensors
 
 KEYS_FILE = "keys.safetensors"
 BACKENDS = ("torch", "faiss")
 """How ``ExactIndex`` scores a key chunk: torch matmul + topk, or ``faiss.knn``."""
+FALLBACK_ROWS = 32
+"""Fewest query rows the bf16 path's float32 fallback searches (padded with zeros): MKL
+rounds a matmul of fewer than 16 rows differently from a larger one (measured here),
+and the fallback's scores are to equal those of the float32 search of the whole batch."""
+RESCORE_QUERIES = 16
+"""Queries whose candidates the bf16 path gathers and re-scores together (their keys in
+float32 stay in cache, as in ``ivf_matmul``)."""
 SELECTIONS = ("auto", "heap", "topk")
 """How the torch backend keeps each query's best scores: faiss's C++ heaps over a reused
 score buffer (``heap``, CPU), ``torch.topk`` + merge per chunk (``topk``: the oracle and
 the GPU path), or ``auto``: ``heap`` on the CPU when faiss is installed, else ``topk``."""
 SCORINGS = ("float32", "bf16")
-"""``ExactIndex``'s first pass: exact float32 scores, or a bf16 shortlist re-ranked in float32."""
+"""``ExactIndex``'s scores: float32, or a certified bf16 first pass re-scored in float32."""
 
 
 def merge_top_k(
@@ -56,9 +74,10 @@ class ExactIndex(VectorIndex):
     chunk + merge: the oracle, and the path on a GPU or without faiss); only the order of
     exactly tied keys may differ. Heap ties are canonical: the ``k`` best by (score
     descending, id ascending), in that order, whatever the chunk sizes (``topk``'s tie
-    order is torch's). ``device="cuda"`` keeps the
-    keys on the GPU, where brute force over millions of keys takes milliseconds per query
-    image; results still come back on the CPU.
+    order is torch's).
+
+    ``device="cuda"`` keeps the keys on the GPU, where brute force over millions of keys
+    takes milliseconds per query image; results still come back on the CPU.
 
     ``backend="faiss"`` scores each converted key chunk with faiss's brute-force kNN
     (``faiss.knn``: BLAS sgemm in blocks with a fused heap top-k) instead of torch's
@@ -68,14 +87,15 @@ class ExactIndex(VectorIndex):
     told its core type (``hbird._openblas``), the faiss backend takes 0.94x its time
     (docs/performance.md, "Search").
 
-    ``scoring="bf16"`` (``--index-param scoring=bf16``) is a cheaper, approximate option
-    (see :meth:`_search_bf16`): key chunks after the first are scored by a bf16 matmul
-    (2-4x float32's rate on CPUs with AMX or AVX512-BF16, and on GPUs), which keeps a
-    shortlist of ``k * shortlist`` candidates per query; the shortlist is then re-scored
-    exactly in float32. Returned scores are exact inner products; a true neighbour can
-    be missed where bf16 rounding pushes it out of the shortlist (measured recall in
-    docs/performance.md, "Exact search"). The whole search gains less than the matmul
-    (0.90x the float32 time on this CPU): the per-chunk top-k stays as it was.
+    ``scoring="bf16"`` (``--index-param scoring=bf16``, CPU, needs faiss) is exact too,
+    by another route (``index.certified``, where the bound is derived): one pass of
+    float32 matmuls in oneDNN's bf16 mode (AMX here) over bf16-rounded queries and
+    centred keys keeps ``k * shortlist`` candidates per query; a per-query certificate
+    built on a rigorous bound of the first pass's error proves that the float32 top
+    ``k`` is among them; they are re-scored in float32, and queries that fail the
+    certificate are searched again in float32. The results equal the float32 search's
+    (tests compare them bit for bit); what it saves depends on how many queries pass
+    (``last_search``; measured in docs/performance.md, "Exact search").
 
     Args:
         dim: key dimension ``D``.
@@ -84,8 +104,9 @@ class ExactIndex(VectorIndex):
         device: where keys are stored and scored. A placement, not part of the saved
             index: ``load`` puts keys on the CPU unless told otherwise.
         backend: ``"torch"`` or ``"faiss"`` (CPU only, needs ``pip install "hbird[faiss]"``).
-        scoring: ``"float32"`` (exact, the default) or ``"bf16"`` (shortlist + re-rank).
-        shortlist: with ``scoring="bf16"``, candidates kept per neighbour (``>= 1``).
+        scoring: ``"float32"`` (the default) or ``"bf16"`` (certified first pass).
+        shortlist: with ``scoring="bf16"``, candidates kept per neighbour (``>= 1``;
+            4 certifies 85% of queries on random-ViT patch features, 8 97%).
         selection: ``"auto"`` (default), ``"heap"`` (CPU, needs faiss) or ``"topk"``.
     """
 
@@ -100,7 +121,7 @@ class ExactIndex(VectorIndex):
         device: str | torch.device = "cpu",
         backend: str = "torch",
         scoring: str = "float32",
-        shortlist: int = 2,
+        shortlist: int = 4,
         selection: str = "auto",
     ) -> None:
         super().__init__(dim)
@@ -120,6 +141,13 @@ class ExactIndex(VectorIndex):
             raise InputError(f"ExactIndex: scoring must be 'float32' or 'bf16', got {scoring!r}")
         if scoring == "bf16" and backend != "torch":
             raise InputError("ExactIndex: scoring='bf16' needs backend='torch'")
+        if scoring == "bf16" and torch.device(device).type != "cpu":
+            raise InputError(
+                f"ExactIndex: scoring='bf16' runs on the CPU (oneDNN), not {device}; "
+                "use scoring='float32' on a GPU"
+            )
+        if scoring == "bf16" and selection == "topk":
+            raise InputError("ExactIndex: scoring='bf16' selects by heaps, not selection='topk'")
         self.chunk_size = chunk_size
         self.query_chunk_size = query_chunk_size
         self.device = torch.device(device)
@@ -127,8 +155,8 @@ class ExactIndex(VectorIndex):
         self.scoring = scoring
         self.shortlist = shortlist
         self.selection = selection
-        if selection == "heap":
-            require("faiss", "ExactIndex(selection='heap')")
+        if selection == "heap" or scoring == "bf16":
+            require("faiss", f"ExactIndex(selection={selection!r}, scoring={scoring!r})")
         if backend == "faiss":
             if self.device.type != "cpu":
                 raise InputError(
@@ -138,6 +166,8 @@ class ExactIndex(VectorIndex):
             self._faiss = require("faiss", "ExactIndex(backend='faiss')")
         self._blocks: list[torch.Tensor] = []  # each (N_i, D), float16 or float32, on device
         self._ntotal = 0
+        self._tables: BoundTables | None = None  # scoring="bf16": the keys' side of its bound
+        self.last_search: dict[str, int] = {}  # scoring="bf16": queries, certified, candidates
 
     @property
     def ntotal(self) -> int:
@@ -175,6 +205,7 @@ class ExactIndex(VectorIndex):
         super().add(x)
 
     def _add(self, x: torch.Tensor) -> None:
+        self._tables = None
         self._blocks.append(x.to(self.device))
         self._ntotal += x.shape[0]
 
@@ -198,6 +229,10 @@ class ExactIndex(VectorIndex):
         """
         if self.scoring == "bf16":
             return self._search_bf16(q, k)
+        return self._search_float32(q, k)
+
+    def _search_float32(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_search`` with float32 scores (the ``scoring="float32"`` path)."""
         m_total, device = q.shape[0], self.device
         q = q.to(device, torch.float32)
         heaps = RowHeaps(m_total, k) if self._uses_heaps() else None
@@ -241,78 +276,98 @@ class ExactIndex(VectorIndex):
         return self.selection == "heap" or heaps_available()
 
     def _search_bf16(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-``k`` for ``q (M, D)`` from a bf16 shortlist re-scored in float32.
+        """Exact top-``k`` for ``q (M, D)`` from a certified bf16 first pass
+        (``index.certified``: the bound, the certificate and why the result is exact).
 
-        The first key chunk is scored exactly (float32), which gives each query a
-        threshold ``t``: its ``k``-th best score so far. Every later chunk is scored in
-        bf16 as ``q·x - t`` (extra key columns of ones against query columns holding
-        ``-t``), so the matmul's float32 accumulator subtracts ``t`` before its output is
-        rounded to bf16: near the threshold, where the shortlist is decided, the rounding
-        error is relative to ``|q·x - t|``, not to ``|q·x|`` (without the shift, bf16's
-        8-bit mantissa cannot order scores 1e-3 apart). What is left is the rounding of
-        the inputs to bf16. The best ``k * shortlist`` candidates by these scores, kept
-        chunk by chunk with ``t`` rising, are re-scored in float32 at the end. ``t`` takes
-        two bf16 columns (its rounding and the rest), so it is subtracted to about 2^-16.
+        One pass over the keys, band by band, scores upper bounds ``u`` by float32
+        matmuls in oneDNN's bf16 mode into a reused buffer, and faiss heaps keep the
+        ``kc = k · shortlist`` best per query. Certified queries have their candidates
+        re-scored in float32; the others are searched again by the float32 path.
+        ``last_search`` records how many passed.
         """
-        m_total, device, d = q.shape[0], self.device, self.dim
+        m_total = q.shape[0]
+        q = q.to(self.device, torch.float32)
         width = min(k * self.shortlist, self.ntotal)
-        q = q.to(device, torch.float32)
+        tables = self._bound_tables()
+        upper, candidates, beta = self._bf16_first_pass(q, width)  # (M, width), best first
+        if width == self.ntotal:
+            ok = torch.ones(m_total, dtype=torch.bool)  # every key is a candidate
+        else:
+            ok = certified(upper, candidates, beta, oracle_error(q, tables), tables, k)
+        self.last_search = {"queries": m_total, "certified": int(ok.sum()), "candidates": width}
+        sims = torch.full((m_total, k), float("-inf"))
+        ids = torch.full((m_total, k), -1, dtype=torch.int64)
+        if bool(ok.any()):
+            sims[ok], ids[ok] = self._rerank(q[ok], candidates[ok], k)
+        if not bool(ok.all()):
+            failed = q[~ok]
+            padded = torch.zeros(max(failed.shape[0], FALLBACK_ROWS), self.dim)
+            padded[: failed.shape[0]] = failed
+            fallback_sims, fallback_ids = self._search_float32(padded, k)
+            sims[~ok], ids[~ok] = fallback_sims[: failed.shape[0]], fallback_ids[: failed.shape[0]]
+        return sims, ids
+
+    def _bf16_first_pass(
+        self, q: torch.Tensor, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ``width`` best keys for ``q (M, D)`` float32 by the upper bound ``u`` of
+        ``index.certified``: ``(M, width)`` bounds and ids, best first, and the bands'
+        ``β (M, bands)``."""
+        m_total = q.shape[0]
+        tables = self._bound_tables()
+        _, beta = band_bounds(q, tables)
         rows = math.ceil(m_total / math.ceil(m_total / self.query_chunk_size))
-        cols = min(self.chunk_size, max(b.shape[0] for b in self._blocks))
-        keys_bf16 = torch.ones(cols, d + 2, dtype=torch.bfloat16, device=device)  # [x, 1, 1]
-        queries_bf16 = torch.empty(rows, d + 2, dtype=torch.bfloat16, device=device)  # [q, -t]
-        scores_bf16 = torch.empty(rows * cols, dtype=torch.bfloat16, device=device)
-        chunks = self._key_chunks()
-        _, keys = next(chunks)  # scored exactly: the first shortlist and thresholds
-        c = keys.shape[0]
-        keys = keys.to(torch.float32)
-        scores_float = torch.empty(rows * c, device=device)
-        short_sims = torch.empty(m_total, min(width, c), device=device)  # (M, <= width)
-        short_ids = torch.empty(m_total, min(width, c), dtype=torch.int64, device=device)
-        for start in range(0, m_total, rows):
-            block = slice(start, start + rows)
-            scores = scores_float[: q[block].shape[0] * c].view(-1, c)
-            torch.mm(q[block], keys.T, out=scores)  # (m, c)
-            short_sims[block], short_ids[block] = scores.topk(short_sims.shape[1], dim=1)
-        del scores_float, scores
-        for first_id, keys in chunks:  # approximate scores from here on
-            c = keys.shape[0]
-            keys_bf16[:c, :d].copy_(keys)
-            new_width = min(width, short_sims.shape[1] + c)  # widens until it holds `width`
-            new_sims = torch.empty(m_total, new_width, device=device)
-            new_ids = torch.empty(m_total, new_width, dtype=torch.int64, device=device)
-            for start in range(0, m_total, rows):
-                block = slice(start, start + rows)
-                m = q[block].shape[0]
-                threshold = short_sims[block, min(k, short_sims.shape[1]) - 1]  # (m,)
-                queries_bf16[:m, :d].copy_(q[block])
-                high = queries_bf16[:m, d].copy_(-threshold)  # t in two bf16 parts
-                queries_bf16[:m, d + 1].copy_(-threshold - high.to(torch.float32))
-                subtracted = -queries_bf16[:m, d:].to(torch.float32).sum(dim=1)  # (m,) ≈ t
-                shifted = scores_bf16[: m * c].view(m, c)
-                torch.mm(queries_bf16[:m], keys_bf16[:c].T, out=shifted)  # (m, c): q·x - t
-                chunk_sims, chunk_ids = shifted.topk(min(width, c), dim=1, sorted=False)
-                chunk_sims = chunk_sims.to(torch.float32) + subtracted[:, None]
-                merged_sims = torch.cat([short_sims[block], chunk_sims], dim=1)
-                merged_ids = torch.cat([short_ids[block], chunk_ids + first_id], dim=1)
-                best, order = merged_sims.topk(new_width, dim=1)
-                new_sims[block], new_ids[block] = best, merged_ids.gather(1, order)
-            short_sims, short_ids = new_sims, new_ids
-        return self._rerank(q, short_ids, k)
+        cols = min(self.chunk_size, self.ntotal)
+        scores_buffer = torch.empty(rows * cols)
+        keys_buffer = torch.empty(cols, padded_width(self.dim))
+        queries = extended_queries(q, tables)  # (M, n)
+        heaps = RowHeaps(m_total, width)
+        with bf16_matmul():
+            for band in range(len(tables.starts) - 1):
+                queries[:, self.dim + 3] = beta[:, band]
+                for start in range(tables.starts[band], tables.starts[band + 1], cols):
+                    ids = tables.order[start : min(start + cols, tables.starts[band + 1])]
+                    keys = extended_keys(self._rows(ids), tables.mass[ids], tables, keys_buffer)
+                    for first in range(0, m_total, rows):
+                        q_chunk = queries[first : first + rows]
+                        scores = scores_buffer[: q_chunk.shape[0] * ids.shape[0]]
+                        scores = scores.view(q_chunk.shape[0], ids.shape[0])
+                        torch.mm(q_chunk, keys.T, out=scores)  # (m, c)
+                        heaps.add(scores, first_row=first, ids=ids)
+        upper, candidates = heaps.result()
+        return upper, candidates, beta
+
+    def _bound_tables(self) -> BoundTables:
+        """The keys' side of the bf16 first pass, computed once per set of keys."""
+        if self._tables is None:
+            self._tables = bound_tables([keys for _, keys in self._key_chunks()], self.dim)
+        return self._tables
 
     def _rerank(
         self, q: torch.Tensor, ids: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The best ``k`` of the candidates ``ids (M, c)`` by exact float32 inner product
-        with ``q (M, D)``: ``(M, k)`` scores and ids."""
-        sims = torch.empty(ids.shape, device=q.device)
-        rows = max(1, (8 << 20) // (ids.shape[1] * self.dim))  # (rows, c, D) floats: 32 MB
-        for start in range(0, q.shape[0], rows):
-            block = slice(start, start + rows)
-            candidates = self._rows(ids[block]).to(torch.float32)  # (m, c, D)
-            sims[block] = torch.bmm(candidates, q[block, :, None])[..., 0]
-        best, order = sims.topk(k, dim=1)
-        return best.cpu(), ids.gather(1, order).cpu()
+        """The best ``k`` of the candidates ``ids (M, c)`` (``c >= 1`` distinct ids) by
+        float32 inner product with ``q (M, D)``: ``(M, k)`` scores and ids, ties lower id
+        first (as heap selection), padded with ``-inf`` / ``-1`` when ``c < k``."""
+        ids = ids.sort(dim=1).values  # id order, so the stable sort below breaks ties by id
+        m, c = ids.shape
+        sims = torch.empty(m, c)
+        block = torch.empty(RESCORE_QUERIES * c, self.dim)  # gathered keys stay in cache
+        for start in range(0, m, RESCORE_QUERIES):
+            part = ids[start : start + RESCORE_QUERIES]
+            keys = block[: part.numel()].copy_(self._rows(part.flatten()))
+            torch.bmm(
+                keys.view(part.shape[0], c, self.dim),
+                q[start : start + part.shape[0], :, None],
+                out=sims[start : start + part.shape[0], :, None],
+            )
+        order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+        best, best_ids = sims.gather(1, order), ids.gather(1, order)
+        if best.shape[1] < k:
+            pad = k - best.shape[1]
+            best = torch.cat([best, best.new_full((best.shape[0], pad), float("-inf"))], 1)
+            best_ids = torch.cat([best_ids, best_ids.new_full((best.shape[0], pad), -1)], 1)
+        return best.cpu(), best_ids.cpu()
 
     def _rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Stored keys by id: ``ids (...)`` → ``(..., D)`` in the storage dtype."""
@@ -360,4 +415,5 @@ class ExactIndex(VectorIndex):
                 f"{path}: keys have shape {tuple(keys.shape)}, expected (N, {self.dim})"
             )
         self._blocks = [keys.to(self.device)] if keys.shape[0] else []
+        self._tables = None
         self._ntotal = keys.shape[0]

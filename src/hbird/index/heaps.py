@@ -49,12 +49,18 @@ class RowHeaps:
         heaps.heapify()
         self._heaps = heaps
 
-    def add(self, scores: torch.Tensor, first_id: int, first_row: int = 0) -> None:
-        """Offer ``scores (m, c)`` (float32, CPU) of keys ``first_id …`` to rows
-        ``first_row … first_row + m - 1``."""
+    def add(
+        self,
+        scores: torch.Tensor,
+        first_id: int = 0,
+        first_row: int = 0,
+        ids: torch.Tensor | None = None,
+    ) -> None:
+        """Offer ``scores (m, c)`` (float32, CPU) of keys ``first_id …`` (or of the keys
+        ``ids (c,)`` int64, any order) to rows ``first_row … first_row + m - 1``."""
         m, c = scores.shape
         scores = scores.contiguous()
-        codes = id_codes(first_id, c)
+        codes = id_codes(first_id, c) if ids is None else -2 - ids.numpy().astype(np.int64)
         self._heaps.addn_with_ids(
             c,
             self._faiss.swig_ptr(scores.numpy()),
