@@ -144,10 +144,11 @@ def run_hbird(work: Path, setting: str, result: Path) -> None:
     queries = RssAtQueries(FolderDataset(root, split="val", task="segmentation"))
     rss_before = rss_bytes()
     start = time.perf_counter()
-    report = evaluate(encoder, (prompt, queries), progress=False, index=index,
-                      image_size=setup["image_size"], k=setup["k"], temperature=setup["temperature"],
-                      aug_epochs=1, memory_size=None, batch_size=setup["batch_size"],
-                      **{**setup["hbird_options"], **parse_options(row_options)})  # fmt: skip
+    fixed = {"image_size": setup["image_size"], "k": setup["k"], "temperature": setup["temperature"],
+             "aug_epochs": 1, "memory_size": None, "batch_size": setup["batch_size"]}  # fmt: skip
+    # a row's own options (e.g. batch_size=16, workers=1) win over the shared setup
+    options = {**fixed, **setup["hbird_options"], **parse_options(row_options)}
+    report = evaluate(encoder, (prompt, queries), progress=False, index=index, **options)
     total = time.perf_counter() - start
     done = report.counts["queries"]
     stages = {k[len("per_query_") :]: v * done for k, v in report.timings.items() if k.startswith("per_query_")}  # fmt: skip
