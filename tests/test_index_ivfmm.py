@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -102,6 +103,19 @@ def test_saved_index_and_split_adds_answer_alike(built, keys, queries, tmp_path)
         split.search(queries[:2], 5)  # a search between adds sorts what is there in
     sims2, ids2 = split.search(queries, 30)
     assert torch.equal(ids2, ids) and torch.allclose(sims2, sims)
+
+
+def test_threads_searching_at_once_get_their_own_answers(built, queries) -> None:
+    """Scratch buffers are kept between searches, one set per thread: searches from
+    several threads at once answer as one thread does."""
+    built.nprobe, built.k_factor = 3, 1
+    parts = [queries[:50], queries[50:], queries[20:90]]
+    want = [built.search(part, 30) for part in parts]
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda part: built.search(part, 30), parts))
+            for (sims, ids), (want_sims, want_ids) in zip(got, want):
+                assert torch.equal(ids, want_ids) and torch.equal(sims, want_sims)
 
 
 def test_fewer_candidates_than_k_are_padded(keys) -> None:

@@ -23,6 +23,7 @@ against IVF-PQ in docs/performance.md ("At 1M keys: batched lists").
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -287,15 +288,21 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
         pair_coarse = coarse.flatten()[order]
         lists, counts = torch.unique_consecutive(pair_lists[order], return_counts=True)
         most = padded_size(int(counts.max()), 8)
-        grouped = torch.zeros(m * nprobe + most, self.dim, dtype=torch.bfloat16)
-        grouped[: m * nprobe] = q32.to(torch.bfloat16)[order // nprobe]
+        grouped = self._buffer("grouped", (m * nprobe + most) * self.dim, torch.bfloat16)
+        grouped = grouped[: (m * nprobe + most) * self.dim].view(-1, self.dim)
+        torch.index_select(q32.to(torch.bfloat16), 0, order // nprobe, out=grouped[: m * nprobe])
+        grouped[m * nprobe :].zero_()  # the padding queries of the last list
         best = np.full((m, keep), -np.inf, dtype=np.float32)
         rows = np.full((m, keep), -1, dtype=np.int64)
         heaps = self._heaps(best, rows)
         bounds = [0, *counts.cumsum(0).tolist()]
         offsets = self._offsets.tolist()
         sizes = [offsets[i + 1] - offsets[i] for i in lists.tolist()]
-        scratch = torch.empty(max(c * n for c, n in zip(counts.tolist(), sizes)))
+        widest = max(c * n for c, n in zip(counts.tolist(), sizes))
+        scratch = self._buffer("first", widest, torch.float32)
+        products = self._buffer(
+            "scores", padded_size(max(sizes)) * padded_size(int(counts.max()), 8), torch.bfloat16
+        )
         for j, list_id in enumerate(lists.tolist()):
             a, b = offsets[list_id], offsets[list_id + 1]
             if a == b:
@@ -303,9 +310,9 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
             lo, hi = bounds[j], bounds[j + 1]
             # (n, c): the list's keys as the matmul's left operand, read in place; the
             # padded shapes reuse oneDNN kernels, and the padding rows are dropped
-            scores = (
-                residuals[a : a + padded_size(b - a)] @ grouped[lo : lo + padded_size(hi - lo, 8)].T
-            )
+            n_pad, c_pad = padded_size(b - a), padded_size(hi - lo, 8)
+            scores = products[: n_pad * c_pad].view(n_pad, c_pad)
+            torch.mm(residuals[a : a + n_pad], grouped[lo : lo + c_pad].T, out=scores)
             first = scratch[: (hi - lo) * (b - a)].view(hi - lo, b - a)
             first.copy_(scores[: b - a, : hi - lo].T).add_(pair_coarse[lo:hi, None])
             heaps.addn_query_subset_with_ids(
@@ -318,6 +325,16 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
             )
         heaps.reorder()
         return self._rescore(q32, torch.from_numpy(rows), k)
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat scratch tensor of at least ``numel`` elements, kept between searches
+        (per thread): a fresh one per search costs its page faults (a 6 MB query block at
+        D = 768: 2.4 against 1.0 ms to zero), and a gather into it 2.4 against 7.2 ms."""
+        store = self.__dict__.setdefault("_scratch", threading.local()).__dict__
+        held = store.get(name)
+        if held is None or held.numel() < numel or held.dtype != dtype:
+            held = store[name] = torch.empty(numel, dtype=dtype)
+        return held
 
     def _positions(self) -> np.ndarray:
         """``arange(N)`` int64: the storage row of each key, the ids the heaps collect."""
