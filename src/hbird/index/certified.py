@@ -26,8 +26,9 @@ as ``[Q, 1, 1, 1, β_b] · [K, h1, h2, h3, 1]``, where ``h1 + h2 + h3`` are bf16
 lower one.
 
 **The bound.** With ``q' = q − μ``, ``x' = x − μ`` (exact), ``e_q = |q' − Q|`` and
-``e_x = |x' − K|`` (float64 from the float32 values, so the roundings of ``fl(q − μ)``
-and ``fl(x − μ)`` are inside them):
+``e_x = |x' − K|`` (``e_q`` in float64; ``e_x`` and the key norms bounded from float32
+norms, scaled up by their own rounding: ``bound_tables``; the roundings of
+``fl(q − μ)`` and ``fl(x − μ)`` are inside them):
 
     q'·x' − Q·K = (q' − Q)·x' + Q·(x' − K),   so  |q'·x' − Q·K| <= e_q |x'| + |Q| e_x   (1)
 
@@ -157,30 +158,37 @@ def bound_tables(chunks: list[torch.Tensor], dim: int) -> BoundTables:
     count = sum(x.shape[0] for x in chunks)
     total = torch.zeros(dim, dtype=torch.float64)
     for x in chunks:
-        total += x.to(torch.float64).sum(0)
+        total += x.sum(0, dtype=torch.float32).to(torch.float64)  # any centre is valid
     centre = (total / max(count, 1)).to(torch.float32)
     centre64 = centre.to(torch.float64)
     mass = torch.empty(count, 3)
     per_key = torch.empty(count, 6, dtype=torch.float64)  # |x'|, e_x, |K|, Σ|h|, ρ, |x|
+    # norms in float32 are within γ_{D+2} of the true ones (a D-term sum of squares and
+    # a square root), so they are scaled up by that; x' = x − μ is fl(x − μ) to within
+    # u|x'| per component, and fl(x − μ) − K is exact (a rounding residual), so
+    # |x'| <= |fl(x − μ)| / (1 − u) and e_x <= |fl(x − μ) − K| + u|x'|
+    widen = 1 + 2 * gamma(dim + 2)
     start = 0
     for x in chunks:
         c = x.shape[0]
-        x64 = x.to(torch.float64)
-        rounded = centre_and_round(x, centre, torch.empty(c, dim)).to(torch.float64)
-        centred = x64 - centre64
-        dot = x64 @ centre64  # (c,) μ·x in float64
+        x32 = x.to(torch.float32)
+        centred = x32 - centre  # fl(x − μ)
+        rounded = bf16_round(centred)  # K
+        dot = x32.to(torch.float64) @ centre64  # (c,) μ·x in float64
         rest, parts = dot.clone(), []
         for _ in range(3):
             part = rest.to(torch.bfloat16).to(torch.float64)
             parts.append(part)
             rest = rest - part
         mass[start : start + c] = torch.stack(parts, 1).to(torch.float32)
-        norm = x64.norm(dim=1)
+        norm = x32.norm(dim=1).to(torch.float64) * widen
+        centred_norm = centred.norm(dim=1).to(torch.float64) * widen / (1 - UNIT_ROUNDOFF)
+        residual = (centred - rounded).norm(dim=1).to(torch.float64) * widen
         per_key[start : start + c] = torch.stack(
             [
-                centred.norm(dim=1),
-                (centred - rounded).norm(dim=1),
-                rounded.norm(dim=1),
+                centred_norm,
+                residual + UNIT_ROUNDOFF * centred_norm,
+                rounded.norm(dim=1).to(torch.float64) * widen,
                 torch.stack(parts, 1).abs().sum(1),
                 rest.abs() + dim * 2.0**-52 * centre64.norm() * norm,
                 norm,
