@@ -3,7 +3,7 @@
 =========  ==========================================  ================================
 name       class                                       needs
 =========  ==========================================  ================================
-exact      :class:`~hbird.index.exact.ExactIndex`       torch (the oracle)
+exact      :class:`~hbird.index.exact.ExactIndex`       torch (the oracle); faiss heaps if installed
 flat       :class:`FaissFlatIndex`                      faiss
 ivfpq      :class:`FaissIVFPQIndex`                     faiss (trains on the first add)
 ivfmm      :class:`~hbird.index.ivf_matmul.MatmulIVFIndex`  faiss heaps; bf16 matmul per list
