@@ -70,6 +70,19 @@ class RowHeaps:
             m,
         )
 
+    def add_to_rows(self, scores: torch.Tensor, rows: np.ndarray, codes: np.ndarray) -> None:
+        """Offer ``scores (m, c)`` (float32, CPU) to the heaps of ``rows (m,)`` int64 (any
+        rows, any order), for keys whose heap codes are ``codes (c,)`` (:func:`id_codes`;
+        a precomputed slice saves building them per call)."""
+        self._heaps.addn_query_subset_with_ids(
+            scores.shape[0],
+            self._faiss.swig_ptr(rows),
+            scores.shape[1],
+            self._faiss.swig_ptr(scores.contiguous().numpy()),
+            self._faiss.swig_ptr(codes),
+            0,  # the same ids for every row
+        )
+
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M, width)`` scores and ids, best first (ties: lower id first), ``-inf`` / ``-1``
         where a row holds fewer entries. Call once: it sorts the heaps in place."""

@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from hbird._optional import require
 from hbird.errors import InputError
 from hbird.index.base import VectorIndex
+from hbird.index.heaps import RowHeaps, id_codes
 from hbird.index.tuning import FINE_NPROBES, RECALL_K, TunedSearch, sample_rows
 from hbird.io.files import save_tensors
 
@@ -152,7 +153,9 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
             isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall <= 1
         ):
             raise InputError(f"{owner}: recall must be a number in (0, 1], got {recall!r}")
-        self._faiss = require("faiss", "the 'ivfmm' index (its per-query heaps)")
+        require(
+            "faiss", "the 'ivfmm' index (its per-query heaps)"
+        )  # a clear error now, not at search
         self.nlist = nlist
         self.nprobe = nprobe
         self.k_factor = k_factor
@@ -292,9 +295,8 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
         grouped = grouped[: (m * nprobe + most) * self.dim].view(-1, self.dim)
         torch.index_select(q32.to(torch.bfloat16), 0, order // nprobe, out=grouped[: m * nprobe])
         grouped[m * nprobe :].zero_()  # the padding queries of the last list
-        best = np.full((m, keep), -np.inf, dtype=np.float32)
-        rows = np.full((m, keep), -1, dtype=np.int64)
-        heaps = self._heaps(best, rows)
+        heaps = RowHeaps(m, keep)
+        codes = self._position_codes()
         bounds = [0, *counts.cumsum(0).tolist()]
         offsets = self._offsets.tolist()
         sizes = [offsets[i + 1] - offsets[i] for i in lists.tolist()]
@@ -315,16 +317,9 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
             torch.mm(residuals[a : a + n_pad], grouped[lo : lo + c_pad].T, out=scores)
             first = scratch[: (hi - lo) * (b - a)].view(hi - lo, b - a)
             first.copy_(scores[: b - a, : hi - lo].T).add_(pair_coarse[lo:hi, None])
-            heaps.addn_query_subset_with_ids(
-                hi - lo,
-                self._faiss.swig_ptr(pair_query[lo:]),
-                b - a,
-                self._faiss.swig_ptr(first.numpy()),
-                self._faiss.swig_ptr(self._positions()[a:]),
-                0,
-            )
-        heaps.reorder()
-        return self._rescore(q32, torch.from_numpy(rows), k)
+            heaps.add_to_rows(first, pair_query[lo:hi], codes[a:b])
+        _, rows = heaps.result()  # (M, keep) storage rows, -1 where fewer were probed
+        return self._rescore(q32, rows, k)
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat scratch tensor of at least ``numel`` elements, kept between searches
@@ -336,28 +331,18 @@ class MatmulIVFIndex(TunedSearch, VectorIndex):
             held = store[name] = torch.empty(numel, dtype=dtype)
         return held
 
-    def _positions(self) -> np.ndarray:
-        """``arange(N)`` int64: the storage row of each key, the ids the heaps collect."""
-        if getattr(self, "_rows", None) is None or self._rows.shape[0] != self._keys.shape[0]:
-            self._rows = np.arange(self._keys.shape[0], dtype=np.int64)
-        return self._rows
-
-    def _heaps(self, values: np.ndarray, ids: np.ndarray) -> Any:
-        """faiss min-heaps (keep the largest) over the rows of ``values``/``ids (M, c)``."""
-        heaps = self._faiss.float_minheap_array_t()
-        heaps.nh, heaps.k = values.shape
-        heaps.val, heaps.ids = self._faiss.swig_ptr(values), self._faiss.swig_ptr(ids)
-        heaps.heapify()
-        return heaps
+    def _position_codes(self) -> np.ndarray:
+        """Heap codes of the storage rows ``0 … N-1`` (the ids the heaps collect), built once."""
+        codes = getattr(self, "_codes", None)
+        if codes is None or codes.shape[0] != self._keys.shape[0]:
+            codes = self._codes = id_codes(0, self._keys.shape[0])
+        return codes
 
     def _heap_top(self, scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row-wise ``count`` largest of ``scores (M, n)`` float32, best first."""
-        values = np.empty((scores.shape[0], count), dtype=np.float32)
-        ids = np.empty((scores.shape[0], count), dtype=np.int64)
-        heaps = self._heaps(values, ids)
-        heaps.addn(scores.shape[1], self._faiss.swig_ptr(scores.contiguous().numpy()))
-        heaps.reorder()
-        return torch.from_numpy(values), torch.from_numpy(ids)
+        heaps = RowHeaps(scores.shape[0], count)
+        heaps.add(scores)
+        return heaps.result()
 
     def _rescore(
         self, q: torch.Tensor, rows: torch.Tensor, k: int
