@@ -12,6 +12,10 @@ median seconds per image, and how far their features are from the float32 refere
 - ``bf16-autocast-b{B}``: bf16 autocast alone (``prepack=False``), the oracle of the above;
 - ``bf16-gelu-fused``: hbird's bf16 path with each MLP's GELU run as oneDNN's epilogue of
   its first linear layer (in float32 on the accumulator, not on a bf16 output);
+- ``bf16-model`` (``--bf16-model``): ``bf16_model=True``, the whole encoder in bf16
+  (:mod:`hbird.encoders.bf16_model`): prepacked linears, prefix keys split off the
+  attention; with its parts alone: ``bf16-model-unsplit`` (no split attention) and
+  ``bf16-split-attn`` (autocast with the split attention);
 - ``fp32-bf16-matmul``: float32 with oneDNN's bf16 math for float32 matmuls
   (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``);
 - ``fp32-math-attn`` / ``fp32-channels-last`` (``--more``): timm's attention without
@@ -45,7 +49,7 @@ from _common import environment, set_threads, settings, write_report
 
 from hbird import InContextPredictor
 from hbird.data.synthetic import make_scenes
-from hbird.encoders import create_encoder, prepack
+from hbird.encoders import bf16_model, create_encoder, prepack
 from hbird.encoders.inference import encode_batches
 from hbird.metrics import ConfusionMatrix
 
@@ -61,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also try torch.compile")
     p.add_argument("--more", action="store_true", help="also SDPA off and channels-last")
+    p.add_argument("--bf16-model", action="store_true", help="also the whole model in bf16")
+    p.add_argument("--only", default=None, help="comma-separated variants (others skipped)")
     p.add_argument("--agreement", action="store_true", help="bf16 vs float32 predictions")
     p.add_argument("--agreement-images", default="40,20", help="prompt,query scenes")
     p.add_argument("--threads", type=int, default=1)
@@ -137,12 +143,35 @@ def variants(encoder, images, args) -> dict[str, Callable[[], list[torch.Tensor]
             torch.backends.mkldnn.matmul.fp32_precision = before
 
     out["fp32-bf16-matmul"] = within(bf16_matmul, run(best))
+    if args.bf16_model:
+        out.update(bf16_model_variants(encoder, images, best))
     if args.more:
         out.update(more_variants(encoder, images, best))
     if args.compile:  # hbird's compile=True (hbird.encoders.compiled)
         out["fp32-compile"] = run(best, compile=True)
         out["bf16-compile"] = run(best, "bf16", compile=True)
+    if args.only:  # the references (float32, bf16 autocast at the first batch) stay
+        keep = {f"fp32-b{batches[0]}", f"bf16-autocast-b{batches[0]}", *args.only.split(",")}
+        out = {name: call for name, call in out.items() if name in keep}
     return out
+
+
+def bf16_model_variants(encoder, images, batch: int) -> dict[str, Callable[[], list[torch.Tensor]]]:
+    """The whole model in bf16, and each of its two parts alone."""
+    copy = bf16_model.bf16_copy(encoder)
+
+    def unsplit() -> list[torch.Tensor]:  # bf16 weights, prepacked; timm's own attention
+        with prepack.prepacked_linears(copy):
+            return encode_batches(copy, images, batch_size=batch)
+
+    def split_only() -> list[torch.Tensor]:  # autocast, with the attention split
+        with bf16_model.split_attention():
+            return encode_batches(encoder, images, batch_size=batch, autocast="bf16")
+
+    def whole() -> list[torch.Tensor]:  # hbird's bf16_model=True
+        return encode_batches(encoder, images, batch_size=batch, autocast="bf16", bf16_model=True)
+
+    return {"bf16-model": whole, "bf16-model-unsplit": unsplit, "bf16-split-attn": split_only}
 
 
 def more_variants(encoder, images, batch: int) -> dict[str, Callable[[], list[torch.Tensor]]]:
@@ -215,8 +244,10 @@ def main() -> None:
     calls = variants(encoder, images, args)
     names = list(calls)
     seconds: dict[str, list[float]] = {name: [] for name in calls}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in calls}  # this process's CPU
     compile_seconds: dict[str, float] = {}
-    base, bf16_base = names[0], names[2]  # fp32 and bf16 autocast at the first batch size
+    first = args.batches.split(",")[0]  # fp32 and bf16 autocast at the first batch size
+    base, bf16_base = f"fp32-b{first}", f"bf16-autocast-b{first}"
     # warm-up, and the references: float32, and bf16 autocast alone (hbird's former path)
     references = {"fp32": calls[base](), "bf16_autocast": calls[bf16_base]()}
     for name, call in calls.items():
@@ -228,20 +259,24 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for round_ in range(args.rounds):
         for name in names if round_ % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             features = calls[name]()
             seconds[name].append((time.perf_counter() - start) / len(images))
+            cpu_seconds[name].append((time.process_time() - cpu) / len(images))
             if round_ == 0:
                 results[name] = {f"vs_{k}": fidelity(features, v) for k, v in references.items()}
-            print(f"round {round_ + 1} {name}: {seconds[name][-1]:.3f} s/image", flush=True)
-    print(f"| variant | s / image, min | median | speed-up vs {base} (median) "
-          "| vs float32: max abs diff, cosine | vs bf16 autocast |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+            print(f"round {round_ + 1} {name}: {seconds[name][-1]:.3f} s/image "
+                  f"({cpu_seconds[name][-1]:.3f} s CPU)", flush=True)  # fmt: skip
+    print(f"| variant | s / image, min | median | CPU s / image, min | median "
+          f"| speed-up vs {base} (median) | vs float32: max abs diff, cosine | vs bf16 autocast |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
-        s, r = seconds[name], results[name]
-        r.update(min=min(s), median=statistics.median(s), runs=s,
+        s, c, r = seconds[name], cpu_seconds[name], results[name]
+        r.update(min=min(s), median=statistics.median(s), runs=s, cpu_min=min(c),
+                 cpu_median=statistics.median(c), cpu_runs=c,
                  speedup=statistics.median(seconds[base]) / statistics.median(s))  # fmt: skip
-        print(f"| {name} | {r['min']:.3f} | {r['median']:.3f} | {r['speedup']:.2f} | "
+        print(f"| {name} | {r['min']:.3f} | {r['median']:.3f} | {r['cpu_min']:.3f} | "
+              f"{r['cpu_median']:.3f} | {r['speedup']:.2f} | "
               f"{describe(r['vs_fp32'])} | {describe(r['vs_bf16_autocast'])} |")  # fmt: skip
     report: dict[str, Any] = {"environment": environment(), "settings": settings(args),
                               "variants": results, "compile_seconds": compile_seconds}  # fmt: skip

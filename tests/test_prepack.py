@@ -44,6 +44,21 @@ def test_linear_is_bit_identical_to_autocast(d_in, d_out, rows) -> None:
 
 
 @needs_onednn_bf16
+@pytest.mark.parametrize(("d_in", "d_out"), [(384, 1152), (1536, 384), (32, 96)])
+@pytest.mark.parametrize("rows", [1, 785, 3140])
+def test_bf16_linear_is_bit_identical_to_the_plain_bf16_layer(d_in, d_out, rows) -> None:
+    """A bf16 layer on a bf16 input, no autocast (hbird.encoders.bf16_model's copy)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(d_in, d_out).bfloat16()
+    x = torch.randn(rows, d_in).bfloat16()
+    with torch.inference_mode():
+        expected = layer(x)
+        with prepacked_linears(layer):
+            got = layer(x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+@needs_onednn_bf16
 @pytest.mark.parametrize("layers", [None, [0, -1]])
 def test_encode_batches_is_bit_identical_to_plain_autocast(vit, layers) -> None:
     torch.manual_seed(0)

@@ -31,7 +31,7 @@ def _forward(encoder: Encoder, x: torch.Tensor, layers: Layers) -> torch.Tensor:
 
 class _Compiled:
     def __init__(self, encoder: Encoder) -> None:
-        self.key = _weights_key(encoder)
+        self.key = weights_key(encoder)
         # Dynamo keeps compiled graphs on the code object, and a graph frozen on one
         # encoder's weights must never run another's (or the same one's changed weights):
         # each entry compiles its own copy of ``_forward``, bound to its encoder (so that
@@ -46,13 +46,15 @@ class _Compiled:
 _serial = itertools.count()
 
 
-def _weights_key(encoder: Encoder) -> tuple:
+def weights_key(encoder: Encoder) -> tuple:
+    """Where each weight lives and how often it was changed in place: a copy kept for
+    ``encoder`` is stale once this differs."""
     return tuple((t.data_ptr(), t._version) for t in encoder.state_dict().values())
 
 
 def _entry(encoder: Encoder) -> _Compiled:
     entry = vars(encoder).get("_compiled")  # kept on the encoder: it goes with it
-    if entry is None or entry.key != _weights_key(encoder):  # a copy's weights differ too
+    if entry is None or entry.key != weights_key(encoder):  # a copy's weights differ too
         entry = vars(encoder)["_compiled"] = _Compiled(encoder)
     return entry
 

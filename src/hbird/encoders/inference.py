@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 from tqdm.auto import tqdm
 
+from hbird.encoders import bf16_model as whole_bf16
 from hbird.encoders import compiled
 from hbird.encoders.base import Encoder, Layers
 from hbird.encoders.precision import autocast_context, parse_autocast
@@ -58,6 +59,7 @@ def encode_batches(
     autocast: str | torch.dtype | None = None,
     prepack: bool = True,
     compile: bool = False,
+    bf16_model: bool = False,
 ) -> list[torch.Tensor]:
     """Patch features of every image, computed in batches.
 
@@ -78,6 +80,10 @@ def encode_batches(
             (:mod:`hbird.encoders.compiled`): faster on long runs of equal-size images,
             each new batch shape compiles first (tens of seconds); features change
             slightly. A short last batch is padded to a batch size already compiled.
+        bf16_model: with ``autocast="bf16"``, run a bf16 copy of the whole encoder
+            instead of autocast (:mod:`hbird.encoders.bf16_model`): residual stream and
+            LayerNorms in bf16, no casts, attention over a multiple of 16 keys; faster
+            on the CPU, features about twice as far from float32 as autocast's.
 
     Returns:
         One ``(h, w, D)`` float32 CPU tensor per image, in input order.
@@ -87,16 +93,25 @@ def encode_batches(
     for i, image in enumerate(images):
         _check_image(i, image)
     autocast_dtype = parse_autocast(autocast)
+    if bf16_model:
+        if autocast_dtype != torch.bfloat16 or compile:
+            raise ValueError(
+                "bf16_model=True runs the whole encoder in bf16: it needs autocast='bf16' "
+                f"and compile=False (got autocast={autocast!r}, compile={compile})"
+            )
+        encoder, autocast_dtype = whole_bf16.bf16_copy(encoder), None
     param = next(encoder.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
     features: list[torch.Tensor] = []
     description = progress if isinstance(progress, str) else None
     # compiled graphs prepack their own weights (inductor's freezing)
-    fast = prepack and not compile and autocast_dtype == torch.bfloat16 and device.type == "cpu"
+    bf16 = autocast_dtype == torch.bfloat16 or bf16_model
+    fast = prepack and not compile and bf16 and device.type == "cpu"
     with (
         tqdm(total=len(images), desc=description, disable=not progress, unit="img") as bar,
         prepacked_linears(encoder) if fast else nullcontext(),
+        whole_bf16.split_attention() if bf16_model else nullcontext(),
     ):
         for run in runs_of_equal_size(images, batch_size):
             batch = torch.stack([images[i] for i in run]).to(device=device, dtype=torch.float32)

@@ -52,13 +52,15 @@ def _packed(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def _takes_fast_path(layer: nn.Linear, x: torch.Tensor) -> bool:
-    """The call autocast would run in bf16 on the CPU, with no gradient wanted."""
+    """The call autocast would run in bf16 on the CPU, or a bf16 layer's call on a bf16
+    input (:mod:`hbird.encoders.bf16_model`), with no gradient wanted."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or layer.weight.device.type != "cpu":
+        return False
+    if layer.weight.dtype == torch.bfloat16:
+        return x.dtype == torch.bfloat16
     return (
-        not torch.is_grad_enabled()
-        and torch.is_autocast_enabled("cpu")
+        torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and x.device.type == "cpu"
-        and layer.weight.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and layer.weight.dtype == torch.float32
     )
@@ -83,8 +85,9 @@ def _fast_forward(layer: nn.Linear) -> Any:
 def prepacked_linears(model: nn.Module) -> Iterator[None]:
     """Run ``model``'s ``nn.Linear`` layers on prepacked bf16 weights inside the block.
 
-    Only calls made under CPU bf16 autocast with gradients off take the fast path; any
-    other call (float32, a GPU, training) runs the layer as it is. Without oneDNN bf16
+    Only calls made under CPU bf16 autocast, or of a bf16 layer on a bf16 input, with
+    gradients off take the fast path; any other call (float32, a GPU, training) runs the
+    layer as it is. Without oneDNN bf16
     support this is a no-op. The model itself (its parameters, ``state_dict``, identity)
     is unchanged.
     """
