@@ -9,15 +9,17 @@ bf16, and the features are handed back float32. Two more pieces make it fast on 
 
 * the linear layers run on prepacked oneDNN weights (:mod:`hbird.encoders.prepack`,
   which takes bf16 weights and inputs too);
-* :func:`split_prefix_keys`: torch's CPU flash attention is much slower when the number
-  of keys is not a multiple of 16 (ViT-S/16 at 448 px: 784 patches + the class token).
-  The ``n mod 16`` first keys (the prefix tokens) are split off, flash attention runs
-  over the rest, and its log-sum-exp merges the two parts exactly:
-  ``out = out₁·e^(lse₁ − L) + Σⱼ e^(sⱼ − L) vⱼ`` with ``L = log(e^lse₁ + Σⱼ e^sⱼ)``.
+* :func:`split_prefix_keys`: torch's CPU flash attention is much slower for some key
+  counts that are not a multiple of 16 (ViT-S/16 at 448 px: 784 patches + the class
+  token). The ``n mod 16`` first keys (the prefix tokens) are split off, flash attention
+  runs over each part, and their log-sum-exps merge them exactly:
+  ``out = out₁ + σ(lse₂ − lse₁)·(out₂ − out₁)``. Only key counts measured to gain are
+  split (:func:`_kernel_slow_tail`).
 
 It changes features about twice as much as autocast does (docs/performance.md, "The
 encoder on the CPU"), so it is a named option (``patch`` features'
-``bf16_model=true``, the ``hummingbird_bf16_model`` preset), never the default.
+``bf16_model=true`` with ``autocast=bf16``), never the default. It wins where the
+split attention does (ViT-S/16 at 448 px: 1.2-1.35x autocast), not at 512 px.
 
 The bf16 copy is kept on the encoder and rebuilt when a weight changes.
 """
@@ -38,6 +40,8 @@ from hbird.encoders.compiled import weights_key
 
 _FLASH_BLOCK = 16
 """Key counts that are multiples of this run fast in torch's CPU flash attention."""
+_KV_BLOCK = 512
+"""The keys per block of torch's CPU flash attention (its ``kv_split_size``)."""
 
 
 def bf16_copy(encoder: Encoder) -> Encoder:
@@ -60,19 +64,26 @@ def split_prefix_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
     Equal to ``F.scaled_dot_product_attention(q, k, v)`` up to bf16 rounding."""
     r = k.shape[-2] % _FLASH_BLOCK
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k[:, :, r:], v[:, :, r:]
-    )  # (B, H, Nq, d) bf16, (B, H, Nq) float32
-    scores = q.float() @ k[:, :, :r].float().transpose(-1, -2) * q.shape[-1] ** -0.5
-    total = torch.logaddexp(lse, scores.logsumexp(-1))  # (B, H, Nq)
-    keep = (lse - total).exp().unsqueeze(-1).to(q.dtype)
-    prefix = (scores - total.unsqueeze(-1)).exp().to(q.dtype)  # (B, H, Nq, r)
-    return out * keep + prefix @ v[:, :, :r]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = flash(q, k[:, :, r:], v[:, :, r:])  # (B, H, Nq, d) bf16, (B, H, Nq) float32
+    prefix, prefix_lse = flash(q, k[:, :, :r], v[:, :, :r])
+    # the prefix keys' share of the softmax: e^lse_p / (e^lse + e^lse_p)
+    share = torch.sigmoid(prefix_lse - lse).unsqueeze(-1).to(q.dtype)
+    return out.lerp_(prefix, share)
+
+
+def _kernel_slow_tail(keys: int) -> bool:
+    """Whether torch's CPU flash kernel (torch 2.14) runs ``keys`` keys slowly: it takes
+    keys in blocks of 512, and a last block of an odd size of at least 256 keys costs
+    far more than the merge (measured: 785 and 1297 keys 1.15-1.4x; 197, 577 and 1025
+    keys, whose last blocks are short or even, lose 5-40% when split)."""
+    tail = (keys - 1) % _KV_BLOCK + 1
+    return tail % 2 == 1 and tail >= _KV_BLOCK // 2
 
 
 def _splits(args: tuple, kwargs: dict) -> bool:
     """A plain CPU bf16 SDPA call (no mask, dropout, causality or own scale) whose keys
-    are not a multiple of 16 but more than that remainder."""
+    are not a multiple of 16 and end in a slow last block."""
     if len(args) != 3 or any(value for value in kwargs.values()):
         return False
     q, k, v = args
@@ -80,7 +91,7 @@ def _splits(args: tuple, kwargs: dict) -> bool:
         all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.ndim == 4 for t in args)
         and k.shape == v.shape
         and k.shape[-2] % _FLASH_BLOCK != 0
-        and k.shape[-2] > _FLASH_BLOCK
+        and _kernel_slow_tail(k.shape[-2])
         and not torch.is_grad_enabled()
     )
 

@@ -49,8 +49,7 @@ class PatchFeatures:
             raise InputError(
                 "feature option bf16_model=true runs the whole encoder in bf16: it needs "
                 f"autocast=bf16 (--autocast bf16) and no compile=true (got autocast={autocast!r}"
-                f"{', compile=true' if compile else ''}); the preset hummingbird_bf16_model "
-                "sets both"
+                f"{', compile=true' if compile else ''})"
             )
         self.encoder = encoder
         self.compile = compile
